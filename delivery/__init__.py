@@ -1,0 +1,30 @@
+"""Reliable webhook delivery: transactional outbox -> RabbitMQ -> signed Standard Webhooks.
+
+The producer API::
+
+    async with conn.transaction():
+        await create_order(conn, ...)
+        await delivery.publish(conn, {"type": "trade.executed", "account_id": "acc_1", ...})
+"""
+
+from delivery.errors import (
+    ConfigError,
+    InputError,
+    PermanentDeliveryError,
+    RetryableDeliveryError,
+)
+from delivery.events import EVENT_TYPES, NewEvent, parse_event
+from delivery.outbox import PublishResult, publish, publish_many
+
+__all__ = [
+    "EVENT_TYPES",
+    "ConfigError",
+    "InputError",
+    "NewEvent",
+    "PermanentDeliveryError",
+    "PublishResult",
+    "RetryableDeliveryError",
+    "parse_event",
+    "publish",
+    "publish_many",
+]

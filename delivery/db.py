@@ -1,0 +1,102 @@
+"""PostgreSQL plumbing: pools, connection-class error detection, whole-transaction retries."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import asyncpg
+import structlog
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+SCHEMA = "delivery"
+
+# SQLSTATEs worth retrying the whole transaction on: admin shutdown / crash / cannot connect
+# now (57P01-57P03), too many connections, serialization failure, deadlock.
+_RETRYABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300", "40001", "40P01"})
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True for errors after which the same transaction may succeed on a fresh connection."""
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", None) or ""
+        return state.startswith("08") or state in _RETRYABLE_SQLSTATES
+    return isinstance(
+        exc,
+        asyncpg.ConnectionDoesNotExistError
+        | asyncpg.InterfaceError
+        | asyncpg.exceptions.ConnectionFailureError
+        | OSError
+        | TimeoutError
+        | ConnectionError,
+    )
+
+
+async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    """A pool whose connections fail fast on a dead server instead of hanging."""
+    pool = await asyncpg.create_pool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        command_timeout=60,
+        timeout=10,
+        # Server-side prepared statements are cached per connection; keep the default cache.
+    )
+    assert pool is not None
+    return pool
+
+
+async def with_retries(
+    pool: asyncpg.Pool,
+    work: Callable[[asyncpg.Connection], Awaitable[T]],
+    *,
+    deadline_s: float = 60.0,
+    what: str = "transaction",
+) -> T:
+    """Run ``work(conn)`` in a fresh transaction, retrying the *whole* transaction on
+    connection-class errors with backoff until ``deadline_s``; never on data errors."""
+
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception(is_connection_error),
+        wait=wait_exponential_jitter(initial=0.1, max=5.0),
+        stop=stop_after_delay(deadline_s),
+        reraise=True,
+    ):
+        with attempt:
+            try:
+                async with pool.acquire() as conn, conn.transaction():
+                    return await work(conn)
+            except BaseException as exc:
+                if is_connection_error(exc):
+                    # The pool does not ping idle connections: after a server restart every idle
+                    # one fails once. Drop them all now rather than one failure at a time.
+                    pool.expire_connections()
+                    log.warning("db_retry", what=what, error=repr(exc)[:200])
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def wait_for_database(url: str, *, timeout_s: float = 30.0) -> None:
+    """Block until PostgreSQL accepts a connection (start-up ordering in demos and tests)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        try:
+            conn = await asyncpg.connect(url, timeout=5)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+        else:
+            await conn.close()
+            return

@@ -1,0 +1,291 @@
+"""Runs webhook attempts with bounded concurrency and records each outcome durably.
+
+Capacity is accounted when work is *accepted*, not while it waits: at most ``max_in_flight``
+attempts per process and ``per_subscription_max_in_flight`` per subscriber. Work beyond that is
+never taken from PostgreSQL, so a slow subscriber occupies at most its own share and the rest
+keep flowing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+import structlog
+
+from delivery import metrics
+from delivery.db import with_retries
+from delivery.retry import Decision, Outcome, RetryPolicy, decide
+from delivery.sender import AttemptResult, Sender
+from delivery.settings import Settings
+from delivery.signing import webhook_headers
+from delivery.subscriptions import Subscription
+
+log = structlog.get_logger("delivery.deliverer")
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One leased delivery, ready to attempt."""
+
+    delivery_id: int
+    event_id: str
+    subscription: Subscription
+    body: bytes
+    attempt: int  # the number this attempt will have (1 = first)
+    created_at_s: float | None  # outbox commit time, for the end-to-end histogram
+    traceparent: str | None = None
+
+
+_RECORD_ATTEMPT = """
+INSERT INTO delivery.attempts
+    (delivery_id, attempt, started_at, duration_ms, outcome, status, error, response_excerpt)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+"""
+_DELIVERED = """
+UPDATE delivery.deliveries
+SET state = 'delivered', attempts = $2, delivered_at = clock_timestamp(), lease_until = NULL,
+    first_attempt_at = coalesce(first_attempt_at, $3), last_attempt_at = $3,
+    last_status = $4, last_error = NULL
+WHERE id = $1 AND state = 'pending'
+"""
+_RETRY = """
+UPDATE delivery.deliveries
+SET attempts = $2, next_attempt_at = clock_timestamp() + make_interval(secs => $5),
+    lease_until = NULL, first_attempt_at = coalesce(first_attempt_at, $3), last_attempt_at = $3,
+    last_status = $4, last_error = $6
+WHERE id = $1 AND state = 'pending'
+"""
+_DEAD = """
+UPDATE delivery.deliveries
+SET state = 'dead', attempts = $2, dead_at = clock_timestamp(), dead_reason = $5,
+    lease_until = NULL, first_attempt_at = coalesce(first_attempt_at, $3), last_attempt_at = $3,
+    last_status = $4, last_error = $6
+WHERE id = $1 AND state = 'pending'
+"""
+_DISABLE_SUBSCRIPTION = """
+UPDATE delivery.subscriptions
+SET state = 'disabled', disabled_reason = $2, updated_at = now()
+WHERE id = $1 AND state = 'active'
+"""
+# The disabled subscription's waiting deliveries are kept as dead letters: after
+# `subscriptions enable`, `dlq replay` delivers them.
+_PARK_PENDING = """
+UPDATE delivery.deliveries
+SET state = 'dead', dead_at = clock_timestamp(), dead_reason = $2, lease_until = NULL
+WHERE subscription_id = $1 AND state = 'pending'
+"""
+_HAND_BACK = "UPDATE delivery.deliveries SET lease_until = NULL WHERE id = $1 AND state = 'pending'"
+
+
+class Deliverer:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        sender: Sender,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._sender = sender
+        self._rng = rng or random.Random()
+        self._default_policy = RetryPolicy(settings.retry_schedule_s)
+        self._accepted = 0
+        self._per_subscription: Counter[str] = Counter()
+        self._tg: asyncio.TaskGroup | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.on_slot_freed: Callable[[], None] = lambda: None
+
+    # -- capacity ---------------------------------------------------------------------------
+
+    def free_slots(self) -> int:
+        return 0 if self._closed else max(0, self._settings.max_in_flight - self._accepted)
+
+    def free_slots_by_subscription(self) -> dict[str, int]:
+        """Free slots of each subscription with attempts in flight (others have the full cap)."""
+        cap = self._settings.per_subscription_max_in_flight
+        return {s: max(0, cap - n) for s, n in self._per_subscription.items()}
+
+    def saturated_subscriptions(self) -> list[str]:
+        cap = self._settings.per_subscription_max_in_flight
+        return [s for s, n in self._per_subscription.items() if n >= cap]
+
+    def try_reserve(self, subscription_id: str) -> bool:
+        if self._closed or self._accepted >= self._settings.max_in_flight:
+            return False
+        if self._per_subscription[subscription_id] >= self._settings.per_subscription_max_in_flight:
+            return False
+        self._accepted += 1
+        self._per_subscription[subscription_id] += 1
+        self._idle.clear()
+        return True
+
+    def release(self, subscription_id: str) -> None:
+        self._accepted -= 1
+        self._per_subscription[subscription_id] -= 1
+        if self._per_subscription[subscription_id] <= 0:
+            del self._per_subscription[subscription_id]
+        if self._accepted == 0:
+            self._idle.set()
+        self.on_slot_freed()
+
+    # -- running ----------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        """Start a reserved job. After shutdown began, the lease is handed back instead."""
+        if self._tg is None or self._closed:
+            self.release(job.subscription.id)
+            log.info("delivery_handed_back", delivery_id=job.delivery_id)
+            return
+        task = self._tg.create_task(self._run_job(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def run(self, stop: asyncio.Event, force: asyncio.Event) -> None:
+        """Own every attempt's task. On ``stop``: finish in-flight attempts within the
+        shutdown timeout (or until ``force``), then cancel the rest, handing their leases back."""
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            await stop.wait()
+            self._closed = True
+            deadline = self._settings.shutdown_timeout_s
+            drained = asyncio.create_task(self._idle.wait())
+            forced = asyncio.create_task(force.wait())
+            _done, pending = await asyncio.wait(
+                {drained, forced}, timeout=deadline, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in pending:
+                task.cancel()
+            if not self._idle.is_set():
+                log.warning("drain_deadline_passed", in_flight=self._accepted)
+                for job_task in list(self._tasks):
+                    job_task.cancel()
+        self._tg = None
+
+    async def _run_job(self, job: Job) -> None:
+        metrics.IN_FLIGHT.inc()
+        try:
+            await self._attempt(job)
+        except asyncio.CancelledError:
+            # Shutdown deadline: give the delivery back so another worker retries it now.
+            # The subscriber may have received it; the retry carries the same webhook-id.
+            await asyncio.shield(self._hand_back(job))
+            raise
+        except Exception:
+            log.exception("delivery_attempt_crashed", delivery_id=job.delivery_id)
+            await self._hand_back(job)
+        finally:
+            metrics.IN_FLIGHT.dec()
+            self.release(job.subscription.id)
+
+    async def _hand_back(self, job: Job) -> None:
+        try:
+            await with_retries(
+                self._pool, lambda c: c.execute(_HAND_BACK, job.delivery_id), deadline_s=5
+            )
+        except Exception as exc:  # the lease then simply expires
+            log.warning("hand_back_failed", delivery_id=job.delivery_id, error=repr(exc)[:200])
+
+    async def _attempt(self, job: Job) -> None:
+        sub = job.subscription
+        started_at = datetime.now(UTC)
+        headers = webhook_headers(
+            sub.signing_keys(started_at), job.event_id, int(time.time()), job.body
+        )
+        if job.traceparent:
+            headers["traceparent"] = job.traceparent
+        result = await self._sender.post(sub.url, headers, job.body)
+        metrics.ATTEMPT_DURATION.observe(result.duration_s)
+        self._crash_if("after_post")
+        policy = RetryPolicy(sub.retry_schedule_s) if sub.retry_schedule_s else self._default_policy
+        decision = decide(
+            status=result.status,
+            error=result.error,
+            retry_after_s=result.retry_after_s,
+            attempt=job.attempt,
+            policy=policy,
+            rng=self._rng,
+        )
+        await with_retries(
+            self._pool,
+            lambda conn: self._record(conn, job, started_at, result, decision),
+            what="record_outcome",
+        )
+        self._crash_if("after_record")
+        metrics.ATTEMPTS.labels(decision.outcome.value).inc()
+        if decision.outcome is Outcome.DELIVERED and job.created_at_s is not None:
+            metrics.END_TO_END.observe(max(0.0, time.time() - job.created_at_s))
+        elif decision.outcome is Outcome.RETRY:
+            metrics.RETRIES_SCHEDULED.inc()
+        elif decision.outcome in (Outcome.EXHAUSTED, Outcome.PERMANENT, Outcome.GONE):
+            metrics.DEAD_LETTERS.labels(decision.outcome.value).inc()
+        if decision.outcome is Outcome.GONE:
+            metrics.SUBSCRIPTIONS_DISABLED.labels("gone").inc()
+        log.debug(
+            "attempt",
+            event_id=job.event_id,
+            subscription_id=sub.id,
+            attempt=job.attempt,
+            outcome=decision.outcome.value,
+            status=result.status,
+            duration_ms=round(result.duration_s * 1000, 1),
+        )
+        if decision.outcome is not Outcome.DELIVERED:
+            log.info(
+                "attempt_failed",
+                event_id=job.event_id,
+                subscription_id=sub.id,
+                attempt=job.attempt,
+                outcome=decision.outcome.value,
+                status=result.status,
+                error=result.error,
+                next_attempt_in_s=None if decision.delay_s is None else round(decision.delay_s, 1),
+            )
+
+    async def _record(
+        self,
+        conn: asyncpg.Connection,
+        job: Job,
+        started_at: datetime,
+        result: AttemptResult,
+        decision: Decision,
+    ) -> None:
+        await conn.execute(
+            _RECORD_ATTEMPT,
+            job.delivery_id,
+            job.attempt,
+            started_at,
+            result.duration_s * 1000,
+            decision.outcome.value,
+            result.status,
+            result.error,
+            result.excerpt,
+        )
+        common = (job.delivery_id, job.attempt, started_at, result.status)
+        if decision.outcome is Outcome.DELIVERED:
+            await conn.execute(_DELIVERED, *common)
+        elif decision.outcome is Outcome.RETRY:
+            await conn.execute(_RETRY, *common, decision.delay_s, result.error)
+        else:
+            await conn.execute(_DEAD, *common, decision.reason, result.error)
+        if decision.outcome is Outcome.GONE:
+            await conn.execute(_DISABLE_SUBSCRIPTION, job.subscription.id, decision.reason)
+            await conn.execute(_PARK_PENDING, job.subscription.id, decision.reason)
+
+    def _crash_if(self, point: str) -> None:
+        # Test-only fault injection for the crash-recovery tests; off unless set explicitly.
+        if self._settings.dangerous_crash_point == point:
+            log.warning("dangerous_crash_point_reached", point=point)
+            os._exit(137)

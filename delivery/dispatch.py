@@ -1,0 +1,254 @@
+"""Dispatch: consume events from RabbitMQ and fan each out to its matching subscriptions.
+
+A batch of messages is one transaction: the inbox row (idempotency: a redelivered event finds
+its row and creates nothing), and one delivery row per (event, subscription). Messages are acked
+only after that commit, so the outcome is durable first. Deliveries this process has capacity
+for are leased to it in the same insert and attempted at once; the rest wait in PostgreSQL for
+the scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+import asyncpg
+import structlog
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aio_pika.exceptions import ChannelInvalidStateError
+
+from delivery import metrics
+from delivery.aio import wait_any
+from delivery.amqp import connect
+from delivery.db import with_retries
+from delivery.deliverer import Deliverer, Job
+from delivery.envelope import RoutingFacts, routing_facts
+from delivery.health import Health
+from delivery.scheduler import Scheduler
+from delivery.settings import Settings
+from delivery.subscriptions import Subscription
+from delivery.topology import Names, declare
+
+log = structlog.get_logger("delivery.dispatch")
+
+_INBOX = """
+INSERT INTO delivery.inbox (event_id) SELECT unnest($1::text[])
+ON CONFLICT (event_id) DO UPDATE SET redeliveries = delivery.inbox.redeliveries + 1
+RETURNING event_id, (xmax = 0) AS fresh
+"""
+_SUBSCRIPTIONS = """
+SELECT id, url, event_patterns, account_id, state, disabled_reason, secret, previous_secret,
+       previous_secret_expires_at, retry_schedule_s, created_at, updated_at
+FROM delivery.subscriptions
+"""
+_INSERT_DELIVERIES = """
+INSERT INTO delivery.deliveries
+    (event_id, subscription_id, state, lease_until, dead_at, dead_reason)
+SELECT e, s, CASE WHEN dead THEN 'dead' ELSE 'pending' END,
+       CASE WHEN leased THEN clock_timestamp() + make_interval(secs => $5) END,
+       CASE WHEN dead THEN clock_timestamp() END,
+       CASE WHEN dead THEN 'subscription disabled' END
+FROM unnest($1::text[], $2::text[], $3::bool[], $4::bool[]) AS t(e, s, leased, dead)
+ON CONFLICT (event_id, subscription_id) DO NOTHING
+RETURNING id, event_id, subscription_id
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class _Pair:
+    facts: RoutingFacts
+    message: AbstractIncomingMessage
+    subscription: Subscription
+    leased: bool
+    dead: bool  # the subscription is disabled: kept as a dead letter, never attempted
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        deliverer: Deliverer,
+        scheduler: Scheduler,
+        health: Health,
+    ) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._deliverer = deliverer
+        self._scheduler = scheduler
+        self._health = health
+        self._names = Names(settings.amqp_prefix)
+        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._arrived = asyncio.Event()
+        self._connection: AbstractRobustConnection | None = None
+        self._queue: AbstractQueue | None = None
+        health.register("dispatch")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._connection = await connect(self._settings.amqp_url, name="delivery-worker")
+        try:
+            channel = await self._connection.channel()
+            await channel.set_qos(prefetch_count=self._settings.worker_prefetch)
+            topology = await declare(
+                channel, self._names, delivery_limit=self._settings.amqp_delivery_limit
+            )
+            self._queue = topology.dispatch
+            tag = await topology.dispatch.consume(self._on_message)
+            self._health.set("dispatch", True)
+            await self._loop(stop)
+            # Drain: stop taking work, hand back what we hold but have not dispatched.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(topology.dispatch.cancel(tag), 5)
+            await self._hand_back_unprocessed()
+        finally:
+            self._health.set("dispatch", False)
+            await self._connection.close()
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._inbox.put_nowait(message)
+        self._arrived.set()
+
+    async def _loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self._arrived.clear()
+            if self._inbox.empty():
+                self._health.set("dispatch", not self._connection_broken())
+                await wait_any(stop, self._arrived, timeout_s=1.0)
+                continue
+            batch: list[AbstractIncomingMessage] = []
+            while not self._inbox.empty() and len(batch) < self._settings.dispatch_batch_size:
+                batch.append(self._inbox.get_nowait())
+            await self.dispatch_batch(batch)
+
+    def _connection_broken(self) -> bool:
+        return self._connection is None or self._connection.is_closed
+
+    async def dispatch_batch(self, messages: list[AbstractIncomingMessage]) -> None:
+        parsed: list[tuple[RoutingFacts, AbstractIncomingMessage]] = []
+        for message in messages:
+            try:
+                parsed.append((routing_facts(message.body), message))
+            except ValueError as exc:
+                await self._reject_poison(message, str(exc))
+        if not parsed:
+            return
+        pairs: list[_Pair] = []
+        try:
+            created, fresh = await with_retries(
+                self._pool, lambda conn: self._record(conn, parsed, pairs), what="dispatch"
+            )
+        except Exception:
+            for pair in pairs:
+                if pair.leased:
+                    self._deliverer.release(pair.subscription.id)
+            # Not acked: the broker redelivers them (to us or another worker) later.
+            log.exception("dispatch_failed", messages=len(parsed))
+            for _facts, message in parsed:
+                await _settle(message.nack(requeue=True))
+            return
+        for _facts, message in parsed:
+            await _settle(message.ack())
+        metrics.EVENTS_DISPATCHED.inc(fresh)
+        metrics.DUPLICATES_ABSORBED.inc(len({f.id for f, _m in parsed}) - fresh)
+        self._start_attempts(pairs, created)
+
+    def _start_attempts(self, pairs: list[_Pair], created: dict[tuple[str, str], int]) -> None:
+        """Attempt the deliveries leased to us now; tell the scheduler about the others."""
+        backlog = False
+        for pair in pairs:
+            delivery_id = created.get((pair.facts.id, pair.subscription.id))
+            if pair.dead:
+                continue
+            if not pair.leased:
+                backlog = backlog or delivery_id is not None
+                continue
+            if delivery_id is None:
+                self._deliverer.release(pair.subscription.id)
+                continue
+            self._deliverer.submit(
+                Job(
+                    delivery_id=delivery_id,
+                    event_id=pair.facts.id,
+                    subscription=pair.subscription,
+                    body=pair.message.body,
+                    attempt=1,
+                    created_at_s=_created_at_s(pair.message),
+                    traceparent=_header(pair.message, "traceparent"),
+                )
+            )
+        if backlog:
+            self._scheduler.note_backlog()
+
+    async def _record(
+        self,
+        conn: asyncpg.Connection,
+        parsed: list[tuple[RoutingFacts, AbstractIncomingMessage]],
+        pairs: list[_Pair],
+    ) -> tuple[dict[tuple[str, str], int], int]:
+        # A retried transaction starts over: give back reservations of the failed try.
+        for pair in pairs:
+            if pair.leased:
+                self._deliverer.release(pair.subscription.id)
+        pairs.clear()
+        ids = list(dict.fromkeys(f.id for f, _m in parsed))
+        inbox = await conn.fetch(_INBOX, ids)
+        fresh_ids = {r["event_id"] for r in inbox if r["fresh"]}
+        if not fresh_ids:
+            return {}, 0
+        subscriptions = [Subscription.from_row(r) for r in await conn.fetch(_SUBSCRIPTIONS)]
+        seen: set[str] = set()
+        for facts, message in parsed:
+            if facts.id not in fresh_ids or facts.id in seen:
+                continue
+            seen.add(facts.id)
+            for sub in subscriptions:
+                if not sub.matches(facts.type, facts.account_id):
+                    continue
+                active = sub.state == "active"
+                leased = active and self._deliverer.try_reserve(sub.id)
+                pairs.append(_Pair(facts, message, sub, leased, dead=not active))
+        if not pairs:
+            return {}, len(fresh_ids)
+        rows = await conn.fetch(
+            _INSERT_DELIVERIES,
+            [p.facts.id for p in pairs],
+            [p.subscription.id for p in pairs],
+            [p.leased for p in pairs],
+            [p.dead for p in pairs],
+            self._settings.delivery_lease_s,
+        )
+        created = {(r["event_id"], r["subscription_id"]): r["id"] for r in rows}
+        return created, len(fresh_ids)
+
+    async def _reject_poison(self, message: AbstractIncomingMessage, reason: str) -> None:
+        # Not requeued: the dead-letter exchange routes it to the dead-letter queue, where it is
+        # kept with the reason instead of blocking this queue.
+        metrics.POISON_MESSAGES.labels("unparseable").inc()
+        log.warning("poison_message", reason=reason, message_id=message.message_id)
+        await _settle(message.reject(requeue=False))
+
+    async def _hand_back_unprocessed(self) -> None:
+        while not self._inbox.empty():
+            await _settle(self._inbox.get_nowait().nack(requeue=True))
+
+
+async def _settle(answer: object) -> None:
+    """Ack/nack/reject, tolerating a channel that died meanwhile: the broker has already
+    requeued the message, and the redelivery is absorbed by the inbox."""
+    try:
+        await answer  # type: ignore[misc]
+    except ChannelInvalidStateError as exc:
+        log.info("settle_on_closed_channel", error=str(exc))
+    except Exception as exc:
+        log.warning("settle_failed", error=repr(exc)[:200])
+
+
+def _header(message: AbstractIncomingMessage, name: str) -> str | None:
+    value = (message.headers or {}).get(name)
+    return value if isinstance(value, str) else None
+
+
+def _created_at_s(message: AbstractIncomingMessage) -> float | None:
+    value = (message.headers or {}).get("x-created-at")
+    return float(value) if isinstance(value, int | float) else None

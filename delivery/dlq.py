@@ -1,0 +1,147 @@
+"""Dead letters: deliveries that will not be attempted again until an operator replays them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from delivery.errors import InputError
+
+_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Which dead letters a command acts on: ids, one subscription's, or all."""
+
+    ids: tuple[int, ...] = ()
+    subscription_id: str | None = None
+    everything: bool = False
+
+    def __post_init__(self) -> None:
+        chosen = sum([bool(self.ids), self.subscription_id is not None, self.everything])
+        if chosen != 1:
+            raise InputError("name dead letters by ID..., --subscription ID or --all (one of them)")
+
+    def where(self) -> tuple[str, list[Any]]:
+        if self.ids:
+            return "d.id = ANY($1::bigint[])", [list(self.ids)]
+        if self.subscription_id is not None:
+            return "d.subscription_id = $1", [self.subscription_id]
+        return "TRUE", []
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    id: int
+    event_id: str
+    event_type: str
+    subscription_id: str
+    reason: str | None
+    attempts: int
+    last_status: int | None
+    first_attempt_at: datetime | None
+    last_attempt_at: datetime | None
+    dead_at: datetime | None
+
+
+async def list_dead(
+    conn: asyncpg.Connection, *, subscription_id: str | None = None, limit: int = 1000
+) -> list[DeadLetter]:
+    rows = await conn.fetch(
+        """
+        SELECT d.id, d.event_id, o.type AS event_type, d.subscription_id, d.dead_reason AS reason,
+               d.attempts, d.last_status, d.first_attempt_at, d.last_attempt_at, d.dead_at
+        FROM delivery.deliveries d
+        JOIN delivery.outbox o ON o.event_id = d.event_id
+        WHERE d.state = 'dead' AND ($1::text IS NULL OR d.subscription_id = $1)
+        ORDER BY d.dead_at, d.id
+        LIMIT $2
+        """,
+        subscription_id,
+        limit,
+    )
+    return [DeadLetter(**dict(r)) for r in rows]
+
+
+async def _batched(
+    pool: asyncpg.Pool,
+    selector: Selector,
+    statement: str,
+    progress: Callable[[int], None] | None,
+) -> int:
+    """Apply ``statement`` (which takes a list of ids) to the selected dead letters, in batches
+    of one transaction each, so a huge replay shows progress and never holds long locks."""
+    where, args = selector.where()
+    total = 0
+    last_id = 0
+    while True:
+        async with pool.acquire() as conn, conn.transaction():
+            ids = await conn.fetchval(
+                f"""
+                SELECT array_agg(id) FROM (
+                    SELECT d.id FROM delivery.deliveries d
+                    WHERE d.state = 'dead' AND d.id > ${len(args) + 1} AND {where}
+                    ORDER BY d.id LIMIT {_BATCH} FOR UPDATE SKIP LOCKED
+                ) x
+                """,
+                *args,
+                last_id,
+            )
+            if not ids:
+                return total
+            status = await conn.execute(statement, ids)
+        total += int(status.rsplit(" ", 1)[-1])
+        last_id = max(ids)
+        if progress is not None:
+            progress(total)
+
+
+async def replay(
+    pool: asyncpg.Pool, selector: Selector, *, progress: Callable[[int], None] | None = None
+) -> tuple[int, int]:
+    """Send the selected dead letters again (same event, same ``webhook-id``), with a fresh
+    retry schedule. Returns (replayed, skipped because the subscription is disabled)."""
+    where, args = selector.where()
+    skipped: int = await pool.fetchval(
+        f"""
+        SELECT count(*) FROM delivery.deliveries d
+        JOIN delivery.subscriptions s ON s.id = d.subscription_id
+        WHERE d.state = 'dead' AND s.state <> 'active' AND {where}
+        """,
+        *args,
+    )
+    replayed = await _batched(
+        pool,
+        selector,
+        """
+        UPDATE delivery.deliveries d
+        SET state = 'pending', attempts = 0, next_attempt_at = clock_timestamp(),
+            lease_until = NULL, dead_at = NULL, dead_reason = NULL
+        FROM delivery.subscriptions s
+        WHERE d.id = ANY($1::bigint[]) AND s.id = d.subscription_id AND s.state = 'active'
+        """,
+        progress,
+    )
+    return replayed, skipped
+
+
+async def purge(
+    pool: asyncpg.Pool, selector: Selector, *, progress: Callable[[int], None] | None = None
+) -> int:
+    return await _batched(
+        pool, selector, "DELETE FROM delivery.deliveries WHERE id = ANY($1::bigint[])", progress
+    )
+
+
+def ids_from_args(values: Sequence[str]) -> tuple[int, ...]:
+    out = []
+    for value in values:
+        if not value.isdigit():
+            raise InputError(f"dead letter id {value!r} is not a number (see `delivery dlq list`)")
+        out.append(int(value))
+    return tuple(out)

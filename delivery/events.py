@@ -1,0 +1,212 @@
+"""The event envelope and the trade/account catalogue, as pydantic v2 models.
+
+Producers hand us plain JSON objects; ``parse_event`` turns one into a validated ``NewEvent`` or
+raises ``InputError`` with one readable line naming the field. Money and quantities stay decimal
+*strings* end to end: we never round-trip them through a float.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+)
+
+from delivery.errors import InputError
+
+EventId = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+]
+AccountId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+Text = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+# Strict: a JSON number is refused, so a float can never sneak into a money field.
+Decimal = Annotated[str, StringConstraints(pattern=r"^-?\d{1,30}(\.\d{1,18})?$", strict=True)]
+PositiveDecimal = Annotated[str, StringConstraints(pattern=r"^\d{1,30}(\.\d{1,18})?$", strict=True)]
+Currency = Annotated[str, StringConstraints(min_length=2, max_length=12, pattern=r"^[A-Z0-9]+$")]
+
+
+class _Data(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TradeExecutedData(_Data):
+    trade_id: Text
+    order_id: Text
+    instrument: Text
+    side: Literal["buy", "sell"]
+    quantity: PositiveDecimal
+    price: PositiveDecimal
+    executed_at: AwareDatetime
+
+
+class TradeCancelledData(_Data):
+    trade_id: Text
+    order_id: Text
+    reason: Text
+
+
+class AccountCreatedData(_Data):
+    owner: Text
+    currency: Currency
+
+
+class AccountBalanceChangedData(_Data):
+    asset: Currency
+    delta: Decimal
+    balance: Decimal
+    reason: Literal["deposit", "withdrawal", "trade", "fee", "adjustment"]
+
+
+class AccountClosedData(_Data):
+    reason: Text
+
+
+class _Envelope(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: EventId | None = None
+    account_id: AccountId
+    occurred_at: AwareDatetime | None = None
+
+
+class TradeExecuted(_Envelope):
+    type: Literal["trade.executed"]
+    data: TradeExecutedData
+
+
+class TradeCancelled(_Envelope):
+    type: Literal["trade.cancelled"]
+    data: TradeCancelledData
+
+
+class AccountCreated(_Envelope):
+    type: Literal["account.created"]
+    data: AccountCreatedData
+
+
+class AccountBalanceChanged(_Envelope):
+    type: Literal["account.balance_changed"]
+    data: AccountBalanceChangedData
+
+
+class AccountClosed(_Envelope):
+    type: Literal["account.closed"]
+    data: AccountClosedData
+
+
+AnyEvent = Annotated[
+    TradeExecuted | TradeCancelled | AccountCreated | AccountBalanceChanged | AccountClosed,
+    Field(discriminator="type"),
+]
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(AnyEvent)
+
+#: The catalogue: every event type a producer may publish.
+EVENT_TYPES: tuple[str, ...] = (
+    "trade.executed",
+    "trade.cancelled",
+    "account.created",
+    "account.balance_changed",
+    "account.closed",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """A validated event, ready for the outbox (id and occurred_at filled in)."""
+
+    id: str
+    type: str
+    account_id: str
+    occurred_at: datetime
+    data: dict[str, Any]
+    traceparent: str | None = None
+
+
+def new_event_id() -> str:
+    """Time-ordered, so ids sort roughly by creation in logs and listings."""
+    return f"evt_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(8)}"
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming each bad field: ``data.price: ...; account_id: field required``."""
+    problems = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        # Drop the union tag pydantic inserts ("trade.executed") from the path.
+        if len(loc) > 1 and loc[0] in EVENT_TYPES:
+            loc = loc[1:]
+        where = ".".join(loc) or "event"
+        kind = err["type"]
+        if kind == "union_tag_invalid":
+            ctx = err.get("ctx") or {}
+            msg = f"unknown event type {ctx.get('tag')!r} (known: {', '.join(EVENT_TYPES)})"
+            where = "type"
+        elif kind == "union_tag_not_found":
+            msg, where = "is required", "type"
+        elif kind == "missing":
+            msg = "is required"
+        elif kind == "extra_forbidden":
+            msg = "is not a field of this event type"
+        elif kind == "string_type" and loc and loc[-1] in {"quantity", "price", "delta", "balance"}:
+            msg = 'must be a decimal string like "101.25", not a number'
+        elif kind == "string_pattern_mismatch" and loc and loc[-1] == "id":
+            msg = "must be at most 64 characters of A-Z a-z 0-9 _ . : -"
+        elif kind == "string_pattern_mismatch":
+            msg = "has an invalid format"
+        else:
+            msg = str(err["msg"])
+        problems.append(f"{where}: {msg}")
+    return "; ".join(problems)
+
+
+def parse_event(raw: Mapping[str, Any], *, now: datetime | None = None) -> NewEvent:
+    """Validate one producer envelope; raise ``InputError`` with a one-line reason."""
+    if not isinstance(raw, Mapping):
+        raise InputError("an event must be a JSON object")
+    traceparent = raw.get("traceparent")
+    body = {k: v for k, v in raw.items() if k != "traceparent"}
+    if "sequence" in body:
+        raise InputError("sequence: is assigned by the platform; leave it out")
+    try:
+        model = _ADAPTER.validate_python(body)
+    except ValidationError as exc:
+        raise InputError(describe_validation_error(exc)) from None
+    if traceparent is not None and not _valid_traceparent(traceparent):
+        raise InputError("traceparent: must be a W3C traceparent like 00-<32 hex>-<16 hex>-01")
+    return NewEvent(
+        id=model.id or new_event_id(),
+        type=model.type,
+        account_id=model.account_id,
+        occurred_at=(model.occurred_at or now or datetime.now(UTC)).astimezone(UTC),
+        data=model.data.model_dump(mode="json"),
+        traceparent=traceparent,
+    )
+
+
+def _valid_traceparent(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    parts = value.split("-")
+    return (
+        len(parts) == 4
+        and [len(p) for p in parts] == [2, 32, 16, 2]
+        and all(c in "0123456789abcdef" for c in "".join(parts))
+    )
+
+
+def format_timestamp(moment: datetime) -> str:
+    """RFC 3339 in UTC with a ``Z``, microseconds kept only when present."""
+    text = moment.astimezone(UTC).isoformat()
+    return text.replace("+00:00", "Z")

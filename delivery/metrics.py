@@ -1,0 +1,90 @@
+"""Every Prometheus metric the platform exports, in one place. Labels stay low-cardinality:
+outcomes, states and component names; never event ids, subscription ids or URLs."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    300,
+    1800,
+    3600,
+    21600,
+)
+
+# The contract's metrics.
+OUTBOX_PENDING = Gauge("delivery_outbox_pending", "Outbox rows not yet published to RabbitMQ")
+OUTBOX_OLDEST_AGE = Gauge(
+    "delivery_outbox_oldest_age_seconds", "Age of the oldest unpublished outbox row"
+)
+EVENTS_PUBLISHED = Counter(
+    "delivery_events_published_total", "Events published to RabbitMQ and confirmed by the relay"
+)
+ATTEMPTS = Counter("delivery_attempts_total", "Webhook attempts by outcome", ["outcome"])
+ATTEMPT_DURATION = Histogram(
+    "delivery_attempt_duration_seconds",
+    "Duration of one webhook HTTP attempt",
+    buckets=_LATENCY_BUCKETS_S,
+)
+END_TO_END = Histogram(
+    "delivery_end_to_end_seconds",
+    "From outbox commit to the subscriber's 2xx",
+    buckets=_LATENCY_BUCKETS_S,
+)
+IN_FLIGHT = Gauge("delivery_in_flight", "Webhook deliveries being attempted now")
+DEAD_LETTERS = Counter(
+    "delivery_dead_letters_total", "Deliveries moved to the dead letters", ["reason"]
+)
+SUBSCRIPTIONS = Gauge("delivery_subscriptions", "Subscriptions by state", ["state"])
+
+# Ours.
+RELAY_BATCH_SIZE = Histogram(
+    "delivery_relay_batch_size",
+    "Rows claimed per relay batch",
+    buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000),
+)
+RELAY_PUBLISH_SECONDS = Histogram(
+    "delivery_relay_publish_seconds",
+    "Time to publish and confirm one relay batch",
+    buckets=_LATENCY_BUCKETS_S,
+)
+RELAY_PUBLISH_FAILURES = Counter(
+    "delivery_relay_publish_failures_total",
+    "Outbox rows whose publish was not confirmed",
+    ["reason"],
+)
+EVENTS_DISPATCHED = Counter(
+    "delivery_events_dispatched_total", "Events fanned out to deliveries by workers"
+)
+DUPLICATES_ABSORBED = Counter(
+    "delivery_duplicates_absorbed_total",
+    "Broker redeliveries of events already dispatched (absorbed by the inbox)",
+)
+POISON_MESSAGES = Counter(
+    "delivery_poison_messages_total", "Messages rejected as unprocessable", ["reason"]
+)
+DELIVERIES_CLAIMED = Counter(
+    "delivery_scheduler_claimed_total", "Due deliveries claimed from PostgreSQL by the scheduler"
+)
+RETRIES_SCHEDULED = Counter(
+    "delivery_retries_scheduled_total", "Attempts that failed and were scheduled again"
+)
+SUBSCRIPTIONS_DISABLED = Counter(
+    "delivery_subscriptions_disabled_total", "Subscriptions disabled automatically", ["reason"]
+)
+UP = Gauge("delivery_component_ready", "1 when a component is connected and working", ["component"])

@@ -1,0 +1,212 @@
+"""The relay: outbox rows -> RabbitMQ, with publisher confirms, at least once.
+
+One batch is one transaction: claim rows with ``FOR UPDATE SKIP LOCKED`` (so any number of relays
+share the work), publish each persistent and ``mandatory``, and mark published only the rows the
+broker confirmed. A crash between the confirm and the commit republishes those rows: the
+workers' inbox absorbs the duplicate. Wakes on LISTEN/NOTIFY; polls as a fallback because
+notifications sent while the listener is disconnected are lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import aio_pika
+import asyncpg
+import structlog
+from aio_pika.abc import AbstractExchange, AbstractRobustConnection
+from aiormq.exceptions import DeliveryError
+from pamqp.commands import Basic
+
+from delivery import metrics
+from delivery.aio import wait_any
+from delivery.amqp import connect
+from delivery.db import is_connection_error
+from delivery.envelope import envelope_from_row, render_body
+from delivery.health import Health
+from delivery.settings import Settings
+from delivery.topology import Names, declare
+
+log = structlog.get_logger("delivery.relay")
+
+NOTIFY_CHANNEL = "delivery_outbox"
+
+_CLAIM = """
+SELECT pk, event_id, type, account_id, sequence, occurred_at, data::text AS data, traceparent,
+       extract(epoch FROM created_at)::float8 AS created_at_s
+FROM delivery.outbox
+WHERE published_at IS NULL
+ORDER BY pk
+LIMIT $1
+FOR UPDATE SKIP LOCKED
+"""
+_MARK = "UPDATE delivery.outbox SET published_at = clock_timestamp() WHERE pk = ANY($1::bigint[])"
+_BACKLOG = """
+SELECT count(*) AS pending,
+       coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8 AS oldest_s
+FROM delivery.outbox WHERE published_at IS NULL
+"""
+_BACKLOG_EVERY_S = 5.0
+
+
+def build_message(row: Any) -> aio_pika.Message:
+    headers: dict[str, Any] = {"x-created-at": row["created_at_s"]}
+    if row["traceparent"]:
+        headers["traceparent"] = row["traceparent"]
+    return aio_pika.Message(
+        body=render_body(envelope_from_row(row)),
+        message_id=row["event_id"],
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        type=row["type"],
+        headers=headers,
+    )
+
+
+class Relay:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, health: Health) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._health = health
+        self._names = Names(settings.amqp_prefix)
+        self._wake = asyncio.Event()
+        self._connection: AbstractRobustConnection | None = None
+        self._exchange: AbstractExchange | None = None
+        self._last_backlog_s = 0.0
+        health.register("relay")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Relay until ``stop`` is set; the batch in progress finishes first."""
+        self._connection = await connect(self._settings.amqp_url, name="delivery-relay")
+        try:
+            channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+            topology = await declare(
+                channel, self._names, delivery_limit=self._settings.amqp_delivery_limit
+            )
+            self._exchange = topology.events
+            async with asyncio.TaskGroup() as tg:
+                listener = tg.create_task(self._listen(stop))
+                await self._loop(stop)
+                listener.cancel()
+        finally:
+            self._health.set("relay", False)
+            await self._connection.close()
+
+    async def _loop(self, stop: asyncio.Event) -> None:
+        failures = 0
+        while not stop.is_set():
+            self._wake.clear()
+            try:
+                claimed, published = await self.relay_batch()
+                await self._maybe_update_backlog()
+            except Exception as exc:
+                if not (
+                    is_connection_error(exc) or isinstance(exc, DeliveryError | ConnectionError)
+                ):
+                    log.exception("relay_batch_failed")
+                failures += 1
+                self._health.set("relay", False)
+                delay = min(0.1 * 2**failures, 5.0)
+                log.warning("relay_backoff", error=repr(exc)[:300], delay_s=round(delay, 2))
+                await wait_any(stop, timeout_s=delay)
+                continue
+            failures = 0
+            self._health.set("relay", not self._connection_broken())
+            if claimed and published < claimed:
+                # Some rows were not confirmed: back off a little instead of spinning on them.
+                await wait_any(stop, timeout_s=0.5)
+            elif claimed < self._settings.relay_batch_size:
+                await wait_any(stop, self._wake, timeout_s=self._settings.relay_poll_interval_s)
+
+    def _connection_broken(self) -> bool:
+        return self._connection is None or self._connection.is_closed
+
+    async def relay_batch(self) -> tuple[int, int]:
+        """One claim-publish-mark transaction; returns (rows claimed, rows confirmed)."""
+        assert self._exchange is not None
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(_CLAIM, self._settings.relay_batch_size)
+            if not rows:
+                return 0, 0
+            metrics.RELAY_BATCH_SIZE.observe(len(rows))
+            started = time.perf_counter()
+            confirmed = await self._publish_all(self._exchange, rows)
+            metrics.RELAY_PUBLISH_SECONDS.observe(time.perf_counter() - started)
+            if confirmed:
+                await conn.execute(_MARK, confirmed)
+        metrics.EVENTS_PUBLISHED.inc(len(confirmed))
+        return len(rows), len(confirmed)
+
+    async def _publish_all(self, exchange: AbstractExchange, rows: Sequence[Any]) -> list[int]:
+        # All publishes of a batch are in flight together; confirms arrive as a window, not
+        # one round trip per row. Each has its own timeout: a blocked broker (memory alarm)
+        # must not hang the relay, and the rows simply stay in the outbox.
+        timeout_s = self._settings.publish_timeout_s
+        results = await asyncio.gather(
+            *(
+                asyncio.wait_for(
+                    exchange.publish(build_message(r), routing_key=r["type"], mandatory=True),
+                    timeout_s,
+                )
+                for r in rows
+            ),
+            return_exceptions=True,
+        )
+        confirmed: list[int] = []
+        for row, result in zip(rows, results, strict=True):
+            if isinstance(result, Basic.Ack):
+                confirmed.append(row["pk"])
+                continue
+            reason = _failure_reason(result)
+            metrics.RELAY_PUBLISH_FAILURES.labels(reason).inc()
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+        if len(confirmed) < len(rows):
+            log.warning(
+                "relay_unconfirmed",
+                unconfirmed=len(rows) - len(confirmed),
+                reason=_failure_reason(next(r for r in results if not isinstance(r, Basic.Ack))),
+            )
+        return confirmed
+
+    async def _maybe_update_backlog(self) -> None:
+        now = time.monotonic()
+        if now - self._last_backlog_s < _BACKLOG_EVERY_S:
+            return
+        self._last_backlog_s = now
+        row = await self._pool.fetchrow(_BACKLOG)
+        if row is not None:
+            metrics.OUTBOX_PENDING.set(row["pending"])
+            metrics.OUTBOX_OLDEST_AGE.set(row["oldest_s"])
+
+    async def _listen(self, stop: asyncio.Event) -> None:
+        """Keep one dedicated LISTEN connection (pooled ones run ``UNLISTEN *`` on release)."""
+        while not stop.is_set():
+            lost = asyncio.Event()
+            try:
+                conn = await asyncpg.connect(self._settings.database_url, timeout=10)
+            except Exception as exc:
+                log.warning("relay_listen_connect_failed", error=repr(exc)[:200])
+                await wait_any(stop, timeout_s=2.0)
+                continue
+            try:
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await conn.add_listener(NOTIFY_CHANNEL, lambda *_a: self._wake.set())
+                # Anything committed while we were not listening is found by this first wake.
+                self._wake.set()
+                await wait_any(stop, lost, timeout_s=3600)
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), 5)
+
+
+def _failure_reason(result: object) -> str:
+    if isinstance(result, TimeoutError):
+        return "timeout"
+    if isinstance(result, DeliveryError):
+        return "returned" if "Return" in type(result.frame).__name__ else "nack"
+    return type(result).__name__

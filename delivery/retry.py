@@ -1,0 +1,129 @@
+"""Retry policy as data and pure functions: tested without a clock or a network.
+
+An attempt's result is classified into an ``Outcome``; ``next_delay_s`` turns the attempt
+number, the schedule, an optional ``Retry-After`` and a random source into the wait before the
+next attempt, or ``None`` when the schedule is exhausted.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+
+JITTER_FRACTION = 0.2
+# Retried statuses (the contract): request timeout, too early, too many requests, and 5xx.
+RETRYABLE_STATUSES = frozenset({408, 425, 429})
+
+
+class Outcome(StrEnum):
+    DELIVERED = "delivered"
+    RETRY = "retry"  # retryable failure with attempts left
+    EXHAUSTED = "exhausted"  # retryable failure, schedule used up -> dead letters
+    PERMANENT = "permanent"  # non-retryable 4xx -> dead letters at once
+    GONE = "gone"  # 410 -> disable the subscription
+
+
+def classify_status(status: int) -> Outcome:
+    """HTTP status -> what to do (``RETRY`` before the schedule is consulted)."""
+    if 200 <= status < 300:
+        return Outcome.DELIVERED
+    if status == 410:
+        return Outcome.GONE
+    if status in RETRYABLE_STATUSES or status >= 500:
+        return Outcome.RETRY
+    return Outcome.PERMANENT
+
+
+def parse_retry_after_s(value: str | None, *, now: datetime | None = None) -> float | None:
+    """``Retry-After`` as seconds: delta-seconds or an HTTP date; ``None`` if absent/garbled."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """``schedule_s[i]`` is the wait after failed attempt ``i + 1``."""
+
+    schedule_s: tuple[float, ...]
+    jitter_fraction: float = JITTER_FRACTION
+
+    @property
+    def max_attempts(self) -> int:
+        return len(self.schedule_s) + 1
+
+    @property
+    def longest_step_s(self) -> float:
+        return max(self.schedule_s, default=0.0)
+
+
+def next_delay_s(
+    policy: RetryPolicy,
+    attempt: int,
+    *,
+    retry_after_s: float | None,
+    rng: random.Random,
+) -> float | None:
+    """The wait after failed attempt number ``attempt`` (1-based), or ``None`` if exhausted.
+
+    Jitter spreads retries of many deliveries that failed together (+-``jitter_fraction``).
+    A ``Retry-After`` wins over the schedule when it is longer, capped by the schedule's longest
+    step so a subscriber cannot park a delivery for days; it is not jittered, because the
+    subscriber asked for that moment and no earlier.
+    """
+    if attempt < 1:
+        raise ValueError("attempt numbers start at 1")
+    if attempt > len(policy.schedule_s):
+        return None
+    base = policy.schedule_s[attempt - 1]
+    jittered = base * (1.0 + rng.uniform(-policy.jitter_fraction, policy.jitter_fraction))
+    if retry_after_s is not None and retry_after_s > jittered:
+        return min(retry_after_s, policy.longest_step_s)
+    return jittered
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: Outcome
+    delay_s: float | None = None  # with RETRY: wait before the next attempt
+    reason: str | None = None  # with EXHAUSTED / PERMANENT / GONE: kept with the dead letter
+
+
+def decide(
+    *,
+    status: int | None,
+    error: str | None,
+    retry_after_s: float | None,
+    attempt: int,
+    policy: RetryPolicy,
+    rng: random.Random,
+) -> Decision:
+    """What to do after attempt ``attempt`` answered ``status`` (or failed with ``error``)."""
+    if status is None:
+        kind = Outcome.RETRY
+        what = error or "no answer"
+    else:
+        kind = classify_status(status)
+        what = f"HTTP {status}"
+    if kind is Outcome.DELIVERED:
+        return Decision(Outcome.DELIVERED)
+    if kind is Outcome.GONE:
+        return Decision(Outcome.GONE, reason="HTTP 410 Gone: subscription disabled")
+    if kind is Outcome.PERMANENT:
+        return Decision(Outcome.PERMANENT, reason=f"{what}: not retryable")
+    delay = next_delay_s(policy, attempt, retry_after_s=retry_after_s, rng=rng)
+    if delay is None:
+        return Decision(Outcome.EXHAUSTED, reason=f"{what}: gave up after {attempt} attempts")
+    return Decision(Outcome.RETRY, delay_s=delay)

@@ -1,0 +1,96 @@
+"""One HTTP attempt: POST the signed body, return what happened. No retries here: the caller
+turns the result into an outcome with the pure policy in ``delivery.retry``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from types import TracebackType
+
+import aiohttp
+
+from delivery.retry import parse_retry_after_s
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    status: int | None  # None: no HTTP answer (network error, timeout)
+    error: str | None
+    duration_s: float
+    retry_after_s: float | None = None
+    excerpt: str | None = None
+
+
+class Sender:
+    """Owns one aiohttp session, so connections to each subscriber are reused."""
+
+    def __init__(
+        self,
+        *,
+        max_connections: int,
+        connect_timeout_s: float,
+        timeout_s: float,
+        excerpt_bytes: int,
+        user_agent: str = "delivery-webhooks/0.1",
+    ) -> None:
+        self._max_connections = max_connections
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
+        self._excerpt_bytes = excerpt_bytes
+        self._user_agent = user_agent
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Sender:
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections,
+            limit_per_host=0,
+            ttl_dns_cache=300,
+            enable_cleanup_closed=True,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            headers={"user-agent": self._user_agent},
+            # Subscribers get exactly our bytes; no cookies carried between subscribers.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def post(
+        self, url: str, headers: dict[str, str], body: bytes, *, timeout_s: float | None = None
+    ) -> AttemptResult:
+        assert self._session is not None, "use Sender as an async context manager"
+        started = time.perf_counter()
+        timeout = (
+            self._timeout
+            if timeout_s is None
+            else aiohttp.ClientTimeout(total=timeout_s, sock_connect=self._timeout.sock_connect)
+        )
+        try:
+            async with self._session.post(
+                url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+            ) as response:
+                excerpt = await response.content.read(self._excerpt_bytes)
+                return AttemptResult(
+                    status=response.status,
+                    error=None,
+                    duration_s=time.perf_counter() - started,
+                    retry_after_s=parse_retry_after_s(response.headers.get("retry-after")),
+                    excerpt=excerpt.decode("utf-8", "replace") if excerpt else None,
+                )
+        except TimeoutError:
+            error = f"timeout after {timeout.total}s"
+        except aiohttp.ClientError as exc:
+            error = f"{type(exc).__name__}: {exc}"[:500]
+        except OSError as exc:
+            error = f"{type(exc).__name__}: {exc}"[:500]
+        return AttemptResult(status=None, error=error, duration_s=time.perf_counter() - started)

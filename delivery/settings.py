@@ -1,0 +1,109 @@
+"""The one typed settings object, read from the environment once at start-up.
+
+Nothing below this module reads ``os.environ``: processes load ``Settings`` once and pass it down.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from delivery.durations import parse_schedule_s
+from delivery.errors import ConfigError
+
+ENV_PREFIX = "DELIVERY_"
+DEFAULT_RETRY_SCHEDULE = "5s,5m,30m,2h,5h,10h,10h"
+
+
+class Settings(BaseSettings):
+    """Every knob with a sane default; each command requires the service URLs it uses."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, populate_by_name=True
+    )
+
+    # The contract's variables.
+    database_url: str = ""
+    amqp_url: str = ""
+    admin_port: int = Field(default=9600, ge=0, le=65535)
+    retry_schedule_s: Annotated[tuple[float, ...], NoDecode] = Field(
+        default=parse_schedule_s(DEFAULT_RETRY_SCHEDULE), alias="DELIVERY_RETRY_SCHEDULE"
+    )
+    shutdown_timeout_s: float = Field(default=30.0, gt=0)
+
+    # Broker naming: every exchange and queue name starts with this, so tenants or tests can
+    # share one vhost without seeing each other.
+    amqp_prefix: str = Field(default="delivery", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    # Broker-side redelivery bound for a message our workers cannot process (poison). Set well
+    # above expected connection flaps: webhook attempts are counted by the application instead.
+    amqp_delivery_limit: int = Field(default=20, ge=1)
+    publish_timeout_s: float = Field(default=10.0, gt=0)
+
+    relay_batch_size: int = Field(default=500, ge=1, le=10_000)
+    relay_poll_interval_s: float = Field(default=1.0, gt=0)
+
+    worker_prefetch: int = Field(default=256, ge=1, le=65_535)
+    dispatch_batch_size: int = Field(default=128, ge=1)
+    max_in_flight: int = Field(default=128, ge=1)
+    per_subscription_max_in_flight: int = Field(default=16, ge=1)
+    delivery_lease_s: float = Field(default=120.0, gt=0)
+    scheduler_poll_interval_s: float = Field(default=1.0, gt=0)
+
+    http_connect_timeout_s: float = Field(default=5.0, gt=0)
+    http_timeout_s: float = Field(default=30.0, gt=0)
+    response_excerpt_bytes: int = Field(default=1024, ge=0)
+    # Grace period during which a rotated-out secret still signs, so subscribers can switch.
+    secret_rotation_grace_s: float = Field(default=86_400.0, ge=0)
+
+    db_pool_min: int = Field(default=1, ge=0)
+    db_pool_max: int = Field(default=10, ge=1)
+
+    # Test-only: exit abruptly at a named point of an attempt ("after_post", "after_record"),
+    # to prove crash recovery. Never set in production.
+    dangerous_crash_point: Literal["", "after_post", "after_record"] = ""
+
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("retry_schedule_s", mode="before")
+    @classmethod
+    def _parse_schedule(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return parse_schedule_s(value)
+        return value
+
+
+def _variable_name(loc: tuple[int | str, ...]) -> str:
+    field = str(loc[0]) if loc else "?"
+    if field.startswith(ENV_PREFIX):
+        return field
+    info = Settings.model_fields.get(field)
+    if info is not None and info.alias:
+        return info.alias
+    return ENV_PREFIX + field.upper()
+
+
+def load_settings(
+    *, require: tuple[str, ...] = ("database_url", "amqp_url"), **overrides: Any
+) -> Settings:
+    """Read the environment once; a bad or missing variable is one ``ConfigError`` line.
+
+    ``overrides`` are command-line values (``--admin-port``), which win over the environment;
+    ``require`` names the settings this command cannot run without.
+    """
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        settings = Settings(**clean)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = _variable_name(err["loc"])
+        if err["type"] == "missing":
+            raise ConfigError(f"{name} is not set") from None
+        message = str(err["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"{name}: {message}") from None
+    for field in require:
+        if not getattr(settings, field):
+            raise ConfigError(f"{ENV_PREFIX}{field.upper()} is not set")
+    return settings

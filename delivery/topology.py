@@ -1,0 +1,78 @@
+"""Broker topology: every exchange and queue name is derived here, and declared idempotently.
+
+relay --publish(routing key = event type)--> {prefix}.events (topic)
+    --#--> {prefix}.dispatch (quorum queue)  --consumed by--> workers
+             | rejected or over x-delivery-limit
+             v
+    {prefix}.dead (fanout) --> {prefix}.dispatch.dead (quorum queue) --> poison recorder
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from pamqp.common import FieldTable
+
+
+@dataclass(frozen=True)
+class Names:
+    prefix: str = "delivery"
+
+    @property
+    def events_exchange(self) -> str:
+        return f"{self.prefix}.events"
+
+    @property
+    def dispatch_queue(self) -> str:
+        return f"{self.prefix}.dispatch"
+
+    @property
+    def dead_exchange(self) -> str:
+        return f"{self.prefix}.dead"
+
+    @property
+    def dead_queue(self) -> str:
+        return f"{self.prefix}.dispatch.dead"
+
+
+@dataclass(frozen=True)
+class Topology:
+    events: AbstractExchange
+    dispatch: AbstractQueue
+    dead: AbstractQueue
+
+
+def dispatch_queue_arguments(names: Names, delivery_limit: int) -> FieldTable:
+    return {
+        "x-queue-type": "quorum",
+        # 3.10 has no default: without a limit a poison message loops forever.
+        "x-delivery-limit": delivery_limit,
+        "x-dead-letter-exchange": names.dead_exchange,
+        # At-least-once dead-lettering needs reject-publish overflow (drop-head silently
+        # degrades to at-most-once).
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
+async def declare(channel: AbstractChannel, names: Names, *, delivery_limit: int) -> Topology:
+    """Declare everything; safe to call from every process at every start and reconnect."""
+    events = await channel.declare_exchange(
+        names.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    dead_exchange = await channel.declare_exchange(
+        names.dead_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    dead = await channel.declare_queue(
+        names.dead_queue, durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    await dead.bind(dead_exchange, routing_key="")
+    dispatch = await channel.declare_queue(
+        names.dispatch_queue,
+        durable=True,
+        arguments=dispatch_queue_arguments(names, delivery_limit),
+    )
+    await dispatch.bind(events, routing_key="#")
+    return Topology(events=events, dispatch=dispatch, dead=dead)

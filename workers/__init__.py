@@ -1,0 +1,1 @@
+"""The long-running processes: compositions of the ``delivery`` library's pipeline stages."""

@@ -1,0 +1,99 @@
+"""One long-running process: relay, worker (dispatch + scheduler + deliverer), or both.
+
+Shutdown is ordered: the first SIGTERM/SIGINT stops intake (relay claims, consumers) and marks
+the process not-ready; in-flight attempts get ``DELIVERY_SHUTDOWN_TIMEOUT_S`` to finish, then
+are cancelled with their leases handed back; then connections and the pool close and the
+process exits 0. A second signal skips the wait (still handing work back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+
+import structlog
+
+from delivery.admin import serve_admin
+from delivery.db import create_pool
+from delivery.deliverer import Deliverer
+from delivery.dispatch import Dispatcher
+from delivery.health import Health
+from delivery.relay import Relay
+from delivery.scheduler import Scheduler
+from delivery.sender import Sender
+from delivery.settings import Settings
+
+log = structlog.get_logger("workers.process")
+
+
+def _install_signals(
+    stop: asyncio.Event, force: asyncio.Event, health: Health
+) -> Callable[[], None]:
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signame: str) -> None:
+        if not stop.is_set():
+            log.info("shutdown_started", signal=signame)
+            health.draining = True
+            stop.set()
+        else:
+            log.warning("shutdown_forced", signal=signame)
+            force.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+
+    def remove() -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+    return remove
+
+
+async def run_process(
+    settings: Settings,
+    *,
+    relay: bool,
+    worker: bool,
+    stop: asyncio.Event | None = None,
+    ready: Callable[[Health], None] | None = None,
+) -> None:
+    """Run until a signal (or ``stop``, for embedding in the demo and tests)."""
+    stop = stop or asyncio.Event()
+    force = asyncio.Event()
+    health = Health()
+    remove_signals = _install_signals(stop, force, health)
+    pool = await create_pool(
+        settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
+    )
+    role = "run" if relay and worker else ("relay" if relay else "worker")
+    try:
+        async with (
+            serve_admin(health, settings.admin_port) as port,
+            Sender(
+                max_connections=settings.max_in_flight,
+                connect_timeout_s=settings.http_connect_timeout_s,
+                timeout_s=settings.http_timeout_s,
+                excerpt_bytes=settings.response_excerpt_bytes,
+            ) as sender,
+        ):
+            log.info("started", role=role, admin_port=port or None)
+            async with asyncio.TaskGroup() as tg:
+                if relay:
+                    tg.create_task(Relay(settings, pool, health).run(stop))
+                if worker:
+                    deliverer = Deliverer(settings, pool, sender)
+                    scheduler = Scheduler(settings, pool, deliverer, health)
+                    dispatcher = Dispatcher(settings, pool, deliverer, scheduler, health)
+                    tg.create_task(deliverer.run(stop, force))
+                    tg.create_task(scheduler.run(stop))
+                    tg.create_task(dispatcher.run(stop))
+                if ready is not None:
+                    ready(health)
+                await stop.wait()
+                health.draining = True
+    finally:
+        await pool.close()
+        remove_signals()
+        log.info("stopped", role=role)
