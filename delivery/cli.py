@@ -47,7 +47,8 @@ def _progress(label: str) -> Callable[[int], None]:
 async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     from delivery.migrate import DEFAULT_MIGRATIONS_DIR, migrate
 
-    directory = Path(args.dir) if args.dir else DEFAULT_MIGRATIONS_DIR
+    chosen = args.dir or settings.migrations_dir
+    directory = Path(chosen) if chosen else DEFAULT_MIGRATIONS_DIR
     applied = await migrate(settings.database_url, directory)
     _emit({"applied": [f"{m.version:04d}_{m.name}" for m in applied]})
     return EXIT_OK

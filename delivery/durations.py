@@ -18,9 +18,11 @@ def parse_duration_s(text: str) -> float:
 
 def parse_schedule_s(text: str) -> tuple[float, ...]:
     """``"5s,5m,30m"`` -> ``(5.0, 300.0, 1800.0)``: the delays before attempts 2, 3, 4..."""
-    parts = [p for p in text.split(",") if p.strip()]
-    if not parts:
+    if not text.strip():
         raise ValueError("the retry schedule is empty; give delays like 5s,5m,30m")
+    parts = text.split(",")
+    if any(not p.strip() for p in parts):
+        raise ValueError(f"{text.strip()!r} has an empty step; give delays like 5s,5m,30m")
     return tuple(parse_duration_s(p) for p in parts)
 
 

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     # to prove crash recovery. Never set in production.
     dangerous_crash_point: Literal["", "after_post", "after_record"] = ""
 
+    # Where `delivery migrate` finds its SQL files (default: migrations/ beside the package).
+    migrations_dir: str = ""
+
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

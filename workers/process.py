@@ -58,12 +58,13 @@ async def run_process(
     worker: bool,
     stop: asyncio.Event | None = None,
     ready: Callable[[Health], None] | None = None,
+    handle_signals: bool = True,
 ) -> None:
     """Run until a signal (or ``stop``, for embedding in the demo and tests)."""
     stop = stop or asyncio.Event()
     force = asyncio.Event()
     health = Health()
-    remove_signals = _install_signals(stop, force, health)
+    remove_signals = _install_signals(stop, force, health) if handle_signals else (lambda: None)
     pool = await create_pool(
         settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
     )

@@ -1,0 +1,65 @@
+"""Standard Webhooks signatures: the spec's published vector, rotation, verification."""
+
+import pytest
+
+from delivery.errors import InputError
+from delivery.signing import (
+    SignatureError,
+    generate_secret,
+    secret_key,
+    sign,
+    verify,
+    webhook_headers,
+)
+
+SPEC_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+SPEC_ID = "msg_p5jXN8AQM9LWM0D4loKWxJek"
+SPEC_TS = 1614265330
+SPEC_BODY = b'{"test": 2432232314}'
+SPEC_SIGNATURE = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+
+
+def test_signature_matches_the_published_standard_webhooks_vector():
+    assert sign([secret_key(SPEC_SECRET)], SPEC_ID, SPEC_TS, SPEC_BODY) == SPEC_SIGNATURE
+
+
+def test_rotation_signs_with_every_valid_secret_separated_by_spaces():
+    new = generate_secret()
+    header = sign([secret_key(new), secret_key(SPEC_SECRET)], SPEC_ID, SPEC_TS, SPEC_BODY)
+    parts = header.split(" ")
+    assert len(parts) == 2
+    assert parts[1] == SPEC_SIGNATURE
+    # A subscriber holding either secret accepts the request.
+    headers = {
+        "webhook-id": SPEC_ID,
+        "webhook-timestamp": str(SPEC_TS),
+        "webhook-signature": header,
+    }
+    verify(new, headers, SPEC_BODY, now_s=SPEC_TS)
+    verify(SPEC_SECRET, headers, SPEC_BODY, now_s=SPEC_TS)
+
+
+def test_verify_rejects_tampered_body_wrong_secret_and_stale_timestamp():
+    headers = webhook_headers([secret_key(SPEC_SECRET)], SPEC_ID, SPEC_TS, SPEC_BODY)
+    assert headers["content-type"] == "application/json"
+    verify(SPEC_SECRET, headers, SPEC_BODY, now_s=SPEC_TS + 10)
+    with pytest.raises(SignatureError):
+        verify(SPEC_SECRET, headers, SPEC_BODY + b" ", now_s=SPEC_TS)
+    with pytest.raises(SignatureError):
+        verify(generate_secret(), headers, SPEC_BODY, now_s=SPEC_TS)
+    with pytest.raises(SignatureError):
+        verify(SPEC_SECRET, headers, SPEC_BODY, now_s=SPEC_TS + 3600)
+
+
+def test_generated_secrets_are_whsec_base64_of_at_least_24_bytes():
+    secret = generate_secret()
+    assert secret.startswith("whsec_")
+    assert len(secret_key(secret)) >= 24
+    assert generate_secret() != secret
+
+
+def test_bad_secrets_are_one_line_input_errors():
+    with pytest.raises(InputError, match="secret: must be whsec_ followed by base64"):
+        secret_key("whsec_not base64!")
+    with pytest.raises(InputError, match="at least 24"):
+        secret_key("whsec_c2hvcnQ=")
