@@ -36,7 +36,7 @@ async def connect(
     itself only once it has connected once): a worker started before the broker waits for it."""
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type((ConnectionError, OSError, AMQPConnectionError)),
-        wait=wait_exponential_jitter(initial=0.2, max=5.0),
+        wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
         stop=stop_after_delay(first_try_deadline_s),
         before_sleep=lambda state: log.warning(
             "amqp_connect_retry",

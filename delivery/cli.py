@@ -160,6 +160,7 @@ async def cmd_subscriptions(args: argparse.Namespace, settings: Settings) -> int
                 account_id=args.account,
                 secret=args.secret,
                 retry_schedule_s=schedule,
+                timeout_s=args.timeout,
             )
             _print_subscription(sub, True, with_secret=True)
         elif action == "list":
@@ -206,6 +207,17 @@ async def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "list":
 
         async def work(conn: Any) -> int:
+            if args.poison:
+                rows = await dlq.list_poison(conn, limit=args.limit)
+                if args.json:
+                    _emit(rows)
+                else:
+                    for row in rows:
+                        sys.stdout.write(
+                            f"{row['id']:<8} {row['received_at']}  {row['message_id'] or '-'}  "
+                            f"{row['reason']}\n"
+                        )
+                return EXIT_OK
             items = await dlq.list_dead(conn, subscription_id=args.subscription, limit=args.limit)
             if args.json:
                 _emit(
@@ -317,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--account", help="only this account's events")
     add.add_argument("--secret", help="whsec_... (default: generated)")
     add.add_argument("--retry-schedule", help="e.g. 5s,5m,30m (default: DELIVERY_RETRY_SCHEDULE)")
+    add.add_argument(
+        "--timeout", type=float, help="seconds per attempt (default: DELIVERY_HTTP_TIMEOUT_S)"
+    )
     add.add_argument("--json", action="store_true", help="(always JSON)")
     lst = sub_actions.add_parser("list", help="list subscriptions")
     lst.add_argument("--json", action="store_true")
@@ -331,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--subscription")
     dl.add_argument("--json", action="store_true")
     dl.add_argument("--limit", type=int, default=1000)
+    dl.add_argument(
+        "--poison", action="store_true", help="messages no worker could process, not deliveries"
+    )
     for action in ("replay", "purge"):
         p = dlq_actions.add_parser(action, help=f"{action} dead letters")
         p.add_argument("ids", nargs="*", metavar="ID")

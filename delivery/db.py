@@ -68,7 +68,7 @@ async def with_retries(
 
     async for attempt in AsyncRetrying(
         retry=retry_if_exception(is_connection_error),
-        wait=wait_exponential_jitter(initial=0.1, max=5.0),
+        wait=wait_exponential_jitter(multiplier=0.1, max=5.0),
         stop=stop_after_delay(deadline_s),
         reraise=True,
     ):

@@ -22,8 +22,9 @@ import structlog
 
 from delivery import metrics
 from delivery.db import with_retries
-from delivery.retry import Decision, Outcome, RetryPolicy, decide
-from delivery.sender import AttemptResult, Sender
+from delivery.outcomes import OutcomeRecorder, Recorded
+from delivery.retry import Outcome, RetryPolicy, decide
+from delivery.sender import Sender
 from delivery.settings import Settings
 from delivery.signing import webhook_headers
 from delivery.subscriptions import Subscription
@@ -44,44 +45,6 @@ class Job:
     traceparent: str | None = None
 
 
-_RECORD_ATTEMPT = """
-INSERT INTO delivery.attempts
-    (delivery_id, attempt, started_at, duration_ms, outcome, status, error, response_excerpt)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-"""
-_DELIVERED = """
-UPDATE delivery.deliveries
-SET state = 'delivered', attempts = $2, delivered_at = clock_timestamp(), lease_until = NULL,
-    first_attempt_at = coalesce(first_attempt_at, $3), last_attempt_at = $3,
-    last_status = $4, last_error = NULL
-WHERE id = $1 AND state = 'pending'
-"""
-_RETRY = """
-UPDATE delivery.deliveries
-SET attempts = $2, next_attempt_at = clock_timestamp() + make_interval(secs => $5),
-    lease_until = NULL, first_attempt_at = coalesce(first_attempt_at, $3), last_attempt_at = $3,
-    last_status = $4, last_error = $6
-WHERE id = $1 AND state = 'pending'
-"""
-_DEAD = """
-UPDATE delivery.deliveries
-SET state = 'dead', attempts = $2, dead_at = clock_timestamp(), dead_reason = $5,
-    lease_until = NULL, first_attempt_at = coalesce(first_attempt_at, $3), last_attempt_at = $3,
-    last_status = $4, last_error = $6
-WHERE id = $1 AND state = 'pending'
-"""
-_DISABLE_SUBSCRIPTION = """
-UPDATE delivery.subscriptions
-SET state = 'disabled', disabled_reason = $2, updated_at = now()
-WHERE id = $1 AND state = 'active'
-"""
-# The disabled subscription's waiting deliveries are kept as dead letters: after
-# `subscriptions enable`, `dlq replay` delivers them.
-_PARK_PENDING = """
-UPDATE delivery.deliveries
-SET state = 'dead', dead_at = clock_timestamp(), dead_reason = $2, lease_until = NULL
-WHERE subscription_id = $1 AND state = 'pending'
-"""
 _HAND_BACK = "UPDATE delivery.deliveries SET lease_until = NULL WHERE id = $1 AND state = 'pending'"
 
 
@@ -99,6 +62,7 @@ class Deliverer:
         self._sender = sender
         self._rng = rng or random.Random()
         self._default_policy = RetryPolicy(settings.retry_schedule_s)
+        self._outcomes = OutcomeRecorder(settings, pool)
         self._accepted = 0
         self._per_subscription: Counter[str] = Counter()
         self._tg: asyncio.TaskGroup | None = None
@@ -206,7 +170,7 @@ class Deliverer:
         )
         if job.traceparent:
             headers["traceparent"] = job.traceparent
-        result = await self._sender.post(sub.url, headers, job.body)
+        result = await self._sender.post(sub.url, headers, job.body, timeout_s=sub.timeout_s)
         metrics.ATTEMPT_DURATION.observe(result.duration_s)
         self._crash_if("after_post")
         policy = RetryPolicy(sub.retry_schedule_s) if sub.retry_schedule_s else self._default_policy
@@ -218,10 +182,8 @@ class Deliverer:
             policy=policy,
             rng=self._rng,
         )
-        await with_retries(
-            self._pool,
-            lambda conn: self._record(conn, job, started_at, result, decision),
-            what="record_outcome",
+        await self._outcomes.record(
+            Recorded(job.delivery_id, sub.id, job.attempt, started_at, result, decision)
         )
         self._crash_if("after_record")
         metrics.ATTEMPTS.labels(decision.outcome.value).inc()
@@ -231,8 +193,6 @@ class Deliverer:
             metrics.RETRIES_SCHEDULED.inc()
         elif decision.outcome in (Outcome.EXHAUSTED, Outcome.PERMANENT, Outcome.GONE):
             metrics.DEAD_LETTERS.labels(decision.outcome.value).inc()
-        if decision.outcome is Outcome.GONE:
-            metrics.SUBSCRIPTIONS_DISABLED.labels("gone").inc()
         log.debug(
             "attempt",
             event_id=job.event_id,
@@ -253,36 +213,6 @@ class Deliverer:
                 error=result.error,
                 next_attempt_in_s=None if decision.delay_s is None else round(decision.delay_s, 1),
             )
-
-    async def _record(
-        self,
-        conn: asyncpg.Connection,
-        job: Job,
-        started_at: datetime,
-        result: AttemptResult,
-        decision: Decision,
-    ) -> None:
-        await conn.execute(
-            _RECORD_ATTEMPT,
-            job.delivery_id,
-            job.attempt,
-            started_at,
-            result.duration_s * 1000,
-            decision.outcome.value,
-            result.status,
-            result.error,
-            result.excerpt,
-        )
-        common = (job.delivery_id, job.attempt, started_at, result.status)
-        if decision.outcome is Outcome.DELIVERED:
-            await conn.execute(_DELIVERED, *common)
-        elif decision.outcome is Outcome.RETRY:
-            await conn.execute(_RETRY, *common, decision.delay_s, result.error)
-        else:
-            await conn.execute(_DEAD, *common, decision.reason, result.error)
-        if decision.outcome is Outcome.GONE:
-            await conn.execute(_DISABLE_SUBSCRIPTION, job.subscription.id, decision.reason)
-            await conn.execute(_PARK_PENDING, job.subscription.id, decision.reason)
 
     def _crash_if(self, point: str) -> None:
         # Test-only fault injection for the crash-recovery tests; off unless set explicitly.

@@ -27,7 +27,7 @@ from delivery.envelope import RoutingFacts, routing_facts
 from delivery.health import Health
 from delivery.scheduler import Scheduler
 from delivery.settings import Settings
-from delivery.subscriptions import Subscription
+from delivery.subscriptions import Subscription, select_list
 from delivery.topology import Names, declare
 
 log = structlog.get_logger("delivery.dispatch")
@@ -37,11 +37,7 @@ INSERT INTO delivery.inbox (event_id) SELECT unnest($1::text[])
 ON CONFLICT (event_id) DO UPDATE SET redeliveries = delivery.inbox.redeliveries + 1
 RETURNING event_id, (xmax = 0) AS fresh
 """
-_SUBSCRIPTIONS = """
-SELECT id, url, event_patterns, account_id, state, disabled_reason, secret, previous_secret,
-       previous_secret_expires_at, retry_schedule_s, created_at, updated_at
-FROM delivery.subscriptions
-"""
+_SUBSCRIPTIONS = f"SELECT {select_list('s', '')} FROM delivery.subscriptions s"
 _INSERT_DELIVERIES = """
 INSERT INTO delivery.deliveries
     (event_id, subscription_id, state, lease_until, dead_at, dead_reason)
@@ -86,6 +82,10 @@ class Dispatcher:
         health.register("dispatch")
 
     async def run(self, stop: asyncio.Event) -> None:
+        # After a restart by the supervisor, messages of the old channel cannot be acked; the
+        # broker has requeued them already.
+        while not self._inbox.empty():
+            self._inbox.get_nowait()
         self._connection = await connect(self._settings.amqp_url, name="delivery-worker")
         try:
             channel = await self._connection.channel()
@@ -134,6 +134,9 @@ class Dispatcher:
         if not parsed:
             return
         pairs: list[_Pair] = []
+        if self._settings.dangerous_ack_before_commit:
+            for _facts, message in parsed:
+                await _settle(message.ack())
         try:
             created, fresh = await with_retries(
                 self._pool, lambda conn: self._record(conn, parsed, pairs), what="dispatch"
@@ -144,11 +147,13 @@ class Dispatcher:
                     self._deliverer.release(pair.subscription.id)
             # Not acked: the broker redelivers them (to us or another worker) later.
             log.exception("dispatch_failed", messages=len(parsed))
-            for _facts, message in parsed:
-                await _settle(message.nack(requeue=True))
+            if not self._settings.dangerous_ack_before_commit:
+                for _facts, message in parsed:
+                    await _settle(message.nack(requeue=True))
             return
-        for _facts, message in parsed:
-            await _settle(message.ack())
+        if not self._settings.dangerous_ack_before_commit:
+            for _facts, message in parsed:
+                await _settle(message.ack())
         metrics.EVENTS_DISPATCHED.inc(fresh)
         metrics.DUPLICATES_ABSORBED.inc(len({f.id for f, _m in parsed}) - fresh)
         self._start_attempts(pairs, created)
@@ -206,7 +211,8 @@ class Dispatcher:
                 if not sub.matches(facts.type, facts.account_id):
                     continue
                 active = sub.state == "active"
-                leased = active and self._deliverer.try_reserve(sub.id)
+                # An open circuit's deliveries wait in PostgreSQL for the scheduler's probe.
+                leased = active and not sub.circuit_open and self._deliverer.try_reserve(sub.id)
                 pairs.append(_Pair(facts, message, sub, leased, dead=not active))
         if not pairs:
             return {}, len(fresh_ids)

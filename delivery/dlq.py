@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 
 from delivery.errors import InputError
+from delivery.events import format_timestamp
 
 _BATCH = 1000
 
@@ -66,6 +67,19 @@ async def list_dead(
         limit,
     )
     return [DeadLetter(**dict(r)) for r in rows]
+
+
+async def list_poison(conn: asyncpg.Connection, *, limit: int = 1000) -> list[dict[str, Any]]:
+    """Messages no worker could process (recorded by the dead-letter queue's consumer)."""
+    rows = await conn.fetch(
+        """
+        SELECT id, received_at, message_id, routing_key, reason, death_count,
+               left(convert_from(body, 'UTF8'), 200) AS body_excerpt
+        FROM delivery.poison_messages ORDER BY id LIMIT $1
+        """,
+        limit,
+    )
+    return [{**dict(r), "received_at": format_timestamp(r["received_at"])} for r in rows]
 
 
 async def _batched(

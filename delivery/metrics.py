@@ -88,3 +88,15 @@ SUBSCRIPTIONS_DISABLED = Counter(
     "delivery_subscriptions_disabled_total", "Subscriptions disabled automatically", ["reason"]
 )
 UP = Gauge("delivery_component_ready", "1 when a component is connected and working", ["component"])
+CIRCUIT_TRANSITIONS = Counter(
+    "delivery_circuit_transitions_total", "Subscription circuit state changes", ["to"]
+)
+CIRCUITS_OPEN = Gauge(
+    "delivery_circuits_open", "Subscriptions whose circuit is open (refreshed by the scheduler)"
+)
+QUEUE_DEPTH = Gauge("delivery_queue_messages", "Messages ready in a broker queue", ["queue"])
+DELIVERIES_PENDING = Gauge(
+    "delivery_deliveries_pending",
+    "Deliveries waiting for an attempt (due or scheduled)",
+    ["kind"],
+)

@@ -22,28 +22,35 @@ from delivery.deliverer import Deliverer, Job
 from delivery.envelope import envelope_from_row, render_body
 from delivery.health import Health
 from delivery.settings import Settings
-from delivery.subscriptions import Subscription
+from delivery.subscriptions import Subscription, select_list
 
 log = structlog.get_logger("delivery.scheduler")
 
 # Fair claim: saturated subscriptions are skipped before the scan, and no subscription gets
 # more rows than it has free slots, so one subscriber's backlog never fills a claim that a
 # healthy subscriber's due work should share. The scan is bounded; the lock is SKIP LOCKED.
-_CLAIM = """
+_CLAIM = f"""
 WITH candidates AS (
     SELECT id, next_attempt_at FROM (
         SELECT d.id, d.next_attempt_at,
                row_number() OVER (PARTITION BY d.subscription_id ORDER BY d.next_attempt_at) AS rn,
-               coalesce(busy.free, $4::int) AS free
+               -- an open circuit whose cooldown is over gets one probe, no more
+               CASE WHEN s.circuit_state = 'open' THEN 1 ELSE coalesce(busy.free, $4::int) END
+                   AS free
         FROM (
             SELECT id, subscription_id, next_attempt_at FROM delivery.deliveries
             WHERE state = 'pending'
               AND next_attempt_at <= clock_timestamp()
               AND (lease_until IS NULL OR lease_until < clock_timestamp())
               AND subscription_id <> ALL($2::text[])
+              AND subscription_id NOT IN (
+                  SELECT id FROM delivery.subscriptions
+                  WHERE circuit_state = 'open' AND circuit_retry_at > clock_timestamp()
+              )
             ORDER BY next_attempt_at
             LIMIT $1 * 4
         ) d
+        JOIN delivery.subscriptions s ON s.id = d.subscription_id
         LEFT JOIN unnest($5::text[], $6::int[]) AS busy(subscription_id, free)
             ON busy.subscription_id = d.subscription_id
     ) ranked
@@ -64,9 +71,7 @@ WITH candidates AS (
 SELECT c.id AS delivery_id, c.attempts,
        o.event_id, o.type, o.account_id, o.sequence, o.occurred_at, o.data::text AS data,
        o.traceparent, extract(epoch FROM o.created_at)::float8 AS created_at_s,
-       s.id, s.url, s.event_patterns, s.account_id AS sub_account_id, s.state,
-       s.disabled_reason, s.secret, s.previous_secret, s.previous_secret_expires_at,
-       s.retry_schedule_s, s.created_at, s.updated_at
+       {select_list("s", "sub_")}
 FROM claimed c
 JOIN delivery.outbox o ON o.event_id = c.event_id
 JOIN delivery.subscriptions s ON s.id = c.subscription_id
@@ -86,13 +91,23 @@ SELECT EXISTS (
       AND subscription_id = ANY($1::text[])
 )
 """
+# Only one worker may probe an open circuit per cooldown: whoever moves the retry time wins.
+_TAKE_PROBES = """
+UPDATE delivery.subscriptions
+SET circuit_retry_at = clock_timestamp() + make_interval(secs => $2)
+WHERE id = ANY($1::text[]) AND circuit_state = 'open' AND circuit_retry_at <= clock_timestamp()
+RETURNING id
+"""
+_GAUGES = """
+SELECT
+    (SELECT count(*) FROM delivery.subscriptions WHERE state = 'active') AS active,
+    (SELECT count(*) FROM delivery.subscriptions WHERE state = 'disabled') AS disabled,
+    (SELECT count(*) FROM delivery.subscriptions WHERE circuit_state = 'open') AS circuits_open,
+    (SELECT count(*) FROM delivery.deliveries WHERE state = 'pending' AND attempts = 0) AS fresh,
+    (SELECT count(*) FROM delivery.deliveries WHERE state = 'pending' AND attempts > 0) AS retrying
+"""
+_GAUGES_EVERY_S = 5.0
 _UNLEASE = "UPDATE delivery.deliveries SET lease_until = NULL WHERE id = ANY($1::bigint[])"
-
-
-def _subscription(row: asyncpg.Record) -> Subscription:
-    fields = dict(row)
-    fields["account_id"] = row["sub_account_id"]
-    return Subscription.from_row(fields)
 
 
 class Scheduler:
@@ -118,6 +133,28 @@ class Scheduler:
             self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as tg:
+            gauges = tg.create_task(self._refresh_gauges(stop))
+            await self._claim_loop(stop)
+            gauges.cancel()
+
+    async def _refresh_gauges(self, stop: asyncio.Event) -> None:
+        """Cluster-wide gauges (the same in every worker): cheap counts every few seconds."""
+        while not stop.is_set():
+            try:
+                row = await self._pool.fetchrow(_GAUGES)
+            except Exception as exc:
+                log.debug("gauges_failed", error=repr(exc)[:200])
+            else:
+                assert row is not None
+                metrics.SUBSCRIPTIONS.labels("active").set(row["active"])
+                metrics.SUBSCRIPTIONS.labels("disabled").set(row["disabled"])
+                metrics.CIRCUITS_OPEN.set(row["circuits_open"])
+                metrics.DELIVERIES_PENDING.labels("first_attempt").set(row["fresh"])
+                metrics.DELIVERIES_PENDING.labels("retrying").set(row["retrying"])
+            await wait_any(stop, timeout_s=_GAUGES_EVERY_S)
+
+    async def _claim_loop(self, stop: asyncio.Event) -> None:
         failures = 0
         while not stop.is_set():
             self._wake.clear()
@@ -142,6 +179,16 @@ class Scheduler:
             self._backlog = claimed > 0 or await self._saturated_have_due_work()
             if not self._backlog or self._deliverer.free_slots() == 0:
                 await wait_any(stop, self._wake, timeout_s=self._settings.scheduler_poll_interval_s)
+
+    async def _take_probes(self, open_subscriptions: list[str]) -> set[str]:
+        if not open_subscriptions:
+            return set()
+        rows = await self._pool.fetch(
+            _TAKE_PROBES, open_subscriptions, self._settings.circuit_cooldown_s
+        )
+        for row in rows:
+            log.info("circuit_probe", subscription_id=row["id"])
+        return {r["id"] for r in rows}
 
     async def _saturated_have_due_work(self) -> bool:
         saturated = self._deliverer.saturated_subscriptions()
@@ -170,10 +217,14 @@ class Scheduler:
         metrics.DELIVERIES_CLAIMED.inc(len(rows))
         over_capacity = []
         disabled = []
-        for row in rows:
-            sub = _subscription(row)
+        subs = [Subscription.from_row(row, prefix="sub_") for row in rows]
+        probes = await self._take_probes([s.id for s in subs if s.circuit_open])
+        for row, sub in zip(rows, subs, strict=True):
             if sub.state != "active":
                 disabled.append(row["delivery_id"])
+                continue
+            if sub.circuit_open and sub.id not in probes:
+                over_capacity.append(row["delivery_id"])
                 continue
             if not self._deliverer.try_reserve(sub.id):
                 over_capacity.append(row["delivery_id"])

@@ -51,6 +51,14 @@ class Settings(BaseSettings):
     delivery_lease_s: float = Field(default=120.0, gt=0)
     scheduler_poll_interval_s: float = Field(default=1.0, gt=0)
 
+    # Circuit breaker: after this many consecutive retryable failures a subscription's deliveries
+    # wait (without burning attempts) until a single probe succeeds, tried every cooldown.
+    circuit_failure_threshold: int = Field(default=5, ge=1)
+    circuit_cooldown_s: float = Field(default=30.0, gt=0)
+    # A subscription failing without a single success for this long is disabled; its events are
+    # kept as dead letters (`subscriptions enable` + `dlq replay` delivers them).
+    auto_disable_after_s: float = Field(default=5 * 86_400.0, gt=0)
+
     http_connect_timeout_s: float = Field(default=5.0, gt=0)
     http_timeout_s: float = Field(default=30.0, gt=0)
     response_excerpt_bytes: int = Field(default=1024, ge=0)
@@ -63,6 +71,9 @@ class Settings(BaseSettings):
     # Test-only: exit abruptly at a named point of an attempt ("after_post", "after_record"),
     # to prove crash recovery. Never set in production.
     dangerous_crash_point: Literal["", "after_post", "after_record"] = ""
+    # Test-only, deliberately broken: dispatch acks messages *before* its transaction commits,
+    # so a crash in between loses events. Exists to prove the chaos checker catches loss.
+    dangerous_ack_before_commit: bool = False
 
     # Where `delivery migrate` finds its SQL files (default: migrations/ beside the package).
     migrations_dir: str = ""

@@ -18,6 +18,7 @@ FROM delivery.outbox WHERE published_at IS NULL
 """
 _PER_SUBSCRIPTION = """
 SELECT s.id, s.url, s.state, s.disabled_reason, s.event_patterns, s.account_id,
+       s.circuit_state, s.consecutive_failures, s.failing_since,
        count(*) FILTER (WHERE d.state = 'pending' AND d.attempts = 0) AS pending,
        count(*) FILTER (WHERE d.state = 'pending' AND d.attempts > 0) AS retrying,
        count(*) FILTER (WHERE d.state = 'dead') AS dead,
@@ -61,6 +62,9 @@ async def collect(conn: asyncpg.Connection, amqp_url: str | None, names: Names) 
                 "id": row["id"],
                 "url": row["url"],
                 "state": row["state"],
+                "circuit": row["circuit_state"],
+                "consecutive_failures": row["consecutive_failures"],
+                "failing_since": _ts(row["failing_since"]),
                 "disabled_reason": row["disabled_reason"],
                 "events": list(row["event_patterns"]),
                 "account_id": row["account_id"],
@@ -77,8 +81,10 @@ async def collect(conn: asyncpg.Connection, amqp_url: str | None, names: Names) 
         queues = await queue_depths(amqp_url, names) if amqp_url else "DELIVERY_AMQP_URL not set"
     except Exception as exc:
         queues = f"unreachable: {type(exc).__name__}"
+    poison = await conn.fetchval("SELECT count(*) FROM delivery.poison_messages")
     return {
         "outbox": {"pending": outbox["pending"], "oldest_age_s": round(outbox["oldest_s"], 3)},
+        "poison_messages": poison,
         "queues": queues,
         "subscriptions": subs,
     }

@@ -7,7 +7,7 @@ import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,8 +18,31 @@ from delivery.events import EVENT_TYPES, format_timestamp
 from delivery.signing import generate_secret, secret_key
 
 _PATTERN = re.compile(r"^[a-z0-9_.*?\[\]-]+$")
-_COLUMNS = """id, url, event_patterns, account_id, state, disabled_reason, secret, previous_secret,
-    previous_secret_expires_at, retry_schedule_s, created_at, updated_at"""
+FIELDS = (
+    "id",
+    "url",
+    "event_patterns",
+    "account_id",
+    "state",
+    "disabled_reason",
+    "secret",
+    "previous_secret",
+    "previous_secret_expires_at",
+    "retry_schedule_s",
+    "timeout_s",
+    "circuit_state",
+    "circuit_retry_at",
+    "consecutive_failures",
+    "failing_since",
+    "created_at",
+    "updated_at",
+)
+_COLUMNS = ", ".join(FIELDS)
+
+
+def select_list(alias: str, prefix: str) -> str:
+    """``s.id AS sub_id, ...``: subscription columns inside a larger query, for ``from_row``."""
+    return ", ".join(f"{alias}.{f} AS {prefix}{f}" for f in FIELDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,26 +57,25 @@ class Subscription:
     previous_secret: str | None
     previous_secret_expires_at: datetime | None
     retry_schedule_s: tuple[float, ...] | None
+    timeout_s: float | None
+    circuit_state: str
+    circuit_retry_at: datetime | None
+    consecutive_failures: int
+    failing_since: datetime | None
     created_at: datetime
     updated_at: datetime
 
     @classmethod
-    def from_row(cls, row: Any) -> Subscription:
-        schedule = row["retry_schedule_s"]
-        return cls(
-            id=row["id"],
-            url=row["url"],
-            event_patterns=tuple(row["event_patterns"]),
-            account_id=row["account_id"],
-            state=row["state"],
-            disabled_reason=row["disabled_reason"],
-            secret=row["secret"],
-            previous_secret=row["previous_secret"],
-            previous_secret_expires_at=row["previous_secret_expires_at"],
-            retry_schedule_s=tuple(schedule) if schedule is not None else None,
-            created_at=row["created_at"],
-            updated_at=row["updated_at"],
-        )
+    def from_row(cls, row: Any, prefix: str = "") -> Subscription:
+        values = {f: row[prefix + f] for f in FIELDS}
+        schedule = values["retry_schedule_s"]
+        values["retry_schedule_s"] = tuple(schedule) if schedule is not None else None
+        values["event_patterns"] = tuple(values["event_patterns"])
+        return cls(**values)
+
+    @property
+    def circuit_open(self) -> bool:
+        return self.circuit_state == "open"
 
     def matches(self, event_type: str, account_id: str) -> bool:
         if self.account_id is not None and self.account_id != account_id:
@@ -75,7 +97,13 @@ class Subscription:
         """For ``--json`` output: timestamps as RFC 3339; secrets only when asked for."""
         out = asdict(self)
         out["event_patterns"] = list(self.event_patterns)
-        for key in ("created_at", "updated_at", "previous_secret_expires_at"):
+        for key in (
+            "created_at",
+            "updated_at",
+            "previous_secret_expires_at",
+            "circuit_retry_at",
+            "failing_since",
+        ):
             if out[key] is not None:
                 out[key] = format_timestamp(out[key])
         if self.retry_schedule_s is not None:
@@ -123,8 +151,11 @@ async def add(
     account_id: str | None = None,
     secret: str | None = None,
     retry_schedule_s: tuple[float, ...] | None = None,
+    timeout_s: float | None = None,
 ) -> Subscription:
     validate_url(url)
+    if timeout_s is not None and not 0 < timeout_s <= 300:
+        raise InputError("timeout: must be between 0 and 300 seconds")
     parsed = parse_patterns(patterns)
     if secret is not None:
         if not secret.startswith("whsec_"):
@@ -133,8 +164,8 @@ async def add(
     row = await conn.fetchrow(
         f"""
         INSERT INTO delivery.subscriptions
-            (id, url, event_patterns, account_id, secret, retry_schedule_s)
-        VALUES ($1, $2, $3, $4, $5, $6)
+            (id, url, event_patterns, account_id, secret, retry_schedule_s, timeout_s)
+        VALUES ($1, $2, $3, $4, $5, $6, $7)
         RETURNING {_COLUMNS}
         """,
         new_subscription_id(),
@@ -143,6 +174,7 @@ async def add(
         account_id,
         secret or generate_secret(),
         list(retry_schedule_s) if retry_schedule_s else None,
+        timeout_s,
     )
     return Subscription.from_row(row)
 
@@ -169,7 +201,9 @@ async def set_state(
     row = await conn.fetchrow(
         f"""
         UPDATE delivery.subscriptions
-        SET state = $2, disabled_reason = CASE WHEN $2 = 'disabled' THEN $3 END, updated_at = now()
+        SET state = $2, disabled_reason = CASE WHEN $2 = 'disabled' THEN $3 END, updated_at = now(),
+            consecutive_failures = 0, circuit_state = 'closed', circuit_retry_at = NULL,
+            failing_since = NULL
         WHERE id = $1
         RETURNING {_COLUMNS}
         """,
@@ -212,18 +246,3 @@ async def remove(conn: asyncpg.Connection, subscription_id: str) -> None:
 
 def now_utc() -> datetime:
     return datetime.now(UTC)
-
-
-__all__ = [
-    "Subscription",
-    "add",
-    "get",
-    "list_all",
-    "now_utc",
-    "parse_patterns",
-    "remove",
-    "rotate_secret",
-    "set_state",
-    "timedelta",
-    "validate_url",
-]

@@ -10,21 +10,46 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
 from delivery.admin import serve_admin
+from delivery.aio import wait_any
 from delivery.db import create_pool
 from delivery.deliverer import Deliverer
 from delivery.dispatch import Dispatcher
 from delivery.health import Health
+from delivery.poison import PoisonRecorder
 from delivery.relay import Relay
 from delivery.scheduler import Scheduler
 from delivery.sender import Sender
 from delivery.settings import Settings
 
 log = structlog.get_logger("workers.process")
+
+_TEARDOWN_S = 10.0
+_RESTART_BACKOFF_MAX_S = 10.0
+
+
+async def supervise(
+    name: str, run: Callable[[asyncio.Event], Awaitable[None]], stop: asyncio.Event
+) -> None:
+    """Run a component until ``stop``; if it fails (a broker restart during start-up, a
+    channel closed under it), log and start it again with backoff instead of exiting."""
+    failures = 0
+    while not stop.is_set():
+        try:
+            await run(stop)
+        except Exception as exc:
+            failures += 1
+            delay = min(0.5 * 2 ** min(failures, 5), _RESTART_BACKOFF_MAX_S)
+            log.exception(
+                "component_failed", component=name, error=repr(exc)[:300], restart_in_s=delay
+            )
+            await wait_any(stop, timeout_s=delay)
+        else:
+            return
 
 
 def _install_signals(
@@ -81,19 +106,34 @@ async def run_process(
         ):
             log.info("started", role=role, admin_port=port or None)
             async with asyncio.TaskGroup() as tg:
+                tasks = []
                 if relay:
-                    tg.create_task(Relay(settings, pool, health).run(stop))
+                    tasks.append(
+                        tg.create_task(supervise("relay", Relay(settings, pool, health).run, stop))
+                    )
                 if worker:
                     deliverer = Deliverer(settings, pool, sender)
                     scheduler = Scheduler(settings, pool, deliverer, health)
                     dispatcher = Dispatcher(settings, pool, deliverer, scheduler, health)
-                    tg.create_task(deliverer.run(stop, force))
-                    tg.create_task(scheduler.run(stop))
-                    tg.create_task(dispatcher.run(stop))
+                    poison = PoisonRecorder(settings, pool, health)
+                    # The deliverer owns in-flight attempts and drains them on stop; it is not
+                    # restarted (a crash there is a bug, and its tasks die with it).
+                    tasks.append(tg.create_task(deliverer.run(stop, force)))
+                    tasks.append(tg.create_task(supervise("scheduler", scheduler.run, stop)))
+                    tasks.append(tg.create_task(supervise("dispatch", dispatcher.run, stop)))
+                    tasks.append(tg.create_task(supervise("poison", poison.run, stop)))
                 if ready is not None:
                     ready(health)
                 await stop.wait()
                 health.draining = True
+                # Components stop taking work at once; the deliverer has the drain deadline.
+                # Past it (plus teardown time), whatever still runs is cancelled.
+                _done, pending = await asyncio.wait(
+                    tasks, timeout=settings.shutdown_timeout_s + _TEARDOWN_S
+                )
+                for task in pending:
+                    log.warning("component_cancelled_at_deadline", task=task.get_name())
+                    task.cancel()
     finally:
         await pool.close()
         remove_signals()

@@ -1,0 +1,97 @@
+"""Relay drain rate: prepare a backlog in the outbox, run one relay, time until it is empty.
+
+python bench/relay_drain.py --rows 20000   (uses DELIVERY_DATABASE_URL / DELIVERY_AMQP_URL,
+or throwaway local services)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import secrets
+import time
+
+import asyncpg
+import uvloop
+
+from delivery.health import Health
+from delivery.migrate import migrate
+from delivery.outbox import publish_many
+from delivery.provision import create_database, drop_database, provision_services
+from delivery.relay import Relay
+from delivery.settings import Settings
+
+
+async def drain(database_url: str, amqp_url: str, rows: int, batch: int) -> float:
+    name = f"bench_relay_{secrets.token_hex(3)}"
+    url = await create_database(database_url, name)
+    try:
+        await migrate(url)
+        conn = await asyncpg.connect(url)
+        events = [
+            {
+                "type": "account.balance_changed",
+                "account_id": f"acc_{i % 50}",
+                "data": {"asset": "USD", "delta": "-1.50", "balance": f"{i}.00", "reason": "fee"},
+            }
+            for i in range(rows)
+        ]
+        for start in range(0, rows, 5000):
+            await publish_many(conn, events[start : start + 5000])
+        settings = Settings(
+            database_url=url,
+            amqp_url=amqp_url,
+            amqp_prefix=name,
+            relay_batch_size=batch,
+            admin_port=0,
+        )
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+        relay = Relay(settings, pool, Health())
+        stop = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(relay.run(stop))
+            # The clock starts at the first published row, so connection set-up is excluded.
+            while (
+                await conn.fetchval(
+                    "SELECT count(*) FROM delivery.outbox WHERE published_at IS NOT NULL"
+                )
+                == 0
+            ):
+                await asyncio.sleep(0.001)
+            began = time.perf_counter()
+            while await conn.fetchval(
+                "SELECT count(*) FROM delivery.outbox WHERE published_at IS NULL"
+            ):
+                await asyncio.sleep(0.01)
+            took = time.perf_counter() - began
+            stop.set()
+        await pool.close()
+        await conn.close()
+        return rows / took
+    finally:
+        with contextlib.suppress(Exception):
+            await drop_database(database_url, name)
+        # queues are left under the unique prefix; remove them
+        import aio_pika
+
+        with contextlib.suppress(Exception):
+            connection = await aio_pika.connect(amqp_url)
+            async with connection:
+                channel = await connection.channel()
+                for queue in (f"{name}.dispatch", f"{name}.dispatch.dead"):
+                    await channel.queue_delete(queue)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=20000)
+    parser.add_argument("--batch", type=int, default=500)
+    args = parser.parse_args()
+    with provision_services() as services:
+        rate = uvloop.run(drain(services.database_url, services.amqp_url, args.rows, args.batch))
+    print(f"relay drain: {rate:,.0f} rows/s ({args.rows} rows, batch {args.batch})")
+
+
+if __name__ == "__main__":
+    main()

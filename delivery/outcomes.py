@@ -1,0 +1,224 @@
+"""Group commit of attempt outcomes.
+
+Every attempt's outcome must be durable before we count it done (a success recorded is never
+POSTed again). Committing each one alone costs a transaction per delivery; instead, concurrent
+attempts hand their outcomes to one flusher, which writes everything waiting in one transaction
+and then wakes each waiter. Under load a commit carries dozens of outcomes; when idle, one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+import structlog
+
+from delivery import metrics
+from delivery.db import with_retries
+from delivery.retry import Decision, Outcome
+from delivery.sender import AttemptResult
+from delivery.settings import Settings
+
+log = structlog.get_logger("delivery.outcomes")
+
+_MAX_BATCH = 500
+
+_INSERT_ATTEMPTS = """
+INSERT INTO delivery.attempts
+    (delivery_id, attempt, started_at, duration_ms, outcome, status, error, response_excerpt)
+SELECT * FROM unnest($1::bigint[], $2::int[], $3::timestamptz[], $4::float8[], $5::text[],
+                     $6::int[], $7::text[], $8::text[])
+"""
+_UPDATE_DELIVERIES = """
+UPDATE delivery.deliveries d
+SET state = v.state,
+    attempts = v.attempt,
+    next_attempt_at = CASE WHEN v.delay_s IS NULL THEN d.next_attempt_at
+                           ELSE clock_timestamp() + make_interval(secs => v.delay_s) END,
+    lease_until = NULL,
+    first_attempt_at = coalesce(d.first_attempt_at, v.started_at),
+    last_attempt_at = v.started_at,
+    last_status = v.status,
+    last_error = v.error,
+    delivered_at = CASE WHEN v.state = 'delivered' THEN clock_timestamp() ELSE d.delivered_at END,
+    dead_at = CASE WHEN v.state = 'dead' THEN clock_timestamp() ELSE d.dead_at END,
+    dead_reason = CASE WHEN v.state = 'dead' THEN v.reason ELSE d.dead_reason END
+FROM unnest($1::bigint[], $2::text[], $3::int[], $4::float8[], $5::timestamptz[], $6::int[],
+            $7::text[], $8::text[])
+     AS v(id, state, attempt, delay_s, started_at, status, error, reason)
+WHERE d.id = v.id AND d.state = 'pending'
+"""
+# Circuit bookkeeping; each returns the state before the change, so transitions log once.
+_CIRCUIT_SUCCESS = """
+UPDATE delivery.subscriptions s
+SET consecutive_failures = 0, circuit_state = 'closed', circuit_retry_at = NULL,
+    failing_since = NULL
+FROM (SELECT id, circuit_state AS old_state FROM delivery.subscriptions WHERE id = $1 FOR UPDATE) o
+WHERE s.id = o.id AND (s.consecutive_failures <> 0 OR s.circuit_state <> 'closed')
+RETURNING o.old_state, s.circuit_state AS new_state, false AS too_long
+"""
+_CIRCUIT_FAILURES = """
+UPDATE delivery.subscriptions s
+SET consecutive_failures = s.consecutive_failures + $5,
+    failing_since = coalesce(s.failing_since, clock_timestamp()),
+    circuit_state = CASE WHEN s.consecutive_failures + $5 >= $2 THEN 'open'
+                         ELSE s.circuit_state END,
+    circuit_retry_at = CASE WHEN s.consecutive_failures + $5 >= $2
+                            THEN clock_timestamp() + make_interval(secs => $3)
+                            ELSE s.circuit_retry_at END
+FROM (SELECT id, circuit_state AS old_state FROM delivery.subscriptions WHERE id = $1 FOR UPDATE) o
+WHERE s.id = o.id
+RETURNING o.old_state, s.circuit_state AS new_state,
+    s.state = 'active'
+    AND s.failing_since < clock_timestamp() - make_interval(secs => $4) AS too_long
+"""
+_DISABLE_SUBSCRIPTION = """
+UPDATE delivery.subscriptions
+SET state = 'disabled', disabled_reason = $2, updated_at = now()
+WHERE id = $1 AND state = 'active'
+RETURNING true
+"""
+# The disabled subscription's waiting deliveries are kept as dead letters: after
+# `subscriptions enable`, `dlq replay` delivers them.
+_PARK_PENDING = """
+UPDATE delivery.deliveries
+SET state = 'dead', dead_at = clock_timestamp(), dead_reason = $2, lease_until = NULL
+WHERE subscription_id = $1 AND state = 'pending'
+"""
+
+_STATE = {
+    Outcome.DELIVERED: "delivered",
+    Outcome.RETRY: "pending",
+    Outcome.EXHAUSTED: "dead",
+    Outcome.PERMANENT: "dead",
+    Outcome.GONE: "dead",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """One attempt's outcome, ready to write."""
+
+    delivery_id: int
+    subscription_id: str
+    attempt: int
+    started_at: datetime
+    result: AttemptResult
+    decision: Decision
+
+
+class OutcomeRecorder:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._waiting: list[tuple[Recorded, asyncio.Future[None]]] = []
+        self._wake = asyncio.Event()
+        self._flushing = False
+
+    async def record(self, item: Recorded) -> None:
+        """Return once ``item`` is committed (raise if it could not be)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        if not self._flushing:
+            self._flushing = True
+            try:
+                while self._waiting:
+                    batch, self._waiting = self._waiting[:_MAX_BATCH], self._waiting[_MAX_BATCH:]
+                    await self._flush(batch)
+            finally:
+                self._flushing = False
+        await future
+
+    async def _flush(self, batch: list[tuple[Recorded, asyncio.Future[None]]]) -> None:
+        items = [item for item, _f in batch]
+        try:
+            await with_retries(self._pool, lambda conn: self._write(conn, items), what="outcomes")
+        except BaseException as exc:
+            for _item, future in batch:
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(exc))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for _item, future in batch:
+            if not future.done():
+                future.set_result(None)
+
+    async def _write(self, conn: asyncpg.Connection, items: list[Recorded]) -> None:
+        await conn.execute(
+            _INSERT_ATTEMPTS,
+            [i.delivery_id for i in items],
+            [i.attempt for i in items],
+            [i.started_at for i in items],
+            [i.result.duration_s * 1000 for i in items],
+            [i.decision.outcome.value for i in items],
+            [i.result.status for i in items],
+            [i.result.error for i in items],
+            [i.result.excerpt for i in items],
+        )
+        await conn.execute(
+            _UPDATE_DELIVERIES,
+            [i.delivery_id for i in items],
+            [_STATE[i.decision.outcome] for i in items],
+            [i.attempt for i in items],
+            [i.decision.delay_s for i in items],
+            [i.started_at for i in items],
+            [i.result.status for i in items],
+            [i.result.error for i in items],
+            [i.decision.reason for i in items],
+        )
+        await self._track_circuits(conn, items)
+
+    async def _track_circuits(self, conn: asyncpg.Connection, items: list[Recorded]) -> None:
+        """Per subscription, in id order (concurrent batches lock subscriptions in the same
+        order): a success resets the count, the failures after the last success add to it."""
+        by_subscription: dict[str, list[Outcome]] = defaultdict(list)
+        for item in items:
+            by_subscription[item.subscription_id].append(item.decision.outcome)
+        for sub_id in sorted(by_subscription):
+            outcomes = by_subscription[sub_id]
+            if Outcome.GONE in outcomes:
+                await self._disable(conn, sub_id, "HTTP 410 Gone: subscription disabled", "gone")
+                continue
+            rows = []
+            if Outcome.DELIVERED in outcomes:
+                rows.append(await conn.fetchrow(_CIRCUIT_SUCCESS, sub_id))
+                last = len(outcomes) - 1 - outcomes[::-1].index(Outcome.DELIVERED)
+                outcomes = outcomes[last + 1 :]
+            failures = sum(o in (Outcome.RETRY, Outcome.EXHAUSTED) for o in outcomes)
+            if failures:
+                rows.append(
+                    await conn.fetchrow(
+                        _CIRCUIT_FAILURES,
+                        sub_id,
+                        self._settings.circuit_failure_threshold,
+                        self._settings.circuit_cooldown_s,
+                        self._settings.auto_disable_after_s,
+                        failures,
+                    )
+                )
+            for row in rows:
+                if row is None:
+                    continue
+                if row["old_state"] != row["new_state"]:
+                    metrics.CIRCUIT_TRANSITIONS.labels(row["new_state"]).inc()
+                    log.warning(
+                        "circuit_opened" if row["new_state"] == "open" else "circuit_closed",
+                        subscription_id=sub_id,
+                    )
+                if row["too_long"]:
+                    limit_s = self._settings.auto_disable_after_s
+                    await self._disable(
+                        conn, sub_id, f"failing for over {limit_s:.0f}s: auto-disabled", "failing"
+                    )
+
+    async def _disable(
+        self, conn: asyncpg.Connection, subscription_id: str, reason: str, kind: str
+    ) -> None:
+        if await conn.fetchval(_DISABLE_SUBSCRIPTION, subscription_id, reason):
+            metrics.SUBSCRIPTIONS_DISABLED.labels(kind).inc()
+            log.warning("subscription_disabled", subscription_id=subscription_id, reason=reason)
+        await conn.execute(_PARK_PENDING, subscription_id, reason)

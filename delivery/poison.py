@@ -1,0 +1,108 @@
+"""The dead-letter queue's consumer: messages our workers could not process at all (unparseable,
+or redelivered past ``x-delivery-limit`` by a crash loop) are recorded in PostgreSQL with the
+reason, then acked, so they never block the dispatch queue and never vanish."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import orjson
+import structlog
+from aio_pika.abc import AbstractIncomingMessage
+
+from delivery import metrics
+from delivery.amqp import connect
+from delivery.db import with_retries
+from delivery.envelope import routing_facts
+from delivery.health import Health
+from delivery.settings import Settings
+from delivery.topology import Names, declare
+
+log = structlog.get_logger("delivery.poison")
+
+_RECORD = """
+INSERT INTO delivery.poison_messages (message_id, routing_key, reason, death_count, headers, body)
+VALUES ($1, $2, $3, $4, $5::jsonb, $6)
+"""
+
+
+def describe(message: AbstractIncomingMessage) -> tuple[str, int | None]:
+    """Why the broker dead-lettered it, in words an operator can act on."""
+    deaths = (message.headers or {}).get("x-death")
+    first = deaths[0] if isinstance(deaths, list) and deaths else None
+    death: dict[str, Any] = first if isinstance(first, dict) else {}
+    broker_reason = str(death.get("reason", "unknown"))
+    raw_count = death.get("count")
+    count = raw_count if isinstance(raw_count, int) else None
+    try:
+        routing_facts(message.body)
+    except ValueError as exc:
+        return f"unprocessable: {exc}", count
+    if broker_reason == "delivery_limit":
+        return "redelivered past x-delivery-limit (crash loop?)", count
+    return f"dead-lettered by the broker: {broker_reason}", count
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)
+
+
+class PoisonRecorder:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, health: Health) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._health = health
+        health.register("poison")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        connection = await connect(self._settings.amqp_url, name="delivery-poison")
+        try:
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=16)
+            topology = await declare(
+                channel,
+                Names(self._settings.amqp_prefix),
+                delivery_limit=self._settings.amqp_delivery_limit,
+            )
+            await topology.dead.consume(self._on_message)
+            self._health.set("poison", True)
+            await stop.wait()
+        finally:
+            self._health.set("poison", False)
+            await connection.close()
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        reason, count = describe(message)
+        headers = orjson.dumps(_jsonable(dict(message.headers or {}))).decode()
+        try:
+            await with_retries(
+                self._pool,
+                lambda conn: conn.execute(
+                    _RECORD,
+                    message.message_id,
+                    message.routing_key,
+                    reason,
+                    count,
+                    headers,
+                    message.body,
+                ),
+                deadline_s=30,
+                what="record_poison",
+            )
+        except Exception:
+            log.exception("poison_record_failed", message_id=message.message_id)
+            await message.nack(requeue=True)
+            return
+        metrics.POISON_MESSAGES.labels("recorded").inc()
+        log.warning("poison_recorded", message_id=message.message_id, reason=reason)
+        await message.ack()

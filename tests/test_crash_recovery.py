@@ -1,0 +1,117 @@
+"""Workers die at the worst moments; the delivery promise holds.
+
+A worker killed after the subscriber's 2xx but before recording it delivers again with the same
+``webhook-id`` and body; one killed after recording the success never POSTs that event again.
+The crash points are a test-only switch (``DELIVERY_DANGEROUS_CRASH_POINT``) that calls
+``os._exit`` exactly there, so the test is deterministic rather than a race with ``kill -9``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import asyncpg
+import pytest
+from delivery.receiver import Receiver
+
+from delivery import publish, subscriptions
+
+from .conftest import running, settings_env, wait_until
+from .test_pipeline import trade
+
+pytestmark = pytest.mark.integration
+
+
+async def start_worker(settings, command: str = "worker", **env: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "delivery",
+        command,
+        env=settings_env(settings, **env),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def stop_gracefully(proc: asyncio.subprocess.Process, timeout_s: float = 20) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return await asyncio.wait_for(proc.wait(), timeout_s)
+
+
+async def test_killed_before_recording_the_success_delivers_again_with_same_webhook_id(settings):
+    settings = settings.model_copy(update={"delivery_lease_s": 2.0})
+    conn = await asyncpg.connect(settings.database_url)
+    async with Receiver() as receiver:
+        sub = await subscriptions.add(conn, url=receiver.url("/h"), patterns="*")
+        receiver.expect_secret("/h", sub.secret)
+        await publish(conn, trade(1, id="evt_crash_post"))
+        async with running(settings, worker=False):
+            doomed = await start_worker(settings, DELIVERY_DANGEROUS_CRASH_POINT="after_post")
+            assert await asyncio.wait_for(doomed.wait(), 60) == 137
+            assert [a.webhook_id for a in receiver.delivered()] == ["evt_crash_post"]
+            row = await conn.fetchrow("SELECT state, lease_until FROM delivery.deliveries")
+            assert row["state"] == "pending" and row["lease_until"] is not None
+
+            survivor = await start_worker(settings)
+            await receiver.wait_for(
+                lambda r: len(r.delivered()) == 2, timeout_s=60, what="the redelivery"
+            )
+            await wait_until(
+                lambda: conn.fetchval("SELECT state = 'delivered' FROM delivery.deliveries"),
+                timeout_s=30,
+                what="the success recorded",
+            )
+            assert await stop_gracefully(survivor) == 0
+        first, second = receiver.delivered()
+        assert first.webhook_id == second.webhook_id == "evt_crash_post"
+        assert first.body == second.body
+        assert first.signature_ok and second.signature_ok
+    await conn.close()
+
+
+async def test_killed_after_recording_the_success_never_posts_again(settings):
+    settings = settings.model_copy(update={"delivery_lease_s": 2.0})
+    conn = await asyncpg.connect(settings.database_url)
+    async with Receiver() as receiver:
+        await subscriptions.add(conn, url=receiver.url("/h"), patterns="*")
+        await publish(conn, trade(1, id="evt_crash_record"))
+        async with running(settings, worker=False):
+            doomed = await start_worker(settings, DELIVERY_DANGEROUS_CRASH_POINT="after_record")
+            assert await asyncio.wait_for(doomed.wait(), 60) == 137
+            assert await conn.fetchval("SELECT state FROM delivery.deliveries") == "delivered"
+
+            survivor = await start_worker(settings)
+            # A later event is the fence: once it is delivered, the new worker has consumed and
+            # polled past the point where a re-POST of the first event would have happened
+            # (its lease, had it been pending, expired long before).
+            await wait_until(
+                lambda: conn.fetchval(
+                    "SELECT clock_timestamp() > created_at + interval '3 seconds' "
+                    "FROM delivery.deliveries"
+                ),
+                timeout_s=30,
+                what="the crashed attempt's lease to be long over",
+            )
+            await publish(conn, trade(2, id="evt_fence"))
+            await receiver.wait_for(
+                lambda r: "evt_fence" in r.unique_ids(), timeout_s=60, what="the fence event"
+            )
+            assert await stop_gracefully(survivor) == 0
+        assert [a.webhook_id for a in receiver.delivered()].count("evt_crash_record") == 1
+    await conn.close()
+
+
+async def test_sigterm_drains_and_exits_zero(settings):
+    conn = await asyncpg.connect(settings.database_url)
+    async with Receiver() as receiver:
+        await subscriptions.add(conn, url=receiver.url("/h"), patterns="*")
+        proc = await start_worker(settings, command="run")
+        await publish(conn, trade(1, id="evt_before_sigterm"))
+        await receiver.wait_for(lambda r: len(r.delivered()) == 1, timeout_s=60, what="delivery")
+        assert await stop_gracefully(proc) == 0
+        stderr = (await proc.stderr.read()).decode()
+        assert "shutdown_started" in stderr and "Traceback" not in stderr
+    await conn.close()

@@ -1,0 +1,267 @@
+"""Failures are normal: retries with backoff, dead letters and replay, 410, isolation of a
+hanging subscriber, poison messages, the circuit breaker. All on the real services, against a
+controllable receiver."""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import aio_pika
+import asyncpg
+import pytest
+
+from delivery import dlq, publish_many, subscriptions
+from delivery.receiver import Behaviour, Receiver
+from delivery.topology import Names, declare
+
+from .conftest import running, wait_until
+from .test_pipeline import balance, trade
+
+pytestmark = pytest.mark.integration
+
+
+async def test_half_failing_subscriber_gets_everything_and_attempts_match_failures(settings):
+    settings = settings.model_copy(
+        update={
+            "retry_schedule_s": (0.05, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1),
+            "circuit_failure_threshold": 1000,
+        }
+    )
+    conn = await asyncpg.connect(settings.database_url)
+    async with Receiver() as receiver:
+        receiver.set_behaviour("/flaky", Behaviour(fail_rate=0.5, fail_status=500, seed=11))
+        await subscriptions.add(conn, url=receiver.url("/flaky"), patterns="*")
+        events = [balance(i, account=f"acc_{i % 5}", id=f"evt_{i:04d}") for i in range(200)]
+        await publish_many(conn, events)
+        async with running(settings):
+            await receiver.wait_for(
+                lambda r: len(r.unique_ids("/flaky")) == 200, timeout_s=90, what="all 200"
+            )
+            await wait_until(
+                lambda: conn.fetchval(
+                    "SELECT count(*) = 200 FROM delivery.deliveries WHERE state = 'delivered'"
+                ),
+                timeout_s=30,
+                what="all recorded",
+            )
+        failures = sum(1 for a in receiver.arrivals if a.status == 500)
+        assert failures > 50  # the receiver really failed about half
+        recorded = await conn.fetchrow(
+            "SELECT count(*) FILTER (WHERE outcome = 'retry') AS retries, count(*) AS total FROM delivery.attempts"
+        )
+        assert recorded["retries"] == failures
+        assert recorded["total"] == len(receiver.arrivals)
+        assert await conn.fetchval("SELECT sum(attempts) FROM delivery.deliveries") == len(
+            receiver.arrivals
+        )
+    await conn.close()
+
+
+async def test_400_goes_to_dead_letters_then_replay_delivers_with_same_webhook_id(settings):
+    conn = await asyncpg.connect(settings.database_url)
+    async with Receiver() as receiver:
+        receiver.set_behaviour("/strict", Behaviour(status=400))
+        sub = await subscriptions.add(conn, url=receiver.url("/strict"), patterns="*")
+        await publish_many(conn, [trade(1, id="evt_refused")])
+        async with running(settings):
+            await wait_until(
+                lambda: conn.fetchval("SELECT state = 'dead' FROM delivery.deliveries"),
+                timeout_s=30,
+                what="the dead letter",
+            )
+            (dead,) = await dlq.list_dead(conn)
+            assert dead.reason == "HTTP 400: not retryable"
+            assert dead.attempts == 1 and dead.last_status == 400
+            assert len(receiver.arrivals) == 1  # no retry of a permanent failure
+
+            receiver.set_behaviour("/strict", Behaviour(status=200))
+            pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
+            replayed, skipped = await dlq.replay(pool, dlq.Selector(subscription_id=sub.id))
+            await pool.close()
+            assert (replayed, skipped) == (1, 0)
+            await receiver.wait_for(lambda r: len(r.delivered()) == 1, timeout_s=30, what="replay")
+        first, second = receiver.arrivals
+        assert first.webhook_id == second.webhook_id == "evt_refused"
+        assert first.body == second.body
+    await conn.close()
+
+
+async def test_410_disables_the_subscription_and_keeps_its_events(settings):
+    conn = await asyncpg.connect(settings.database_url)
+    async with Receiver() as receiver:
+        receiver.set_behaviour("/gone", Behaviour(status=410))
+        gone = await subscriptions.add(conn, url=receiver.url("/gone"), patterns="*")
+        ok = await subscriptions.add(conn, url=receiver.url("/ok"), patterns="*")
+        async with running(settings):
+            await publish_many(conn, [trade(1, id="evt_1")])
+            await wait_until(
+                lambda: conn.fetchval(
+                    "SELECT state = 'disabled' FROM delivery.subscriptions WHERE id = $1", gone.id
+                ),
+                timeout_s=30,
+                what="the subscription disabled",
+            )
+            await publish_many(conn, [trade(2, id="evt_2")])
+            await receiver.wait_for(
+                lambda r: r.unique_ids("/ok") == {"evt_1", "evt_2"},
+                timeout_s=30,
+                what="healthy one",
+            )
+            await wait_until(
+                lambda: conn.fetchval(
+                    "SELECT count(*) = 2 FROM delivery.deliveries WHERE subscription_id = $1 AND state = 'dead'",
+                    gone.id,
+                ),
+                timeout_s=30,
+                what="both events kept as dead letters",
+            )
+            # Only the first event was ever sent to the gone endpoint.
+            assert [a.webhook_id for a in receiver.arrivals if a.path == "/gone"] == ["evt_1"]
+            # Operator: the subscriber fixed its endpoint.
+            receiver.set_behaviour("/gone", Behaviour(status=200))
+            await subscriptions.set_state(conn, gone.id, "active")
+            pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
+            assert (await dlq.replay(pool, dlq.Selector(subscription_id=gone.id)))[0] == 2
+            await pool.close()
+            await receiver.wait_for(
+                lambda r: r.unique_ids("/gone") == {"evt_1", "evt_2"}, timeout_s=30, what="replayed"
+            )
+        dead = await conn.fetchval(
+            "SELECT dead_reason FROM delivery.deliveries WHERE subscription_id = $1 AND state = 'dead' LIMIT 1",
+            ok.id,
+        )
+        assert dead is None
+    await conn.close()
+
+
+async def test_a_hanging_subscriber_does_not_delay_a_healthy_one(settings):
+    settings = settings.model_copy(
+        update={"http_timeout_s": 30, "per_subscription_max_in_flight": 4, "max_in_flight": 32}
+    )
+    conn = await asyncpg.connect(settings.database_url)
+    async with Receiver() as receiver:
+        receiver.set_behaviour("/hang", Behaviour(hang=True))
+        await subscriptions.add(conn, url=receiver.url("/hang"), patterns="*")
+        await subscriptions.add(conn, url=receiver.url("/healthy"), patterns="*")
+        events = [trade(i, account=f"acc_{i % 4}", id=f"evt_{i:03d}") for i in range(300)]
+        async with running(settings):
+            started = time.monotonic()
+            await publish_many(conn, events)
+            await receiver.wait_for(
+                lambda r: len(r.unique_ids("/healthy")) == 300, timeout_s=60, what="healthy ones"
+            )
+            elapsed = time.monotonic() - started
+            hanging = sum(1 for a in receiver.arrivals if a.path == "/hang")
+        # The hanging subscriber holds at most its own share of slots, never more.
+        assert hanging <= 4
+        # Generous bound (shared CI machine): far below one HTTP timeout of the hanging one.
+        assert elapsed < 20, f"healthy deliveries took {elapsed:.1f}s"
+    await conn.close()
+
+
+async def test_poison_message_is_dead_lettered_and_the_queue_keeps_flowing(settings):
+    conn = await asyncpg.connect(settings.database_url)
+    async with Receiver() as receiver:
+        await subscriptions.add(conn, url=receiver.url("/h"), patterns="*")
+        async with running(settings):
+            connection = await aio_pika.connect(settings.amqp_url)
+            channel = await connection.channel()
+            topology = await declare(channel, Names(settings.amqp_prefix), delivery_limit=20)
+            await topology.events.publish(
+                aio_pika.Message(b"{this is not an envelope", message_id="poison-1"),
+                routing_key="trade.executed",
+            )
+            await publish_many(conn, [trade(1, id="evt_after_poison")])
+            await receiver.wait_for(
+                lambda r: "evt_after_poison" in r.unique_ids(), timeout_s=30, what="flow"
+            )
+            await wait_until(
+                lambda: conn.fetchval("SELECT count(*) = 1 FROM delivery.poison_messages"),
+                timeout_s=30,
+                what="the poison message recorded",
+            )
+            await connection.close()
+        row = await conn.fetchrow("SELECT message_id, reason, body FROM delivery.poison_messages")
+        assert row["message_id"] == "poison-1"
+        assert row["reason"].startswith("unprocessable: body is not JSON")
+        assert row["body"] == b"{this is not an envelope"
+    await conn.close()
+
+
+async def test_circuit_opens_after_consecutive_failures_and_a_probe_closes_it(settings):
+    settings = settings.model_copy(
+        update={
+            "circuit_failure_threshold": 3,
+            "circuit_cooldown_s": 1.0,
+            "retry_schedule_s": (0.05,) * 20,
+            "per_subscription_max_in_flight": 1,
+        }
+    )
+    conn = await asyncpg.connect(settings.database_url)
+    async with Receiver() as receiver:
+        receiver.set_behaviour("/down", Behaviour(status=503))
+        sub = await subscriptions.add(conn, url=receiver.url("/down"), patterns="*")
+        async with running(settings):
+            await publish_many(conn, [trade(i, id=f"evt_{i}") for i in range(5)])
+            await wait_until(
+                lambda: conn.fetchval("SELECT circuit_state = 'open' FROM delivery.subscriptions"),
+                timeout_s=30,
+                what="the circuit to open",
+            )
+            opened_with = len(receiver.arrivals)
+            # While open, only probes go out: about one per cooldown, not one per retry step.
+            await wait_until(
+                lambda: len(receiver.arrivals) >= opened_with + 2, timeout_s=30, what="two probes"
+            )
+            probe_times = [a.arrived_at for a in receiver.arrivals[opened_with:]]
+            assert all(b - a >= 0.8 for a, b in zip(probe_times, probe_times[1:], strict=False))
+            receiver.set_behaviour("/down", Behaviour(status=200))
+            await receiver.wait_for(
+                lambda r: len(r.unique_ids("/down")) == 5, timeout_s=60, what="all after recovery"
+            )
+            await wait_until(
+                lambda: conn.fetchval(
+                    "SELECT circuit_state = 'closed' FROM delivery.subscriptions WHERE id = $1",
+                    sub.id,
+                ),
+                timeout_s=30,
+                what="the circuit to close",
+            )
+        counts = collections.Counter(a.webhook_id for a in receiver.delivered())
+        assert set(counts) == {f"evt_{i}" for i in range(5)}
+        # Attempts were not burned while the circuit was open: far fewer than the schedule allows.
+        assert await conn.fetchval("SELECT max(attempts) FROM delivery.deliveries") < 10
+    await conn.close()
+
+
+async def test_sigterm_under_load_hands_back_and_restart_delivers_everything(settings):
+    """Drain: stop consuming, let in-flight finish (or hand back), exit 0; after a restart every
+    event is delivered (again with the same webhook-id where a crash window allowed)."""
+    from .test_crash_recovery import start_worker, stop_gracefully
+
+    settings = settings.model_copy(update={"shutdown_timeout_s": 2.0})
+    conn = await asyncpg.connect(settings.database_url)
+    async with Receiver() as receiver:
+        receiver.set_behaviour("/slow", Behaviour(delay_s=0.05))
+        await subscriptions.add(conn, url=receiver.url("/slow"), patterns="*")
+        await publish_many(
+            conn, [balance(i, account=f"acc_{i % 9}", id=f"evt_{i:04d}") for i in range(1500)]
+        )
+        first = await start_worker(settings, command="run")
+        await receiver.wait_for(lambda r: len(r.delivered()) >= 100, timeout_s=60, what="load")
+        began = time.monotonic()
+        assert await stop_gracefully(first, timeout_s=30) == 0
+        assert time.monotonic() - began < 2.0 + 10  # the drain deadline plus process teardown
+        partial = len(receiver.unique_ids())
+        assert partial < 1500  # it really was stopped mid-flight
+        second = await start_worker(settings, command="run")
+        await receiver.wait_for(
+            lambda r: len(r.unique_ids()) == 1500, timeout_s=120, what="everything"
+        )
+        assert await stop_gracefully(second) == 0
+        by_id = collections.defaultdict(set)
+        for arrival in receiver.delivered():
+            by_id[arrival.webhook_id].add(arrival.body)
+        assert all(len(bodies) == 1 for bodies in by_id.values())  # duplicates are identical
+    await conn.close()

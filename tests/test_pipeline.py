@@ -1,0 +1,231 @@
+"""The happy path end to end on the real services: outbox -> relay -> RabbitMQ -> dispatch ->
+signed webhook, and the idempotency promises around it."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+import aio_pika
+import asyncpg
+import orjson
+import pytest
+from delivery.receiver import Receiver
+
+from delivery import publish, publish_many, subscriptions
+from delivery.health import Health
+from delivery.relay import Relay
+from delivery.topology import Names, declare
+
+from .conftest import running, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def trade(i: int, account: str = "acc_1", **extra: object) -> dict[str, object]:
+    return {
+        "type": "trade.executed",
+        "account_id": account,
+        "data": {
+            "trade_id": f"t{i}",
+            "order_id": f"o{i}",
+            "instrument": "BTC-USD",
+            "side": "buy",
+            "quantity": "0.25",
+            "price": "64000.50",
+            "executed_at": "2026-01-01T00:00:00Z",
+        },
+        **extra,
+    }
+
+
+def balance(i: int, account: str = "acc_1", **extra: object) -> dict[str, object]:
+    return {
+        "type": "account.balance_changed",
+        "account_id": account,
+        "data": {"asset": "USD", "delta": "-1.50", "balance": f"{100 + i}.00", "reason": "fee"},
+        **extra,
+    }
+
+
+async def add_subscription(conn: asyncpg.Connection, receiver: Receiver, path: str, **kw: object):
+    sub = await subscriptions.add(conn, url=receiver.url(path), **kw)  # type: ignore[arg-type]
+    receiver.expect_secret(path, sub.secret)
+    return sub
+
+
+async def test_committed_event_reaches_each_matching_subscription_once_and_no_other(settings):
+    conn = await asyncpg.connect(settings.database_url)
+    async with Receiver() as receiver:
+        await add_subscription(conn, receiver, "/trades", patterns="trade.*")
+        await add_subscription(conn, receiver, "/all", patterns="*")
+        await add_subscription(conn, receiver, "/acc2", patterns="*", account_id="acc_2")
+        await add_subscription(conn, receiver, "/closed", patterns="account.closed")
+        async with running(settings):
+            async with conn.transaction():
+                result = await publish_many(conn, [trade(1, id="evt_a"), balance(2, id="evt_b")])
+            assert result.as_dict() == {"published": 2, "duplicates": 0}
+            await receiver.wait_for(
+                lambda r: len(r.delivered()) >= 3, timeout_s=30, what="3 deliveries"
+            )
+            # Let any stray extra delivery show up: a later event to the same paths is the fence.
+            await publish(conn, trade(3, id="evt_fence"))
+            await receiver.wait_for(
+                lambda r: "evt_fence" in r.unique_ids("/all"), timeout_s=30, what="the fence"
+            )
+        by_path = collections.Counter(a.path for a in receiver.delivered())
+        assert by_path == {"/trades": 2, "/all": 3}
+        assert all(a.signature_ok for a in receiver.arrivals)
+        body = orjson.loads(
+            next(a.body for a in receiver.delivered("/all") if a.webhook_id == "evt_a")
+        )
+        assert body["id"] == "evt_a" and body["sequence"] == 1 and body["account_id"] == "acc_1"
+        assert body["data"]["price"] == "64000.50"
+        assert set(body) == {"id", "type", "account_id", "sequence", "occurred_at", "data"}
+    await conn.close()
+
+
+async def test_rolled_back_event_is_never_delivered(settings):
+    conn = await asyncpg.connect(settings.database_url)
+    async with Receiver() as receiver:
+        await add_subscription(conn, receiver, "/all", patterns="*")
+        async with running(settings):
+            with pytest.raises(RuntimeError):
+                async with conn.transaction():
+                    await publish(conn, trade(1, id="evt_rolled_back"))
+                    raise RuntimeError("producer's business logic failed")
+            await publish(conn, trade(2, id="evt_committed"))
+            await receiver.wait_for(
+                lambda r: "evt_committed" in r.unique_ids(), timeout_s=30, what="committed event"
+            )
+        assert receiver.unique_ids() == {"evt_committed"}
+        assert await conn.fetchval("SELECT count(*) FROM delivery.outbox") == 1
+        # The rolled-back event consumed no sequence number either.
+        assert await conn.fetchval("SELECT sequence FROM delivery.outbox") == 1
+    await conn.close()
+
+
+async def test_duplicate_id_is_reported_and_delivered_once(settings):
+    conn = await asyncpg.connect(settings.database_url)
+    async with Receiver() as receiver:
+        await add_subscription(conn, receiver, "/all", patterns="*")
+        first = await publish(conn, balance(1, id="evt_dup"))
+        again = await publish_many(conn, [balance(1, id="evt_dup"), balance(2, id="evt_other")])
+        assert first.as_dict() == {"published": 1, "duplicates": 0}
+        assert again.duplicates == ["evt_dup"] and again.published == ["evt_other"]
+        async with running(settings):
+            await receiver.wait_for(
+                lambda r: r.unique_ids() == {"evt_dup", "evt_other"}, timeout_s=30, what="both"
+            )
+        assert [a.webhook_id for a in receiver.delivered()].count("evt_dup") == 1
+    await conn.close()
+
+
+async def test_sequences_are_per_account_and_gapless(settings):
+    conn = await asyncpg.connect(settings.database_url)
+    events = [trade(i, account=f"acc_{i % 3}") for i in range(30)]
+    await publish_many(conn, events[:10])
+    async with conn.transaction():
+        await publish_many(conn, events[10:20])
+    with pytest.raises(RuntimeError):
+        async with conn.transaction():
+            await publish_many(conn, [trade(99, account="acc_0")])
+            raise RuntimeError
+    # Concurrent producers on the same accounts serialise on the counter row.
+    others = [await asyncpg.connect(settings.database_url) for _ in range(5)]
+
+    async def produce(c: asyncpg.Connection, batch: list[dict[str, object]]) -> None:
+        for event in batch:
+            await publish_many(c, [event])
+
+    await asyncio.gather(
+        *(produce(c, events[20 + 2 * k : 22 + 2 * k]) for k, c in enumerate(others))
+    )
+    rows = await conn.fetch(
+        "SELECT account_id, array_agg(sequence ORDER BY sequence) s FROM delivery.outbox GROUP BY 1"
+    )
+    for row in rows:
+        assert row["s"] == list(range(1, len(row["s"]) + 1)), row
+    assert sum(len(r["s"]) for r in rows) == 30
+    for c in others:
+        await c.close()
+    await conn.close()
+
+
+async def test_two_relays_at_once_publish_every_row(settings):
+    conn = await asyncpg.connect(settings.database_url)
+    ids = [f"evt_{i:05d}" for i in range(2000)]
+    await publish_many(conn, [balance(i, account=f"acc_{i % 7}", id=ids[i]) for i in range(2000)])
+    pool = await asyncpg.create_pool(settings.database_url, min_size=2, max_size=4)
+    small = settings.model_copy(update={"relay_batch_size": 50})
+    # A consumer that records what reached the broker.
+    connection = await aio_pika.connect(settings.amqp_url)
+    channel = await connection.channel()
+    topology = await declare(channel, Names(settings.amqp_prefix), delivery_limit=20)
+    seen: collections.Counter[str] = collections.Counter()
+
+    async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        seen[message.message_id or ""] += 1
+        await message.ack()
+
+    await topology.dispatch.consume(on_message)
+    stop = asyncio.Event()
+    relays = [Relay(small, pool, Health()), Relay(small, pool, Health())]
+    async with asyncio.TaskGroup() as tg:
+        for relay in relays:
+            tg.create_task(relay.run(stop))
+        await wait_until(lambda: len(seen) == 2000, timeout_s=60, what="2000 events at the broker")
+        stop.set()
+    assert set(seen) == set(ids)
+    assert (
+        await conn.fetchval("SELECT count(*) FROM delivery.outbox WHERE published_at IS NULL") == 0
+    )
+    await connection.close()
+    await pool.close()
+    await conn.close()
+
+
+async def test_unroutable_publish_is_an_error_and_the_row_stays(settings):
+    """``mandatory``: with the queue binding gone, the broker returns the message; the relay
+    must not count the confirm as success."""
+    conn = await asyncpg.connect(settings.database_url)
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
+    names = Names(settings.amqp_prefix)
+    connection = await aio_pika.connect(settings.amqp_url)
+    channel = await connection.channel()
+    topology = await declare(channel, names, delivery_limit=20)
+    health = Health()
+    relay = Relay(settings, pool, health)
+    stop = asyncio.Event()
+    returned_before = _counter_value("delivery_relay_publish_failures_total", reason="returned")
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(relay.run(stop))
+        await wait_until(lambda: health.ready, timeout_s=30, what="relay ready")
+        # The route disappears at run time (an operator deleted the binding).
+        await topology.dispatch.unbind(topology.events, routing_key="#")
+        await publish(conn, trade(1, id="evt_unroutable"))
+        await wait_until(
+            lambda: (
+                _counter_value("delivery_relay_publish_failures_total", reason="returned")
+                > returned_before
+            ),
+            timeout_s=30,
+            what="a returned publish",
+        )
+        assert await conn.fetchval("SELECT published_at FROM delivery.outbox") is None
+        await topology.dispatch.bind(topology.events, routing_key="#")
+        await wait_until(
+            lambda: conn.fetchval("SELECT published_at IS NOT NULL FROM delivery.outbox"),
+            timeout_s=30,
+            what="published after the binding returns",
+        )
+        stop.set()
+    await connection.close()
+    await pool.close()
+    await conn.close()
+
+
+def _counter_value(name: str, **labels: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
