@@ -14,9 +14,9 @@ import sys
 
 import asyncpg
 import pytest
-from delivery.receiver import Receiver
 
 from delivery import publish, subscriptions
+from delivery.receiver import Receiver
 
 from .conftest import running, settings_env, wait_until
 from .test_pipeline import trade

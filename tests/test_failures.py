@@ -5,6 +5,7 @@ controllable receiver."""
 from __future__ import annotations
 
 import collections
+import itertools
 import time
 
 import aio_pika
@@ -215,7 +216,7 @@ async def test_circuit_opens_after_consecutive_failures_and_a_probe_closes_it(se
                 lambda: len(receiver.arrivals) >= opened_with + 2, timeout_s=30, what="two probes"
             )
             probe_times = [a.arrived_at for a in receiver.arrivals[opened_with:]]
-            assert all(b - a >= 0.8 for a, b in zip(probe_times, probe_times[1:], strict=False))
+            assert all(b - a >= 0.8 for a, b in itertools.pairwise(probe_times))
             receiver.set_behaviour("/down", Behaviour(status=200))
             await receiver.wait_for(
                 lambda r: len(r.unique_ids("/down")) == 5, timeout_s=60, what="all after recovery"

@@ -10,10 +10,10 @@ import aio_pika
 import asyncpg
 import orjson
 import pytest
-from delivery.receiver import Receiver
 
 from delivery import publish, publish_many, subscriptions
 from delivery.health import Health
+from delivery.receiver import Receiver
 from delivery.relay import Relay
 from delivery.topology import Names, declare
 
