@@ -107,6 +107,7 @@ SELECT
     (SELECT count(*) FROM delivery.deliveries WHERE state = 'pending' AND attempts > 0) AS retrying
 """
 _GAUGES_EVERY_S = 5.0
+_COALESCE_S = 0.002
 _UNLEASE = "UPDATE delivery.deliveries SET lease_until = NULL WHERE id = ANY($1::bigint[])"
 
 
@@ -177,8 +178,12 @@ class Scheduler:
             # Rows came back, or due rows wait behind a saturated subscription: claim again as
             # soon as a slot frees. Otherwise nothing is due until the next poll.
             self._backlog = claimed > 0 or await self._saturated_have_due_work()
-            if not self._backlog or self._deliverer.free_slots() == 0:
+            if claimed == 0 or self._deliverer.free_slots() == 0:
                 await wait_any(stop, self._wake, timeout_s=self._settings.scheduler_poll_interval_s)
+                if self._backlog and self._wake.is_set():
+                    # Woken by a freed slot: let a few more free up, so one claim carries
+                    # several rows instead of one claim per finished attempt.
+                    await asyncio.sleep(_COALESCE_S)
 
     async def _take_probes(self, open_subscriptions: list[str]) -> set[str]:
         if not open_subscriptions:
