@@ -41,6 +41,7 @@ class Arrival:
     arrived_at: float
     status: int | None  # what we answered; None while hanging
     signature_ok: bool | None  # None: no secret registered for the path
+    traceparent: str | None = None
 
 
 @dataclass
@@ -139,7 +140,17 @@ class Receiver:
         extra = {}
         if behaviour.retry_after is not None and not 200 <= status < 300:
             extra["retry-after"] = behaviour.retry_after
-        await self._record(Arrival(path, *_ids(request), body, arrived_at, status, signature_ok))
+        await self._record(
+            Arrival(
+                path,
+                *_ids(request),
+                body,
+                arrived_at,
+                status,
+                signature_ok,
+                request.headers.get("traceparent"),
+            )
+        )
         return web.Response(status=status, headers=extra, text="ok" if status < 300 else "no")
 
     async def _record(self, arrival: Arrival) -> None:
