@@ -29,6 +29,12 @@ def with_defaults(url: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
+def is_connected(connection: AbstractRobustConnection | None) -> bool:
+    """A robust connection's ``is_closed`` stays False while it is reconnecting; ``connected``
+    is the truth about the link right now."""
+    return connection is not None and connection.connected.is_set()
+
+
 async def connect(
     url: str, *, name: str, first_try_deadline_s: float = 3600.0
 ) -> AbstractRobustConnection:

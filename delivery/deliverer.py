@@ -32,6 +32,17 @@ from delivery.subscriptions import Subscription
 log = structlog.get_logger("delivery.deliverer")
 
 
+# A lease lasts at least this many times the attempt's timeout, so a slow answer is never
+# attempted twice at once, whatever DELIVERY_DELIVERY_LEASE_S says.
+LEASE_PER_TIMEOUT = 2.0
+
+
+def lease_for(settings: Settings, subscription: Subscription) -> float:
+    """Seconds a delivery of this subscription stays leased to the worker attempting it."""
+    timeout_s = subscription.timeout_s or settings.http_timeout_s
+    return max(settings.delivery_lease_s, timeout_s * LEASE_PER_TIMEOUT)
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
     """One leased delivery, ready to attempt."""

@@ -20,9 +20,9 @@ from aio_pika.exceptions import ChannelInvalidStateError
 
 from delivery import metrics
 from delivery.aio import wait_any
-from delivery.amqp import connect
-from delivery.db import with_retries
-from delivery.deliverer import Deliverer, Job
+from delivery.amqp import connect, is_connected
+from delivery.db import is_connection_error, with_retries
+from delivery.deliverer import Deliverer, Job, lease_for
 from delivery.envelope import RoutingFacts, routing_facts
 from delivery.health import Health
 from delivery.scheduler import Scheduler
@@ -31,6 +31,10 @@ from delivery.subscriptions import Subscription, select_list
 from delivery.topology import Names, declare
 
 log = structlog.get_logger("delivery.dispatch")
+
+_DB_RETRY_DEADLINE_S = 30.0
+_DB_PAUSE_S = 2.0
+_DEPTHS_EVERY_S = 5.0
 
 _INBOX = """
 INSERT INTO delivery.inbox (event_id) SELECT unnest($1::text[])
@@ -42,10 +46,11 @@ _INSERT_DELIVERIES = """
 INSERT INTO delivery.deliveries
     (event_id, subscription_id, state, lease_until, dead_at, dead_reason)
 SELECT e, s, CASE WHEN dead THEN 'dead' ELSE 'pending' END,
-       CASE WHEN leased THEN clock_timestamp() + make_interval(secs => $5) END,
+       CASE WHEN leased THEN clock_timestamp() + make_interval(secs => lease_s) END,
        CASE WHEN dead THEN clock_timestamp() END,
        CASE WHEN dead THEN 'subscription disabled' END
-FROM unnest($1::text[], $2::text[], $3::bool[], $4::bool[]) AS t(e, s, leased, dead)
+FROM unnest($1::text[], $2::text[], $3::bool[], $4::bool[], $5::float8[])
+     AS t(e, s, leased, dead, lease_s)
 ON CONFLICT (event_id, subscription_id) DO NOTHING
 RETURNING id, event_id, subscription_id
 """
@@ -96,7 +101,10 @@ class Dispatcher:
             self._queue = topology.dispatch
             tag = await topology.dispatch.consume(self._on_message)
             self._health.set("dispatch", True)
-            await self._loop(stop)
+            async with asyncio.TaskGroup() as tg:
+                depths = tg.create_task(self._watch_depths(stop))
+                await self._loop(stop)
+                depths.cancel()
             # Drain: stop taking work, hand back what we hold but have not dispatched.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(topology.dispatch.cancel(tag), 5)
@@ -104,6 +112,23 @@ class Dispatcher:
         finally:
             self._health.set("dispatch", False)
             await self._connection.close()
+
+    async def _watch_depths(self, stop: asyncio.Event) -> None:
+        """Queue depths for the dashboard, by passive declare on a channel of their own (a
+        failed passive declare closes its channel)."""
+        assert self._connection is not None
+        names = {"dispatch": self._names.dispatch_queue, "dead": self._names.dead_queue}
+        while not stop.is_set():
+            with contextlib.suppress(Exception):
+                channel = await self._connection.channel()
+                try:
+                    for label, name in names.items():
+                        queue = await channel.declare_queue(name, passive=True)
+                        count = queue.declaration_result.message_count
+                        metrics.QUEUE_DEPTH.labels(label).set(count or 0)
+                finally:
+                    await channel.close()
+            await wait_any(stop, timeout_s=_DEPTHS_EVERY_S)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._inbox.put_nowait(message)
@@ -119,12 +144,14 @@ class Dispatcher:
             batch: list[AbstractIncomingMessage] = []
             while not self._inbox.empty() and len(batch) < self._settings.dispatch_batch_size:
                 batch.append(self._inbox.get_nowait())
-            await self.dispatch_batch(batch)
+            await self.dispatch_batch(batch, stop)
 
     def _connection_broken(self) -> bool:
-        return self._connection is None or self._connection.is_closed
+        return not is_connected(self._connection)
 
-    async def dispatch_batch(self, messages: list[AbstractIncomingMessage]) -> None:
+    async def dispatch_batch(
+        self, messages: list[AbstractIncomingMessage], stop: asyncio.Event
+    ) -> None:
         parsed: list[tuple[RoutingFacts, AbstractIncomingMessage]] = []
         for message in messages:
             try:
@@ -137,26 +164,50 @@ class Dispatcher:
         if self._settings.dangerous_ack_before_commit:
             for _facts, message in parsed:
                 await _settle(message.ack())
-        try:
-            created, fresh = await with_retries(
-                self._pool, lambda conn: self._record(conn, parsed, pairs), what="dispatch"
-            )
-        except Exception:
-            for pair in pairs:
-                if pair.leased:
-                    self._deliverer.release(pair.subscription.id)
-            # Not acked: the broker redelivers them (to us or another worker) later.
-            log.exception("dispatch_failed", messages=len(parsed))
-            if not self._settings.dangerous_ack_before_commit:
-                for _facts, message in parsed:
-                    await _settle(message.nack(requeue=True))
+        committed = await self._commit(parsed, pairs, stop)
+        if committed is None:
             return
+        created, fresh = committed
         if not self._settings.dangerous_ack_before_commit:
             for _facts, message in parsed:
                 await _settle(message.ack())
         metrics.EVENTS_DISPATCHED.inc(fresh)
         metrics.DUPLICATES_ABSORBED.inc(len({f.id for f, _m in parsed}) - fresh)
         self._start_attempts(pairs, created)
+
+    async def _commit(
+        self,
+        parsed: list[tuple[RoutingFacts, AbstractIncomingMessage]],
+        pairs: list[_Pair],
+        stop: asyncio.Event,
+    ) -> tuple[dict[tuple[str, str], int], int] | None:
+        """Commit the batch's inbox and delivery rows; ``None`` if it was handed back."""
+        while True:
+            try:
+                return await with_retries(
+                    self._pool,
+                    lambda conn: self._record(conn, parsed, pairs),
+                    what="dispatch",
+                    deadline_s=_DB_RETRY_DEADLINE_S,
+                )
+            except Exception as exc:
+                for pair in pairs:
+                    if pair.leased:
+                        self._deliverer.release(pair.subscription.id)
+                pairs.clear()
+                if not (is_connection_error(exc) and not stop.is_set()):
+                    # Not acked: the broker redelivers them (to us or another worker) later.
+                    log.exception("dispatch_failed", messages=len(parsed))
+                    if not self._settings.dangerous_ack_before_commit:
+                        for _facts, message in parsed:
+                            await _settle(message.nack(requeue=True))
+                    return None
+                # PostgreSQL is away: hold the batch (unacked, bounded by the prefetch) and
+                # keep trying. A nack would count toward x-delivery-limit, and a long outage
+                # would turn healthy events into poison messages.
+                self._health.set("dispatch", False)
+                log.warning("dispatch_waiting_for_database", error=repr(exc)[:200])
+            await wait_any(stop, timeout_s=_DB_PAUSE_S)
 
     def _start_attempts(self, pairs: list[_Pair], created: dict[tuple[str, str], int]) -> None:
         """Attempt the deliveries leased to us now; tell the scheduler about the others."""
@@ -222,7 +273,7 @@ class Dispatcher:
             [p.subscription.id for p in pairs],
             [p.leased for p in pairs],
             [p.dead for p in pairs],
-            self._settings.delivery_lease_s,
+            [lease_for(self._settings, p.subscription) for p in pairs],
         )
         created = {(r["event_id"], r["subscription_id"]): r["id"] for r in rows}
         return created, len(fresh_ids)

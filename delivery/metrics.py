@@ -100,3 +100,26 @@ DELIVERIES_PENDING = Gauge(
     "Deliveries waiting for an attempt (due or scheduled)",
     ["kind"],
 )
+
+
+def _initialise_label_values() -> None:
+    """Labelled series exist from the start at 0, so `increase()` sees their first event."""
+    for outcome in ("delivered", "retry", "exhausted", "permanent", "gone"):
+        ATTEMPTS.labels(outcome)
+    for reason in ("exhausted", "permanent", "gone"):
+        DEAD_LETTERS.labels(reason)
+    for state in ("active", "disabled"):
+        SUBSCRIPTIONS.labels(state)
+    for reason in ("gone", "failing"):
+        SUBSCRIPTIONS_DISABLED.labels(reason)
+    for reason in ("unparseable", "recorded"):
+        POISON_MESSAGES.labels(reason)
+    for reason in ("timeout", "returned", "nack"):
+        RELAY_PUBLISH_FAILURES.labels(reason)
+    for to in ("open", "closed"):
+        CIRCUIT_TRANSITIONS.labels(to)
+    for queue in ("dispatch", "dead"):
+        QUEUE_DEPTH.labels(queue)
+
+
+_initialise_label_values()

@@ -13,7 +13,8 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from delivery import metrics
-from delivery.amqp import connect
+from delivery.aio import wait_any
+from delivery.amqp import connect, is_connected
 from delivery.db import with_retries
 from delivery.envelope import routing_facts
 from delivery.health import Health
@@ -22,6 +23,7 @@ from delivery.topology import Names, declare
 
 log = structlog.get_logger("delivery.poison")
 
+_HEALTH_EVERY_S = 1.0
 _RECORD = """
 INSERT INTO delivery.poison_messages (message_id, routing_key, reason, death_count, headers, body)
 VALUES ($1, $2, $3, $4, $5::jsonb, $6)
@@ -75,8 +77,9 @@ class PoisonRecorder:
                 delivery_limit=self._settings.amqp_delivery_limit,
             )
             await topology.dead.consume(self._on_message)
-            self._health.set("poison", True)
-            await stop.wait()
+            while not stop.is_set():
+                self._health.set("poison", is_connected(connection))
+                await wait_any(stop, timeout_s=_HEALTH_EVERY_S)
         finally:
             self._health.set("poison", False)
             await connection.close()

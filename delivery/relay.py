@@ -24,7 +24,7 @@ from pamqp.commands import Basic
 
 from delivery import metrics
 from delivery.aio import wait_any
-from delivery.amqp import connect
+from delivery.amqp import connect, is_connected
 from delivery.db import is_connection_error
 from delivery.envelope import envelope_from_row, render_body
 from delivery.health import Health
@@ -110,6 +110,9 @@ class Relay:
                     log.exception("relay_batch_failed")
                 failures += 1
                 self._health.set("relay", False)
+                # The backlog gauges matter most while publishing fails: keep them fresh.
+                with contextlib.suppress(Exception):
+                    await self._maybe_update_backlog()
                 delay = min(0.1 * 2**failures, 5.0)
                 log.warning("relay_backoff", error=repr(exc)[:300], delay_s=round(delay, 2))
                 await wait_any(stop, timeout_s=delay)
@@ -123,7 +126,7 @@ class Relay:
                 await wait_any(stop, self._wake, timeout_s=self._settings.relay_poll_interval_s)
 
     def _connection_broken(self) -> bool:
-        return self._connection is None or self._connection.is_closed
+        return not is_connected(self._connection)
 
     async def relay_batch(self) -> tuple[int, int]:
         """One claim-publish-mark transaction; returns (rows claimed, rows confirmed)."""

@@ -18,7 +18,7 @@ import structlog
 from delivery import metrics
 from delivery.aio import wait_any
 from delivery.db import is_connection_error, with_retries
-from delivery.deliverer import Deliverer, Job
+from delivery.deliverer import LEASE_PER_TIMEOUT, Deliverer, Job
 from delivery.envelope import envelope_from_row, render_body
 from delivery.health import Health
 from delivery.settings import Settings
@@ -64,8 +64,11 @@ WITH candidates AS (
     FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE delivery.deliveries d
-    SET lease_until = clock_timestamp() + make_interval(secs => $3)
-    FROM due WHERE d.id = due.id
+    SET lease_until = clock_timestamp() + make_interval(
+        secs => greatest($3, coalesce(s.timeout_s, $7) * $8)
+    )
+    FROM due, delivery.subscriptions s
+    WHERE d.id = due.id AND s.id = d.subscription_id
     RETURNING d.id, d.event_id, d.subscription_id, d.attempts
 )
 SELECT c.id AS delivery_id, c.attempts,
@@ -213,6 +216,8 @@ class Scheduler:
                 self._settings.per_subscription_max_in_flight,
                 list(busy),
                 list(busy.values()),
+                self._settings.http_timeout_s,
+                LEASE_PER_TIMEOUT,
             ),
             deadline_s=10,
             what="claim_due",

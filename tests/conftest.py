@@ -109,6 +109,7 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         DELIVERY_SCHEDULER_POLL_INTERVAL_S=str(settings.scheduler_poll_interval_s),
         DELIVERY_RETRY_SCHEDULE=",".join(f"{int(s * 1000)}ms" for s in settings.retry_schedule_s),
         DELIVERY_DELIVERY_LEASE_S=str(settings.delivery_lease_s),
+        DELIVERY_HTTP_TIMEOUT_S=str(settings.http_timeout_s),
         DELIVERY_SHUTDOWN_TIMEOUT_S=str(settings.shutdown_timeout_s),
         DELIVERY_LOG_FORMAT="json",
     )

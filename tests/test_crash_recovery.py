@@ -42,7 +42,7 @@ async def stop_gracefully(proc: asyncio.subprocess.Process, timeout_s: float = 2
 
 
 async def test_killed_before_recording_the_success_delivers_again_with_same_webhook_id(settings):
-    settings = settings.model_copy(update={"delivery_lease_s": 2.0})
+    settings = settings.model_copy(update={"delivery_lease_s": 2.0, "http_timeout_s": 1.0})
     conn = await asyncpg.connect(settings.database_url)
     async with Receiver() as receiver:
         sub = await subscriptions.add(conn, url=receiver.url("/h"), patterns="*")
@@ -73,7 +73,7 @@ async def test_killed_before_recording_the_success_delivers_again_with_same_webh
 
 
 async def test_killed_after_recording_the_success_never_posts_again(settings):
-    settings = settings.model_copy(update={"delivery_lease_s": 2.0})
+    settings = settings.model_copy(update={"delivery_lease_s": 2.0, "http_timeout_s": 1.0})
     conn = await asyncpg.connect(settings.database_url)
     async with Receiver() as receiver:
         await subscriptions.add(conn, url=receiver.url("/h"), patterns="*")
