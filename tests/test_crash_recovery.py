@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 
 from delivery import publish, subscriptions
-from delivery.receiver import Receiver
+from delivery.receiver import Behaviour, Receiver
 
 from .conftest import running, settings_env, wait_until
 from .test_pipeline import trade
@@ -115,3 +115,37 @@ async def test_sigterm_drains_and_exits_zero(settings):
         stderr = (await proc.stderr.read()).decode()
         assert "shutdown_started" in stderr and "Traceback" not in stderr
     await conn.close()
+
+
+async def test_a_second_signal_skips_the_drain_and_still_hands_work_back(settings):
+    settings = settings.model_copy(
+        update={"shutdown_timeout_s": 60.0, "http_timeout_s": 30.0, "delivery_lease_s": 120.0}
+    )
+    conn = await asyncpg.connect(settings.database_url)
+    async with Receiver() as receiver:
+        receiver.set_behaviour("/hang", Behaviour(hang=True))
+        await subscriptions.add(conn, url=receiver.url("/hang"), patterns="*")
+        proc = await start_worker(settings, command="run")
+        await publish(conn, trade(1, id="evt_in_flight"))
+        await receiver.wait_for(lambda r: len(r.arrivals) == 1, timeout_s=60, what="the attempt")
+        assert await conn.fetchval("SELECT lease_until IS NOT NULL FROM delivery.deliveries")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stderr is not None
+        await asyncio.wait_for(_read_until(proc.stderr, b"shutdown_started"), 20)
+        proc.send_signal(signal.SIGTERM)
+        # Far sooner than the 60 s drain deadline.
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        # The attempt was cancelled and its lease handed back: another worker takes it now,
+        # not after the lease would have expired.
+        row = await conn.fetchrow("SELECT state, lease_until FROM delivery.deliveries")
+        assert row["state"] == "pending" and row["lease_until"] is None
+    await conn.close()
+
+
+async def _read_until(stream: asyncio.StreamReader, marker: bytes) -> None:
+    while True:
+        line = await stream.readline()
+        if not line:
+            raise AssertionError(f"stream ended before {marker!r}")
+        if marker in line:
+            return
