@@ -204,25 +204,23 @@ class Deliverer:
             metrics.RETRIES_SCHEDULED.inc()
         elif decision.outcome in (Outcome.EXHAUSTED, Outcome.PERMANENT, Outcome.GONE):
             metrics.DEAD_LETTERS.labels(decision.outcome.value).inc()
-        log.debug(
-            "attempt",
-            event_id=job.event_id,
-            subscription_id=sub.id,
-            attempt=job.attempt,
-            outcome=decision.outcome.value,
-            status=result.status,
-            duration_ms=round(result.duration_s * 1000, 1),
-        )
-        if decision.outcome is not Outcome.DELIVERED:
+        context = {
+            "event_id": job.event_id,
+            "subscription_id": sub.id,
+            "attempt": job.attempt,
+            "outcome": decision.outcome.value,
+            "status": result.status,
+            "duration_ms": round(result.duration_s * 1000, 1),
+        }
+        if decision.outcome is Outcome.DELIVERED:
+            log.debug("attempt", **context)
+        else:
+            delay_s = decision.delay_s
             log.info(
                 "attempt_failed",
-                event_id=job.event_id,
-                subscription_id=sub.id,
-                attempt=job.attempt,
-                outcome=decision.outcome.value,
-                status=result.status,
+                **context,
                 error=result.error,
-                next_attempt_in_s=None if decision.delay_s is None else round(decision.delay_s, 1),
+                next_attempt_in_s=None if delay_s is None else round(delay_s, 1),
             )
 
     def _crash_if(self, point: str) -> None:
