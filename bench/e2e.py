@@ -88,7 +88,9 @@ async def run(database_url: str, amqp_url: str, args: argparse.Namespace) -> dic
             # Warm-up: one event through, so start-up is not in the figures.
             await publish_many(conn, [make_events(1)[0] | {"id": "evt_warmup"}])
             expected_warm = args.subscriptions
-            await receiver.wait_for(lambda r: len(r.delivered()) >= expected_warm, timeout_s=60, what="warm-up")
+            await receiver.wait_for(
+                lambda r: len(r.delivered()) >= expected_warm, timeout_s=60, what="warm-up"
+            )
             cpu_before = [proc_stats(p.pid)[0] for p in procs]
             events = make_events(args.events)
             commit_times: dict[str, float] = {}
@@ -107,7 +109,9 @@ async def run(database_url: str, amqp_url: str, args: argparse.Namespace) -> dic
                         await asyncio.sleep(delay)
             published_s = time.time() - started
             total = args.events * args.subscriptions + expected_warm
-            await receiver.wait_for(lambda r: len(r.delivered()) >= total, timeout_s=600, what="all deliveries")
+            await receiver.wait_for(
+                lambda r: len(r.delivered()) >= total, timeout_s=600, what="all deliveries"
+            )
             finished = max(a.arrived_at for a in receiver.delivered())
             stats = [proc_stats(p.pid) for p in procs]
             latencies = sorted(
@@ -116,7 +120,8 @@ async def run(database_url: str, amqp_url: str, args: argparse.Namespace) -> dic
             )
             wall = finished - started
             cpu = sum(s[0] for s in stats) - sum(cpu_before)
-            duplicates = len(receiver.delivered()) - len({(a.path, a.webhook_id) for a in receiver.delivered()})
+            delivered = receiver.delivered()
+            duplicates = len(delivered) - len({(a.path, a.webhook_id) for a in delivered})
             await conn.close()
             return {
                 "events": args.events,

@@ -42,6 +42,12 @@ def is_connection_error(exc: BaseException) -> bool:
     )
 
 
+async def _no_session_reset(_conn: asyncpg.Connection) -> None:
+    """Our pooled connections never LISTEN, take advisory locks or SET anything (LISTEN and
+    the migration lock use connections of their own), so the default reset query on every
+    release is a wasted round trip. asyncpg still rolls back an open transaction."""
+
+
 async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     """A pool whose connections fail fast on a dead server instead of hanging."""
     pool = await asyncpg.create_pool(
@@ -50,7 +56,7 @@ async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asy
         max_size=max_size,
         command_timeout=60,
         timeout=10,
-        # Server-side prepared statements are cached per connection; keep the default cache.
+        reset=_no_session_reset,
     )
     assert pool is not None
     return pool
@@ -65,7 +71,12 @@ async def with_retries(
 ) -> T:
     """Run ``work(conn)`` in a fresh transaction, retrying the *whole* transaction on
     connection-class errors with backoff until ``deadline_s``; never on data errors."""
-
+    # The common case, first and without the retry machinery (this is on the hot path).
+    try:
+        return await _transaction(pool, work, what)
+    except BaseException as exc:
+        if not is_connection_error(exc):
+            raise
     async for attempt in AsyncRetrying(
         retry=retry_if_exception(is_connection_error),
         wait=wait_exponential_jitter(multiplier=0.1, max=5.0),
@@ -73,17 +84,23 @@ async def with_retries(
         reraise=True,
     ):
         with attempt:
-            try:
-                async with pool.acquire() as conn, conn.transaction():
-                    return await work(conn)
-            except BaseException as exc:
-                if is_connection_error(exc):
-                    # The pool does not ping idle connections: after a server restart every idle
-                    # one fails once. Drop them all now rather than one failure at a time.
-                    pool.expire_connections()
-                    log.warning("db_retry", what=what, error=repr(exc)[:200])
-                raise
+            return await _transaction(pool, work, what)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _transaction(
+    pool: asyncpg.Pool, work: Callable[[asyncpg.Connection], Awaitable[T]], what: str
+) -> T:
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            return await work(conn)
+    except BaseException as exc:
+        if is_connection_error(exc):
+            # The pool does not ping idle connections: after a server restart every idle one
+            # fails once. Drop them all now rather than one failure at a time.
+            pool.expire_connections()
+            log.warning("db_retry", what=what, error=repr(exc)[:200])
+        raise
 
 
 async def wait_for_database(url: str, *, timeout_s: float = 30.0) -> None:
