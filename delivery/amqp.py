@@ -3,22 +3,21 @@ is noticed in seconds rather than minutes."""
 
 from __future__ import annotations
 
+import asyncio
+import random
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aio_pika
 import structlog
 from aio_pika.abc import AbstractRobustConnection
 from aiormq.exceptions import AMQPConnectionError
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    stop_after_delay,
-    wait_exponential_jitter,
-)
+
+from delivery.aio import wait_any
 
 log = structlog.get_logger("delivery.amqp")
 
 HEARTBEAT_S = 10
+_CONNECT_BACKOFF_MAX_S = 5.0
 
 
 def with_defaults(url: str) -> str:
@@ -35,24 +34,26 @@ def is_connected(connection: AbstractRobustConnection | None) -> bool:
     return connection is not None and connection.connected.is_set()
 
 
-async def connect(
-    url: str, *, name: str, first_try_deadline_s: float = 3600.0
-) -> AbstractRobustConnection:
-    """Connect, retrying the first connection with backoff (a robust connection reconnects by
-    itself only once it has connected once): a worker started before the broker waits for it."""
-    async for attempt in AsyncRetrying(
-        retry=retry_if_exception_type((ConnectionError, OSError, AMQPConnectionError)),
-        wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
-        stop=stop_after_delay(first_try_deadline_s),
-        before_sleep=lambda state: log.warning(
-            "amqp_connect_retry",
-            connection=name,
-            error=repr(state.outcome.exception())[:200] if state.outcome else None,
-        ),
-        reraise=True,
-    ):
-        with attempt:
+class Stopped(Exception):
+    """Shutdown began before the first connection succeeded."""
+
+
+async def connect(url: str, *, name: str, stop: asyncio.Event) -> AbstractRobustConnection:
+    """Connect, retrying the first connection with backoff until it succeeds or ``stop`` is
+    set (a robust connection reconnects by itself only once it has connected once): a worker
+    started before the broker waits for it, and still shuts down at once when told to."""
+    failures = 0
+    while True:
+        try:
             return await aio_pika.connect_robust(
                 with_defaults(url), client_properties={"connection_name": name}
             )
-    raise AssertionError("unreachable")
+        except (ConnectionError, OSError, AMQPConnectionError) as exc:
+            failures += 1
+            delay_s = min(0.2 * 2 ** min(failures, 5), _CONNECT_BACKOFF_MAX_S)
+            log.warning(
+                "amqp_connect_retry", connection=name, error=repr(exc)[:200], retry_in_s=delay_s
+            )
+            await wait_any(stop, timeout_s=delay_s * random.uniform(0.8, 1.2))
+        if stop.is_set():
+            raise Stopped(name)

@@ -96,11 +96,20 @@ async def _transaction(
             return await work(conn)
     except BaseException as exc:
         if is_connection_error(exc):
-            # The pool does not ping idle connections: after a server restart every idle one
-            # fails once. Drop them all now rather than one failure at a time.
-            pool.expire_connections()
+            if _lost_connection(exc):
+                # The pool does not ping idle connections: after a server restart every idle
+                # one fails once. Drop them all now rather than one failure at a time.
+                await pool.expire_connections()
             log.warning("db_retry", what=what, error=repr(exc)[:200])
         raise
+
+
+def _lost_connection(exc: BaseException) -> bool:
+    """Errors that say the link itself is gone (not a deadlock or serialisation failure)."""
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", None) or ""
+        return state.startswith(("08", "57P"))
+    return True
 
 
 async def wait_for_database(url: str, *, timeout_s: float = 30.0) -> None:

@@ -91,7 +91,7 @@ class Dispatcher:
         # broker has requeued them already.
         while not self._inbox.empty():
             self._inbox.get_nowait()
-        self._connection = await connect(self._settings.amqp_url, name="delivery-worker")
+        self._connection = await connect(self._settings.amqp_url, name="delivery-worker", stop=stop)
         try:
             channel = await self._connection.channel()
             await channel.set_qos(prefetch_count=self._settings.worker_prefetch)

@@ -52,12 +52,19 @@ FROM unnest($1::bigint[], $2::text[], $3::int[], $4::float8[], $5::timestamptz[]
 WHERE d.id = v.id AND d.state = 'pending'
 """
 # Circuit bookkeeping; each returns the state before the change, so transitions log once.
+# NO KEY UPDATE: it does not conflict with the key-share lock that inserting a delivery row
+# (foreign key to its subscription) takes, so dispatch and outcomes never deadlock. A success on
+# a healthy subscription (the common case) locks nothing.
 _CIRCUIT_SUCCESS = """
 UPDATE delivery.subscriptions s
 SET consecutive_failures = 0, circuit_state = 'closed', circuit_retry_at = NULL,
     failing_since = NULL
-FROM (SELECT id, circuit_state AS old_state FROM delivery.subscriptions WHERE id = $1 FOR UPDATE) o
-WHERE s.id = o.id AND (s.consecutive_failures <> 0 OR s.circuit_state <> 'closed')
+FROM (
+    SELECT id, circuit_state AS old_state FROM delivery.subscriptions
+    WHERE id = $1 AND (consecutive_failures <> 0 OR circuit_state <> 'closed')
+    FOR NO KEY UPDATE
+) o
+WHERE s.id = o.id
 RETURNING o.old_state, s.circuit_state AS new_state, false AS too_long
 """
 _CIRCUIT_FAILURES = """
@@ -69,7 +76,10 @@ SET consecutive_failures = s.consecutive_failures + $5,
     circuit_retry_at = CASE WHEN s.consecutive_failures + $5 >= $2
                             THEN clock_timestamp() + make_interval(secs => $3)
                             ELSE s.circuit_retry_at END
-FROM (SELECT id, circuit_state AS old_state FROM delivery.subscriptions WHERE id = $1 FOR UPDATE) o
+FROM (
+    SELECT id, circuit_state AS old_state FROM delivery.subscriptions WHERE id = $1
+    FOR NO KEY UPDATE
+) o
 WHERE s.id = o.id
 RETURNING o.old_state, s.circuit_state AS new_state,
     s.state = 'active'

@@ -67,7 +67,7 @@ class PoisonRecorder:
         health.register("poison")
 
     async def run(self, stop: asyncio.Event) -> None:
-        connection = await connect(self._settings.amqp_url, name="delivery-poison")
+        connection = await connect(self._settings.amqp_url, name="delivery-poison", stop=stop)
         try:
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=16)

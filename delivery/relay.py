@@ -81,7 +81,7 @@ class Relay:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until ``stop`` is set; the batch in progress finishes first."""
-        self._connection = await connect(self._settings.amqp_url, name="delivery-relay")
+        self._connection = await connect(self._settings.amqp_url, name="delivery-relay", stop=stop)
         try:
             channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
             topology = await declare(

@@ -42,6 +42,8 @@ async def supervise(
         try:
             await run(stop)
         except Exception as exc:
+            if stop.is_set():
+                return  # failing because shutdown began (e.g. the broker never came): done
             failures += 1
             delay = min(0.5 * 2 ** min(failures, 5), _RESTART_BACKOFF_MAX_S)
             log.exception(
