@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
+import aio_pika
 import asyncpg
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
@@ -54,6 +55,10 @@ FROM unnest($1::text[], $2::text[], $3::bool[], $4::bool[], $5::float8[])
 ON CONFLICT (event_id, subscription_id) DO NOTHING
 RETURNING id, event_id, subscription_id
 """
+
+
+class QueueMissingError(RuntimeError):
+    """A queue we consume from was deleted while we ran."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,15 +124,22 @@ class Dispatcher:
         assert self._connection is not None
         names = {"dispatch": self._names.dispatch_queue, "dead": self._names.dead_queue}
         while not stop.is_set():
-            with contextlib.suppress(Exception):
+            if is_connected(self._connection):
                 channel = await self._connection.channel()
                 try:
                     for label, name in names.items():
                         queue = await channel.declare_queue(name, passive=True)
                         count = queue.declaration_result.message_count
                         metrics.QUEUE_DEPTH.labels(label).set(count or 0)
+                except aio_pika.exceptions.ChannelNotFoundEntity:
+                    # Deleted at run time: our consumer went with it. Failing here makes the
+                    # supervisor start the dispatcher again, which declares and consumes anew.
+                    raise QueueMissingError(name) from None
+                except Exception as exc:
+                    log.debug("queue_depth_failed", error=repr(exc)[:200])
                 finally:
-                    await channel.close()
+                    with contextlib.suppress(Exception):
+                        await channel.close()
             await wait_any(stop, timeout_s=_DEPTHS_EVERY_S)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:

@@ -68,6 +68,10 @@ RELAY_PUBLISH_FAILURES = Counter(
     "Outbox rows whose publish was not confirmed",
     ["reason"],
 )
+EVENTS_REDRIVEN = Counter(
+    "delivery_events_redriven_total",
+    "Published events the broker lost (no worker dispatched them) put back in the outbox",
+)
 EVENTS_DISPATCHED = Counter(
     "delivery_events_dispatched_total", "Events fanned out to deliveries by workers"
 )

@@ -47,6 +47,15 @@ def describe(message: AbstractIncomingMessage) -> tuple[str, int | None]:
     return f"dead-lettered by the broker: {broker_reason}", count
 
 
+_REDRIVE_ONE = """
+UPDATE delivery.outbox o
+SET published_at = NULL, redrives = o.redrives + 1
+WHERE o.event_id = $1 AND o.published_at IS NOT NULL AND o.redrives < $2
+  AND NOT EXISTS (SELECT 1 FROM delivery.inbox i WHERE i.event_id = o.event_id)
+RETURNING o.event_id
+"""
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -84,8 +93,28 @@ class PoisonRecorder:
             self._health.set("poison", False)
             await connection.close()
 
+    async def _redrive(self, message: AbstractIncomingMessage) -> bool:
+        """A valid event over x-delivery-limit is usually a victim of connection flaps (each
+        one counts as a delivery), not poison: put it back in the relay's path through the
+        outbox, a bounded number of times, so a message that really crashes workers still ends
+        here."""
+        try:
+            event_id = routing_facts(message.body).id
+            row = await self._pool.fetchval(_REDRIVE_ONE, event_id, self._settings.max_redrives)
+        except Exception as exc:
+            log.warning("redrive_failed", error=repr(exc)[:200])
+            return False
+        if row is None:
+            return False
+        metrics.EVENTS_REDRIVEN.inc()
+        log.warning("event_redriven_from_dead_letters", event_id=event_id)
+        return True
+
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         reason, count = describe(message)
+        if reason.startswith("redelivered past") and await self._redrive(message):
+            await message.ack()
+            return
         headers = orjson.dumps(_jsonable(dict(message.headers or {}))).decode()
         try:
             await with_retries(
@@ -107,5 +136,7 @@ class PoisonRecorder:
             await message.nack(requeue=True)
             return
         metrics.POISON_MESSAGES.labels("recorded").inc()
+        # (a healthy event redelivered past the limit by connection flaps never gets here:
+        # _redrive sends it through the outbox again, up to DELIVERY_MAX_REDRIVES times)
         log.warning("poison_recorded", message_id=message.message_id, reason=reason)
         await message.ack()

@@ -18,7 +18,7 @@ from typing import Any
 import aio_pika
 import asyncpg
 import structlog
-from aio_pika.abc import AbstractExchange, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 from aiormq.exceptions import DeliveryError
 from pamqp.commands import Basic
 
@@ -51,6 +51,18 @@ SELECT count(*) AS pending,
 FROM delivery.outbox WHERE published_at IS NULL
 """
 _BACKLOG_EVERY_S = 5.0
+_REDRIVE_EVERY_S = 15.0
+# Only rows published within this window are considered: the sweep stays an index range scan.
+_REDRIVE_WINDOW_S = 86_400.0
+REDRIVE = """
+UPDATE delivery.outbox o
+SET published_at = NULL, redrives = o.redrives + 1
+WHERE o.published_at < clock_timestamp() - make_interval(secs => $1)
+  AND o.published_at > clock_timestamp() - make_interval(secs => $2)
+  AND o.redrives < $3
+  AND NOT EXISTS (SELECT 1 FROM delivery.inbox i WHERE i.event_id = o.event_id)
+RETURNING o.event_id
+"""
 
 
 def build_message(row: Any) -> aio_pika.Message:
@@ -76,7 +88,9 @@ class Relay:
         self._wake = asyncio.Event()
         self._connection: AbstractRobustConnection | None = None
         self._exchange: AbstractExchange | None = None
+        self._channel: AbstractChannel | None = None
         self._last_backlog_s = 0.0
+        self._last_redrive_s = time.monotonic()
         health.register("relay")
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -84,10 +98,8 @@ class Relay:
         self._connection = await connect(self._settings.amqp_url, name="delivery-relay", stop=stop)
         try:
             channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-            topology = await declare(
-                channel, self._names, delivery_limit=self._settings.amqp_delivery_limit
-            )
-            self._exchange = topology.events
+            self._channel = channel
+            await self._declare()
             async with asyncio.TaskGroup() as tg:
                 listener = tg.create_task(self._listen(stop))
                 await self._loop(stop)
@@ -120,10 +132,56 @@ class Relay:
             failures = 0
             self._health.set("relay", not self._connection_broken())
             if claimed and published < claimed:
-                # Some rows were not confirmed: back off a little instead of spinning on them.
+                # Some rows were not confirmed (returned: the route may have been deleted):
+                # declare the topology again, and back off a little instead of spinning.
+                with contextlib.suppress(Exception):
+                    await self._declare()
                 await wait_any(stop, timeout_s=0.5)
-            elif claimed < self._settings.relay_batch_size:
+                continue
+            with contextlib.suppress(Exception):
+                await self._maybe_redrive()
+            if claimed < self._settings.relay_batch_size:
                 await wait_any(stop, self._wake, timeout_s=self._settings.relay_poll_interval_s)
+
+    async def _declare(self) -> None:
+        assert self._channel is not None
+        topology = await declare(
+            self._channel, self._names, delivery_limit=self._settings.amqp_delivery_limit
+        )
+        self._exchange = topology.events
+
+    async def _maybe_redrive(self) -> None:
+        """Put back events the broker lost after confirming them. Only when the dispatch queue
+        is empty: then an event published minutes ago with no inbox row is not waiting in line,
+        it is gone (deleted queue, dead-lettered by connection flaps)."""
+        now = time.monotonic()
+        if now - self._last_redrive_s < _REDRIVE_EVERY_S or self._connection is None:
+            return
+        self._last_redrive_s = now
+        channel = await self._connection.channel()
+        try:
+            queue = await channel.declare_queue(self._names.dispatch_queue, passive=True)
+            ready = queue.declaration_result.message_count
+        except aio_pika.exceptions.ChannelClosed:
+            # The queue itself is gone (deleted by hand): declare everything again.
+            log.warning("dispatch_queue_missing_redeclaring")
+            await self._declare()
+            return
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+        if ready:
+            return
+        rows = await self._pool.fetch(
+            REDRIVE,
+            self._settings.redrive_after_s,
+            _REDRIVE_WINDOW_S,
+            self._settings.max_redrives,
+        )
+        if rows:
+            metrics.EVENTS_REDRIVEN.inc(len(rows))
+            log.warning("events_redriven", count=len(rows), example=rows[0]["event_id"])
+            self._wake.set()
 
     def _connection_broken(self) -> bool:
         return not is_connected(self._connection)

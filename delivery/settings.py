@@ -43,6 +43,10 @@ class Settings(BaseSettings):
 
     relay_batch_size: int = Field(default=500, ge=1, le=10_000)
     relay_poll_interval_s: float = Field(default=1.0, gt=0)
+    # An event published this long ago that no worker has dispatched, while the dispatch queue
+    # is empty, was lost by the broker after its confirm: the relay publishes it again.
+    redrive_after_s: float = Field(default=60.0, gt=0)
+    max_redrives: int = Field(default=3, ge=0)
 
     worker_prefetch: int = Field(default=256, ge=1, le=65_535)
     dispatch_batch_size: int = Field(default=128, ge=1)

@@ -266,3 +266,35 @@ async def test_sigterm_under_load_hands_back_and_restart_delivers_everything(set
             by_id[arrival.webhook_id].add(arrival.body)
         assert all(len(bodies) == 1 for bodies in by_id.values())  # duplicates are identical
     await conn.close()
+
+
+async def test_events_lost_by_the_broker_after_their_confirm_are_redriven(settings):
+    """An operator deletes the dispatch queue with events in it: they were confirmed (and
+    marked published), so only the outbox still has them. The relay notices the queue is gone,
+    declares it again, and republishes every published event no worker ever dispatched."""
+    import aio_pika as _aio_pika
+
+    settings = settings.model_copy(update={"redrive_after_s": 0.5})
+    conn = await asyncpg.connect(settings.database_url)
+    async with Receiver() as receiver:
+        await subscriptions.add(conn, url=receiver.url("/h"), patterns="*")
+        await publish_many(conn, [trade(i, id=f"evt_{i}") for i in range(20)])
+        # Relay only: the events reach the queue and are marked published.
+        async with running(settings, worker=False):
+            await wait_until(
+                lambda: conn.fetchval(
+                    "SELECT count(*) = 20 FROM delivery.outbox WHERE published_at IS NOT NULL"
+                ),
+                timeout_s=30,
+                what="all published",
+            )
+        connection = await _aio_pika.connect(settings.amqp_url)
+        channel = await connection.channel()
+        await channel.queue_delete(Names(settings.amqp_prefix).dispatch_queue)
+        await connection.close()
+        async with running(settings):
+            await receiver.wait_for(
+                lambda r: len(r.unique_ids()) == 20, timeout_s=90, what="every event redriven"
+            )
+        assert await conn.fetchval("SELECT min(redrives) FROM delivery.outbox") == 1
+    await conn.close()

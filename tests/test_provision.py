@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -334,7 +335,13 @@ async def test_rabbitmq_kill_leaves_no_process_and_confirmed_messages_survive(
 
     assert rabbit_node_processes(rabbit.node) == []
     rabbit.start()
-    assert await get_one(rabbit.url, "crash") == b"confirmed"
+    # Queues are recovered asynchronously after an unclean stop: wait for it, with a deadline.
+    deadline = time.monotonic() + 30
+    got = await get_one(rabbit.url, "crash")
+    while got is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        got = await get_one(rabbit.url, "crash")
+    assert got == b"confirmed"
 
 
 @pytest.mark.integration
