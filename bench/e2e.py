@@ -37,19 +37,34 @@ def make_events(n: int, accounts: int = 200) -> list[dict[str, object]]:
     for i in range(n):
         account = f"acc_{i % accounts:05d}"
         if i % 2:
-            events.append({
-                "type": "trade.executed", "account_id": account,
-                "data": {"trade_id": f"trd_{i:010d}", "order_id": f"ord_{i:010d}",
-                         "instrument": "BTC-USD", "side": "buy" if i % 4 == 1 else "sell",
-                         "quantity": "0.01250000", "price": "64123.45000000",
-                         "executed_at": "2026-11-23T10:00:00.123456Z"},
-            })
+            events.append(
+                {
+                    "type": "trade.executed",
+                    "account_id": account,
+                    "data": {
+                        "trade_id": f"trd_{i:010d}",
+                        "order_id": f"ord_{i:010d}",
+                        "instrument": "BTC-USD",
+                        "side": "buy" if i % 4 == 1 else "sell",
+                        "quantity": "0.01250000",
+                        "price": "64123.45000000",
+                        "executed_at": "2026-11-23T10:00:00.123456Z",
+                    },
+                }
+            )
         else:
-            events.append({
-                "type": "account.balance_changed", "account_id": account,
-                "data": {"asset": "USDT", "delta": "-801.54312500", "balance": "120394.11250000",
-                         "reason": "trade"},
-            })
+            events.append(
+                {
+                    "type": "account.balance_changed",
+                    "account_id": account,
+                    "data": {
+                        "asset": "USDT",
+                        "delta": "-801.54312500",
+                        "balance": "120394.11250000",
+                        "reason": "trade",
+                    },
+                }
+            )
     return events
 
 
@@ -77,14 +92,26 @@ async def run(database_url: str, amqp_url: str, args: argparse.Namespace) -> dic
             for k in range(args.subscriptions):
                 await subscriptions.add(conn, url=receiver.url(f"/s{k}"), patterns="*")
             env = {k: v for k, v in os.environ.items() if not k.startswith("DELIVERY_")}
-            env.update(DELIVERY_DATABASE_URL=url, DELIVERY_AMQP_URL=amqp_url,
-                       DELIVERY_AMQP_PREFIX=name, DELIVERY_ADMIN_PORT="0",
-                       DELIVERY_LOG_LEVEL="warning", DELIVERY_LOG_FORMAT="json")
+            env.update(
+                DELIVERY_DATABASE_URL=url,
+                DELIVERY_AMQP_URL=amqp_url,
+                DELIVERY_AMQP_PREFIX=name,
+                DELIVERY_ADMIN_PORT="0",
+                DELIVERY_LOG_LEVEL="warning",
+                DELIVERY_LOG_FORMAT="json",
+            )
             for _ in range(args.processes):
-                procs.append(await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "delivery", "run", env=env,
-                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-                ))
+                procs.append(
+                    await asyncio.create_subprocess_exec(
+                        sys.executable,
+                        "-m",
+                        "delivery",
+                        "run",
+                        env=env,
+                        stdout=asyncio.subprocess.DEVNULL,
+                        stderr=asyncio.subprocess.DEVNULL,
+                    )
+                )
             # Warm-up: one event through, so start-up is not in the figures.
             await publish_many(conn, [make_events(1)[0] | {"id": "evt_warmup"}])
             expected_warm = args.subscriptions
@@ -97,7 +124,7 @@ async def run(database_url: str, amqp_url: str, args: argparse.Namespace) -> dic
             started = time.time()
             batch = 100
             for start in range(0, len(events), batch):
-                chunk = events[start:start + batch]
+                chunk = events[start : start + batch]
                 result = await publish_many(conn, chunk)
                 now = time.time()
                 for event_id in result.published:
@@ -116,7 +143,8 @@ async def run(database_url: str, amqp_url: str, args: argparse.Namespace) -> dic
             stats = [proc_stats(p.pid) for p in procs]
             latencies = sorted(
                 a.arrived_at - commit_times[a.webhook_id]
-                for a in receiver.delivered() if a.webhook_id in commit_times
+                for a in receiver.delivered()
+                if a.webhook_id in commit_times
             )
             wall = finished - started
             cpu = sum(s[0] for s in stats) - sum(cpu_before)

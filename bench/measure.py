@@ -1,0 +1,166 @@
+"""Measuring the systems under test from outside, through /proc: CPU of a whole process tree
+(children included), peak RSS per process, RSS sampled over time; plus the machine's facts."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()
+
+
+def tree_pids(roots: Iterable[int]) -> list[int]:
+    """The roots and every live process below them."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields is not None:
+                parent[int(entry)] = int(fields[1])
+    found = {r for r in roots if r in parent}
+    grew = True
+    while grew:
+        grew = False
+        for pid, ppid in parent.items():
+            if ppid in found and pid not in found:
+                found.add(pid)
+                grew = True
+    return sorted(found)
+
+
+def cpu_s(pid: int) -> float:
+    """utime + stime of the process and of its children it has reaped (0 when gone)."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return 0.0
+    # fields[0] is the state; utime, stime, cutime, cstime are stat fields 14-17.
+    return sum(int(fields[i]) for i in (11, 12, 13, 14)) / CLK_TCK
+
+
+def status_kb(pid: int, key: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def rss_bytes(pid: int) -> int:
+    return status_kb(pid, "VmRSS") * 1024
+
+
+def peak_rss_bytes(pid: int) -> int:
+    return status_kb(pid, "VmHWM") * 1024
+
+
+@dataclass
+class TreeSnapshot:
+    cpu_s: dict[int, float]
+
+    @property
+    def total_cpu_s(self) -> float:
+        return sum(self.cpu_s.values())
+
+
+def snapshot(roots: Iterable[int]) -> TreeSnapshot:
+    return TreeSnapshot({pid: cpu_s(pid) for pid in tree_pids(roots)})
+
+
+def cpu_between(before: TreeSnapshot, after: TreeSnapshot) -> float:
+    """CPU seconds the tree used between two snapshots. A process that exited and was reaped
+    in between is in its parent's cutime/cstime; one that appeared started from zero."""
+    return sum(after.cpu_s.values()) - sum(
+        v for pid, v in before.cpu_s.items() if pid in after.cpu_s
+    )
+
+
+@dataclass
+class RssReport:
+    per_process_peak: dict[int, int]
+
+    @property
+    def max_bytes(self) -> int:
+        return max(self.per_process_peak.values(), default=0)
+
+    @property
+    def sum_bytes(self) -> int:
+        return sum(self.per_process_peak.values())
+
+    @property
+    def processes(self) -> int:
+        return len(self.per_process_peak)
+
+
+def peak_rss(roots: Iterable[int]) -> RssReport:
+    return RssReport({pid: peak_rss_bytes(pid) for pid in tree_pids(roots)})
+
+
+@dataclass
+class Summary:
+    median: float
+    low: float
+    high: float
+    values: list[float] = field(default_factory=list)
+
+    def fmt(self, digits: int = 0, unit: str = "") -> str:
+        spec = f",.{digits}f"
+        if len(self.values) < 2:
+            return f"{self.median:{spec}}{unit}"
+        return f"{self.median:{spec}}{unit} ({self.low:{spec}}\u2013{self.high:{spec}})"
+
+
+def summarize(values: Sequence[float]) -> Summary:
+    return Summary(statistics.median(values), min(values), max(values), list(values))
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending sequence."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(0, min(len(sorted_values) - 1, round(q * len(sorted_values) + 0.5) - 1))
+    return sorted_values[rank]
+
+
+def _run(args: list[str]) -> str:
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def machine_facts() -> dict[str, str]:
+    cpu_model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "nproc": _run(["nproc"]).strip(),
+        "cpu_model": cpu_model,
+        "free_h": _run(["free", "-h"]).rstrip(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def loadavg() -> tuple[float, float, float]:
+    return os.getloadavg()

@@ -1,0 +1,280 @@
+"""Everything a scenario breaks: throwaway servers, fault proxies in front of them, and the
+platform's own processes pointed at the proxies.
+
+Links are named ``<service>.<client>``: ``pg.producer``, ``pg.relay``, ``pg.worker``,
+``amqp.relay``, ``amqp.worker`` (and ``pg.run`` / ``amqp.run`` for single-node processes).
+A fault picks its links with a selector: ``"pg"`` (all PostgreSQL links), ``"amqp.worker"``,
+``"*"``. The chaos runner itself (checker, settle probes) talks to the servers directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import aio_pika
+import aiohttp
+
+from chaos.processes import ManagedProcess, Role
+from chaos.proxy import FaultProxy
+from delivery.migrate import migrate
+from delivery.provision import (
+    HOST,
+    LocalPostgres,
+    LocalRabbitMQ,
+    create_database,
+    drop_database,
+    free_port,
+)
+from delivery.topology import Names
+
+__all__ = ["PLATFORM_ENV", "Cluster", "Layout", "Servers"]
+
+# Knobs every chaos run sets: short timeouts and schedules so recovery happens in seconds, and
+# enough retry steps that a flapping subscriber never exhausts them (exhausted = lost here).
+PLATFORM_ENV: dict[str, str] = {
+    "DELIVERY_RETRY_SCHEDULE": ",".join(["100ms", "250ms", "500ms", "1s"] + ["2s"] * 26),
+    "DELIVERY_HTTP_TIMEOUT_S": "2",
+    "DELIVERY_HTTP_CONNECT_TIMEOUT_S": "1",
+    "DELIVERY_DELIVERY_LEASE_S": "4",
+    "DELIVERY_CIRCUIT_COOLDOWN_S": "1",
+    "DELIVERY_RELAY_POLL_INTERVAL_S": "0.5",
+    "DELIVERY_SCHEDULER_POLL_INTERVAL_S": "0.25",
+    "DELIVERY_PUBLISH_TIMEOUT_S": "3",
+    "DELIVERY_SHUTDOWN_TIMEOUT_S": "5",
+    "DELIVERY_LOG_FORMAT": "json",
+    "DELIVERY_LOG_LEVEL": "info",
+}
+_READY_TIMEOUT_S = 90.0
+# A free-disk limit no machine meets trips the disk alarm at once; 50MB is RabbitMQ's default.
+_DISK_LIMIT_ALARM = "1000000GB"
+_DISK_LIMIT_NORMAL = "50MB"
+AlarmKind = Literal["memory", "disk"]
+
+
+@dataclass
+class Servers:
+    """One throwaway PostgreSQL (real fsync) and one RabbitMQ node. A scenario owns them, or
+    (in the test suite) several scenarios share them one after another."""
+
+    pg: LocalPostgres
+    rabbit: LocalRabbitMQ
+    alarms: set[AlarmKind] = field(default_factory=set)
+
+    @classmethod
+    async def start(cls, base_dir: Path | None = None) -> Servers:
+        pg = LocalPostgres(fast=False, base_dir=base_dir)
+        rabbit = LocalRabbitMQ(base_dir=base_dir)
+        try:
+            await asyncio.gather(asyncio.to_thread(pg.start), asyncio.to_thread(rabbit.start))
+        except BaseException:
+            await asyncio.gather(asyncio.to_thread(pg.close), asyncio.to_thread(rabbit.close))
+            raise
+        return cls(pg=pg, rabbit=rabbit)
+
+    async def close(self) -> None:
+        await asyncio.gather(asyncio.to_thread(self.pg.close), asyncio.to_thread(self.rabbit.close))
+
+    async def heal(self) -> None:
+        """Whatever a scenario left broken on the servers, put right (for the next scenario)."""
+        if not self.pg.is_running():
+            await asyncio.to_thread(self.pg.start)
+        if not self.rabbit.is_running():
+            await asyncio.to_thread(self.rabbit.start)
+        for kind in list(self.alarms):
+            await self.set_alarm(kind, False)
+
+    async def set_alarm(self, kind: AlarmKind, on: bool) -> None:
+        """Raise or clear RabbitMQ's memory or disk alarm (both block publishers)."""
+        if kind == "memory":
+            await asyncio.to_thread(self.rabbit.set_memory_alarm, on)
+        else:
+            limit = _DISK_LIMIT_ALARM if on else _DISK_LIMIT_NORMAL
+            await asyncio.to_thread(self.rabbit.ctl, "set_disk_free_limit", limit)
+        if on:
+            self.alarms.add(kind)
+        else:
+            self.alarms.discard(kind)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How many of each process a scenario runs."""
+
+    relays: int = 2
+    workers: int = 2
+    runs: int = 0
+
+    def slots(self) -> list[tuple[str, Role]]:
+        names: list[tuple[str, Role]] = []
+        roles: tuple[tuple[Role, int], ...] = (
+            ("relay", self.relays),
+            ("worker", self.workers),
+            ("run", self.runs),
+        )
+        for role, count in roles:
+            names += [(f"{role}-{i}", role) for i in range(1, count + 1)]
+        return names
+
+
+@dataclass
+class Cluster:
+    servers: Servers
+    out_dir: Path
+    label: str
+    layout: Layout = field(default_factory=Layout)
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    prefix: str = ""
+    database: str = ""
+    proxies: dict[str, FaultProxy] = field(default_factory=dict)
+    processes: list[ManagedProcess] = field(default_factory=list)
+
+    # -- addresses --------------------------------------------------------------------------
+
+    @property
+    def db_url(self) -> str:
+        """Direct (unproxied) URL: for the chaos runner's own probes and the checker."""
+        return self._pg_url(self.servers.pg.port)
+
+    @property
+    def amqp_url(self) -> str:
+        return self.servers.rabbit.url
+
+    @property
+    def names(self) -> Names:
+        return Names(self.prefix)
+
+    def link_db_url(self, client: str) -> str:
+        return self._pg_url(self.proxies[f"pg.{client}"].port)
+
+    def link_amqp_url(self, client: str) -> str:
+        return f"amqp://guest:guest@{HOST}:{self.proxies[f'amqp.{client}'].port}/"
+
+    def _pg_url(self, port: int) -> str:
+        return f"postgresql://postgres@{HOST}:{port}/{self.database}"
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        tag = secrets.token_hex(3)
+        safe = "".join(c if c.isalnum() else "_" for c in self.label)[:30]
+        self.prefix = f"chaos.{safe}.{tag}"
+        self.database = f"chaos_{safe}_{tag}".lower()
+        await create_database(self.servers.pg.url, self.database)
+        await migrate(self.db_url)
+        await self._start_proxies()
+        logs = self.out_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        for name, role in self.layout.slots():
+            port = free_port()
+            env = self._process_env(role, admin_port=port)
+            self.processes.append(ManagedProcess(name, role, env, port, logs / f"{name}.log"))
+
+    async def _start_proxies(self) -> None:
+        clients = ["producer", *sorted({role for _n, role in self.layout.slots()})]
+        for client in clients:
+            self.proxies[f"pg.{client}"] = FaultProxy(f"pg.{client}", HOST, self.servers.pg.port)
+            if client != "producer":
+                self.proxies[f"amqp.{client}"] = FaultProxy(
+                    f"amqp.{client}", HOST, self.servers.rabbit.port
+                )
+        for proxy in self.proxies.values():
+            await proxy.start()
+
+    def _process_env(self, role: Role, *, admin_port: int) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DELIVERY_")}
+        env.update(PLATFORM_ENV)
+        env.update(
+            DELIVERY_DATABASE_URL=self.link_db_url(role),
+            DELIVERY_AMQP_URL=self.link_amqp_url(role),
+            DELIVERY_AMQP_PREFIX=self.prefix,
+            DELIVERY_ADMIN_PORT=str(admin_port),
+        )
+        env.update(self.env)
+        return env
+
+    async def start_processes(self, session: aiohttp.ClientSession) -> None:
+        await asyncio.gather(*(p.start() for p in self.processes))
+        await asyncio.gather(*(p.wait_ready(session, _READY_TIMEOUT_S) for p in self.processes))
+
+    async def stop(self) -> dict[str, int | None]:
+        """SIGTERM every process (graceful drain), then close the proxies; exit codes by name."""
+        codes = await asyncio.gather(*(p.terminate() for p in self.processes))
+        for proc in self.processes:
+            proc.close()
+        for proxy in self.proxies.values():
+            with contextlib.suppress(Exception):
+                await proxy.close()
+        return {p.name: code for p, code in zip(self.processes, codes, strict=True)}
+
+    async def kill_all(self) -> None:
+        """Teardown after a failure: nothing graceful."""
+        for proc in self.processes:
+            with contextlib.suppress(Exception):
+                await proc.kill()
+            proc.close()
+        for proxy in self.proxies.values():
+            with contextlib.suppress(Exception):
+                await proxy.close()
+
+    async def dispatch_consumers(self) -> int | None:
+        """Consumers on the dispatch queue now (None: the queue or the broker is missing)."""
+        return await self._dispatch_queue_fact("consumer_count")
+
+    async def dispatch_depth(self) -> int | None:
+        """Messages ready in the dispatch queue now (None: the queue or broker is missing)."""
+        return await self._dispatch_queue_fact("message_count")
+
+    async def _dispatch_queue_fact(self, name: str) -> int | None:
+        try:
+            connection = await aio_pika.connect(self.amqp_url, timeout=10)
+        except Exception:
+            return None
+        async with connection:
+            channel = await connection.channel()
+            try:
+                queue = await channel.declare_queue(self.names.dispatch_queue, passive=True)
+            except aio_pika.exceptions.ChannelClosed:
+                return None
+            value = getattr(queue.declaration_result, name)
+            return None if value is None else int(value)
+
+    async def remove(self) -> None:
+        """Drop this run's database and broker objects (when the servers outlive the run)."""
+        with contextlib.suppress(Exception):
+            await drop_database(self.servers.pg.url, self.database)
+        with contextlib.suppress(Exception):
+            connection = await aio_pika.connect(self.amqp_url, timeout=10)
+            async with connection:
+                names = self.names
+                for queue in (names.dispatch_queue, names.dead_queue):
+                    channel = await connection.channel()
+                    with contextlib.suppress(Exception):
+                        await channel.queue_delete(queue)
+                for exchange in (names.events_exchange, names.dead_exchange):
+                    channel = await connection.channel()
+                    with contextlib.suppress(Exception):
+                        await channel.exchange_delete(exchange)
+
+    # -- picking things to break ------------------------------------------------------------
+
+    def links(self, selector: str) -> list[FaultProxy]:
+        """``"*"``, a service (``"pg"``), or one link (``"amqp.worker"``)."""
+        found = [
+            p
+            for name, p in self.proxies.items()
+            if selector in ("*", name) or name.startswith(selector + ".")
+        ]
+        if not found:
+            raise KeyError(f"no link matches {selector!r} (have {sorted(self.proxies)})")
+        return found
+
+    def by_role(self, *roles: Role) -> Sequence[ManagedProcess]:
+        return [p for p in self.processes if p.role in roles]

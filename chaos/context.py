@@ -1,0 +1,125 @@
+"""What a running scenario can see and touch, handed to its fault plan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from chaos.cluster import Cluster
+from chaos.metrics import MetricsSampler
+from chaos.producer import Producer
+from delivery.receiver import Receiver
+
+__all__ = ["FaultLog", "FaultWindow", "RunContext", "wait_until"]
+
+
+@dataclass
+class FaultWindow:
+    kind: str
+    target: str
+    start: float  # wall clock (time.time())
+    end: float | None = None
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "target": self.target,
+            "start": self.start,
+            "end": self.end,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class FaultLog:
+    windows: list[FaultWindow] = field(default_factory=list)
+
+    @contextlib.asynccontextmanager
+    async def window(self, kind: str, target: str, detail: str = "") -> AsyncIterator[FaultWindow]:
+        """Record the fault from entry to exit (exit = the fault is over, not the recovery)."""
+        win = FaultWindow(kind, target, time.time(), detail=detail)
+        self.windows.append(win)
+        try:
+            yield win
+        finally:
+            win.end = time.time()
+
+    def close_open(self) -> None:
+        for win in self.windows:
+            if win.end is None:
+                win.end = time.time()
+
+    @property
+    def last_end(self) -> float | None:
+        ends = [w.end for w in self.windows if w.end is not None]
+        return max(ends, default=None)
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool] | bool],
+    *,
+    timeout_s: float,
+    what: str,
+    interval_s: float = 0.1,
+) -> None:
+    """Poll a (sync or async) condition until it holds; TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = condition()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:g}s waiting for {what}")
+        await asyncio.sleep(interval_s)
+
+
+@dataclass
+class RunContext:
+    cluster: Cluster
+    producer: Producer
+    receiver: Receiver
+    faults: FaultLog
+    sampler: MetricsSampler
+    session: aiohttp.ClientSession
+    rng: random.Random
+    # Facts a scenario wants in its report (e.g. the backlog seen during a memory alarm).
+    notes: dict[str, Any] = field(default_factory=dict)
+    ready_at: float = field(default_factory=time.monotonic)  # every process ready, topology up
+
+    @property
+    def production_s(self) -> float:
+        """How long production takes at the base rate (fault durations scale with it)."""
+        return self.producer.total / self.producer.base_rate
+
+    @property
+    def producing(self) -> bool:
+        return not self.producer.done.is_set()
+
+    async def progress(self, fraction: float, timeout_s: float = 600.0) -> None:
+        """Wait until this fraction of all events has committed (or production ended)."""
+        want = int(self.producer.total * fraction)
+        await wait_until(
+            lambda: len(self.producer.record.committed_at) >= want or not self.producing,
+            timeout_s=timeout_s,
+            what=f"{fraction:.0%} of the events committed",
+        )
+
+    async def uptime(self, seconds: float) -> None:
+        """Wait until the platform has run for ``seconds`` (a precondition, not a result: a
+        RabbitMQ 3.10 quorum queue killed within ~1 s of its declaration may never elect a
+        leader again, which would test RabbitMQ rather than us)."""
+        await asyncio.sleep(max(0.0, self.ready_at + seconds - time.monotonic()))
+
+    async def pause(self, low_s: float, high_s: float) -> None:
+        """A fault's own duration or spacing (random within bounds): not a wait for a result."""
+        await asyncio.sleep(self.rng.uniform(low_s, high_s))

@@ -1,0 +1,45 @@
+"""Smoke run of the side-by-side benchmark (bench/): a few hundred events through each system,
+both scenarios, no timing assertions. Celery and Dramatiq are optional bench extras
+(``pip install -e '.[bench]'``): skipped when not installed; ours and the asyncio peer need
+only the project's own dependencies."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from bench.run import flat_out, paced
+from bench.systems import SYSTEMS
+from delivery.provision import Services
+
+pytestmark = pytest.mark.integration
+
+EVENTS = 200
+
+
+@pytest.mark.parametrize("name", ["ours", "asyncio", "dramatiq", "celery"])
+async def test_each_system_delivers_every_event_signed_and_recorded(
+    services: Services, name: str
+) -> None:
+    if name in {"celery", "dramatiq"} and importlib.util.find_spec(name) is None:
+        pytest.skip(f"{name} is an optional bench extra: pip install -e '.[bench]'")
+    # Given a system under test with its receiver, warmed up
+    system = SYSTEMS[name](services.database_url, services.amqp_url)
+    try:
+        await system.setup()
+        # When a backlog is drained flat out, then events are published at a pace
+        flat = await flat_out(system, EVENTS)
+        steady = await paced(system, rate=200, seconds=1)
+    except BaseException:
+        await system.teardown(keep_logs=True)
+        print(f"{name}: logs kept in {system.log_dir}")
+        raise
+    await system.teardown()
+    # Then every event arrived once per subscription, correctly signed, and was recorded
+    for result in (flat, steady):
+        assert result["bad_signatures"] == 0
+        assert result["recorded"] >= result["events"]
+    assert flat["deliveries"] == EVENTS
+    assert flat["events_per_s"] > 0 and flat["cpu_ms_per_event"] > 0
+    assert steady["p99_ms"] >= steady["p50_ms"] > 0

@@ -1,0 +1,304 @@
+"""The chaos suite, short: every scenario with a few hundred events on throwaway servers, each
+asserting the checker's verdict; plus the checker and the fault proxy on their own.
+
+The long versions run by hand: ``python -m chaos run all --events 10000`` (see chaos/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+import pytest
+import pytest_asyncio
+
+from chaos.checker import Arrival, SettledState, Slack, SubscriptionSpec, check
+from chaos.cluster import Servers
+from chaos.context import FaultWindow
+from chaos.producer import EventSpec
+from chaos.proxy import FaultProxy
+from chaos.scenarios import SCENARIOS
+
+pytestmark = pytest.mark.chaos
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+SHORT_EVENTS = 300
+SHORT_RATE = 100.0
+
+
+# -- the checker, on made-up records --------------------------------------------------------
+
+SUBS = (SubscriptionSpec("/all", ("*",)), SubscriptionSpec("/trades", ("trade.*",)))
+
+
+def _event(i: int, kind: str = "trade.executed", account: str = "a") -> EventSpec:
+    return EventSpec(f"e{i}", kind, account)
+
+
+def _body(e: EventSpec, sequence: int) -> bytes:
+    return orjson.dumps(
+        {"id": e.id, "type": e.type, "account_id": e.account_id, "sequence": sequence}
+    )
+
+
+def _state(**kw: object) -> SettledState:
+    base: dict[str, object] = {
+        "settled": True,
+        "waited_s": 0.1,
+        "outbox_ids": frozenset(),
+        "outbox_unpublished": 0,
+        "undispatched": 0,
+        "deliveries_pending": 0,
+        "dead_letters": 0,
+        "dead_reasons": {},
+        "queue_ready": 0,
+        "dead_queue_ready": 0,
+        "poison_messages": 0,
+        "sequence_gaps": 0,
+    }
+    base.update(kw)
+    return SettledState(**base)  # type: ignore[arg-type]
+
+
+def _ok(path: str, e: EventSpec, seq: int, at: float, status: int = 200) -> Arrival:
+    return Arrival(path, e.id, _body(e, seq), status, at, True)
+
+
+def test_checker_valid_when_every_pair_arrives_and_reports_duplicates_in_fault_windows():
+    t, b = _event(1), _event(2, "account.created")
+    arrivals = [
+        _ok("/all", t, 1, 10.0),
+        _ok("/trades", t, 1, 10.1),
+        _ok("/all", b, 2, 10.2, status=503),
+        _ok("/all", b, 2, 10.5),
+        _ok("/all", t, 1, 20.0),  # duplicate: first arrival 10.0, inside the fault window
+    ]
+    v = check(
+        attempted={t.id: t, b.id: b},
+        committed_at={t.id: 9.9, b.id: 9.9},
+        arrivals=arrivals,
+        subscriptions=SUBS,
+        state=_state(outbox_ids=frozenset({t.id, b.id})),
+        faults=[FaultWindow("kill-9", "worker-1", 10.5, 11.0)],
+        slack=Slack(before_s=1.0, after_s=1.0),
+    )
+    assert v.valid, v.reasons
+    assert (v.expected_deliveries, v.delivered, v.lost) == (3, 3, 0)
+    assert (v.duplicates, v.duplicates_unexplained) == (1, 0)
+    assert v.duplicate_ratio == pytest.approx(1 / 4)
+    assert (v.attempts_total, v.attempts_failed) == (5, 1)
+
+
+def test_checker_catches_loss_unexpected_stuck_and_inconsistent_bodies():
+    a, b = _event(1), _event(2)
+    forged = Arrival("/all", a.id, b'{"id": "e1", "other": 1}', 200, 5.0, True)
+    v = check(
+        attempted={a.id: a, b.id: b},
+        committed_at={a.id: 1.0, b.id: 1.0},
+        arrivals=[
+            _ok("/all", a, 1, 2.0),
+            forged,
+            _ok("/trades", a, 1, 2.0),
+            _ok("/all", _event(9), 3, 2.0),  # never attempted
+        ],
+        subscriptions=SUBS,
+        state=_state(outbox_unpublished=1, settled=False),
+        faults=[],
+    )
+    assert not v.valid
+    assert (v.lost, v.lost_events) == (2, 1)  # e2 at /all and /trades
+    assert v.unexpected == 1 and v.inconsistent == 1
+    assert v.stuck == 1 and v.stuck_detail == {"outbox_unpublished": 1}
+    assert v.duplicates == 1 and v.duplicates_unexplained == 1  # no fault explains it
+
+
+def test_checker_counts_uncertain_commits_found_in_the_outbox_and_orders_per_account():
+    first, second, third = _event(1), _event(2), _event(3)
+    v = check(
+        attempted={e.id: e for e in (first, second, third)},
+        committed_at={first.id: 1.0, second.id: 1.0},  # e3's COMMIT answer never came
+        arrivals=[
+            _ok("/all", second, 2, 2.0),
+            _ok("/all", first, 1, 2.5),  # out of order
+            _ok("/trades", first, 1, 2.0),
+            _ok("/trades", second, 2, 2.1),
+        ],
+        subscriptions=SUBS,
+        state=_state(outbox_ids=frozenset({first.id, second.id, third.id})),
+        faults=[FaultWindow("stall", "pg", 0.5, 1.5)],
+    )
+    assert v.events_uncertain == 1 and v.uncertain_committed == 1
+    assert v.lost == 2  # e3 committed after all: it must be delivered to both
+    assert v.out_of_order == 1 and v.out_of_order_by_path == {"/all": 1}
+    assert v.lag_max_s == pytest.approx(1.5)
+    assert v.recovery_s == pytest.approx(1.0)  # everything committed by 1.5 arrived by 2.5
+
+
+def test_checker_reports_poison_copies_of_delivered_events_but_counts_the_others_as_stuck():
+    a, b = _event(1, "account.created"), _event(2, "account.created")
+    v = check(
+        attempted={a.id: a, b.id: b},
+        committed_at={a.id: 1.0, b.id: 1.0},
+        arrivals=[_ok("/all", a, 1, 2.0)],
+        subscriptions=SUBS,
+        state=_state(poison_messages=3, poison_by_id={a.id: 1, b.id: 1, "": 1}),
+        faults=[],
+    )
+    assert v.poison_of_delivered == 1  # a's copy: a was delivered anyway
+    assert v.stuck_detail == {"poison_messages": 2}  # b (lost) and one without an id
+    assert v.lost == 1 and not v.valid
+
+
+# -- the fault proxy, on loopback -----------------------------------------------------------
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def echo_proxy() -> AsyncIterator[FaultProxy]:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with FaultProxy("echo", "127.0.0.1", port) as proxy:
+        yield proxy
+    server.close()
+
+
+async def _open(proxy: FaultProxy) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", proxy.port)
+
+
+async def test_proxy_forwards_and_shapes(echo_proxy: FaultProxy):
+    reader, writer = await _open(echo_proxy)
+    writer.write(b"hello")
+    assert await asyncio.wait_for(reader.readexactly(5), 2) == b"hello"
+    echo_proxy.set_latency(100)
+    began = time.monotonic()
+    writer.write(b"x")
+    await asyncio.wait_for(reader.readexactly(1), 2)
+    assert time.monotonic() - began >= 0.19  # 100 ms each way
+    echo_proxy.heal()
+    echo_proxy.set_bandwidth(50_000)
+    began = time.monotonic()
+    writer.write(b"y" * 50_000)
+    await asyncio.wait_for(reader.readexactly(50_000), 10)
+    assert time.monotonic() - began >= 0.8  # ~1 s (the two directions overlap), less bursts
+    echo_proxy.heal()
+    writer.close()
+
+
+async def test_proxy_stall_holds_bytes_and_new_connections_until_resumed(echo_proxy: FaultProxy):
+    reader, writer = await _open(echo_proxy)
+    echo_proxy.stall()
+    writer.write(b"held")
+    late_reader, late_writer = await _open(echo_proxy)
+    late_writer.write(b"late")
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(reader.readexactly(4), 0.3)
+    echo_proxy.resume()
+    assert await asyncio.wait_for(reader.readexactly(4), 2) == b"held"
+    assert await asyncio.wait_for(late_reader.readexactly(4), 2) == b"late"
+    writer.close()
+    late_writer.close()
+
+
+async def test_proxy_cut_reset_refuse_accept(echo_proxy: FaultProxy):
+    reader, _w = await _open(echo_proxy)
+    await asyncio.sleep(0)  # let the proxy register the connection
+    await _wait(lambda: len(echo_proxy.links) == 1)
+    assert echo_proxy.cut() == 1
+    assert await asyncio.wait_for(reader.read(10), 2) == b""  # FIN
+    reader, _w = await _open(echo_proxy)
+    await _wait(lambda: len(echo_proxy.links) == 1)
+    assert echo_proxy.reset() == 1
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(reader.read(10), 2)
+    await echo_proxy.refuse()
+    with pytest.raises(ConnectionRefusedError):
+        await _open(echo_proxy)
+    await echo_proxy.accept()
+    reader, writer = await _open(echo_proxy)
+    writer.write(b"again")
+    assert await asyncio.wait_for(reader.readexactly(5), 2) == b"again"
+    writer.close()
+
+
+async def _wait(condition: object, timeout_s: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+# -- every scenario, short, on one pair of throwaway servers --------------------------------
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def chaos_servers() -> AsyncIterator[Servers]:
+    try:
+        servers = await Servers.start()
+    except Exception as exc:
+        if IN_CI:
+            pytest.fail(f"chaos servers unavailable under CI: {exc}")
+        pytest.skip(f"chaos servers unavailable: {exc}")
+    try:
+        yield servers
+    finally:
+        await servers.close()
+
+
+# Scenarios that catch a platform bug still open: they must fail (strict: once the bug is fixed
+# the XPASS fails the suite, and the marker goes).
+KNOWN_LOSS = {
+    "queue-deleted": "events confirmed into the dispatch queue are lost with it: nothing "
+    "re-publishes outbox rows that never reached the inbox (see chaos/RESULTS.md)",
+}
+
+
+def _scenario_params() -> list[object]:
+    return [
+        pytest.param(name, marks=pytest.mark.xfail(reason=KNOWN_LOSS[name], strict=True))
+        if name in KNOWN_LOSS
+        else name
+        for name in SCENARIOS
+    ]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", _scenario_params())
+async def test_scenario_short(name: str, chaos_servers: Servers, tmp_path: Path):
+    from chaos.runner import run_scenario
+
+    scenario = SCENARIOS[name]
+    report = await run_scenario(
+        scenario,
+        events=SHORT_EVENTS,
+        seed=7,
+        out_dir=tmp_path,
+        rate=SHORT_RATE,
+        servers=chaos_servers,
+    )
+    v = report.verdict
+    print(
+        f"\n[chaos] {name}: {report.wall_s:.1f}s, faults {report.faults_injected}, lost {v['lost']}, "
+        f"dup {v['duplicates']}, unexpected {v['unexpected']}, stuck {v['stuck']}",
+        file=sys.stderr,
+    )
+    assert report.passed, f"{name}: {report.problems} (logs in {report.out_dir})"
+    if scenario.expect_valid:
+        assert v["valid"] and v["lost"] == 0 and v["unexpected"] == 0 and v["stuck"] == 0
+        assert report.faults_injected > 0 or name == "baseline"
+    else:
+        # The deliberately broken build (ack before commit): the checker must see the loss.
+        assert not v["valid"] and v["lost"] > 0
