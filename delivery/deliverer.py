@@ -108,10 +108,18 @@ class Deliverer:
         return True
 
     def release(self, subscription_id: str) -> None:
-        self._accepted -= 1
+        """Give back both shares of a reservation."""
+        self._release_subscription(subscription_id)
+        self._release_process()
+
+    def _release_subscription(self, subscription_id: str) -> None:
         self._per_subscription[subscription_id] -= 1
         if self._per_subscription[subscription_id] <= 0:
             del self._per_subscription[subscription_id]
+        self.on_slot_freed()
+
+    def _release_process(self) -> None:
+        self._accepted -= 1
         if self._accepted == 0:
             self._idle.set()
         self.on_slot_freed()
@@ -150,9 +158,19 @@ class Deliverer:
         self._tg = None
 
     async def _run_job(self, job: Job) -> None:
+        # The subscriber's share bounds concurrent *requests* to it, so it is given back as soon
+        # as the POST returns; the process share (and the lease) are held until the outcome is
+        # committed, so nothing is attempted twice and memory stays bounded.
+        subscription_share = [True]
+
+        def request_done() -> None:
+            if subscription_share[0]:
+                subscription_share[0] = False
+                self._release_subscription(job.subscription.id)
+
         metrics.IN_FLIGHT.inc()
         try:
-            await self._attempt(job)
+            await self._attempt(job, request_done)
         except asyncio.CancelledError:
             # Shutdown deadline: give the delivery back so another worker retries it now.
             # The subscriber may have received it; the retry carries the same webhook-id.
@@ -163,7 +181,8 @@ class Deliverer:
             await self._hand_back(job)
         finally:
             metrics.IN_FLIGHT.dec()
-            self.release(job.subscription.id)
+            request_done()
+            self._release_process()
 
     async def _hand_back(self, job: Job) -> None:
         try:
@@ -173,7 +192,7 @@ class Deliverer:
         except Exception as exc:  # the lease then simply expires
             log.warning("hand_back_failed", delivery_id=job.delivery_id, error=repr(exc)[:200])
 
-    async def _attempt(self, job: Job) -> None:
+    async def _attempt(self, job: Job, request_done: Callable[[], None]) -> None:
         sub = job.subscription
         started_at = datetime.now(UTC)
         headers = webhook_headers(
@@ -182,6 +201,7 @@ class Deliverer:
         if job.traceparent:
             headers["traceparent"] = job.traceparent
         result = await self._sender.post(sub.url, headers, job.body, timeout_s=sub.timeout_s)
+        request_done()
         metrics.ATTEMPT_DURATION.observe(result.duration_s)
         self._crash_if("after_post")
         policy = RetryPolicy(sub.retry_schedule_s) if sub.retry_schedule_s else self._default_policy
