@@ -134,12 +134,16 @@ class Relay:
             if claimed and published < claimed:
                 # Some rows were not confirmed (returned: the route may have been deleted):
                 # declare the topology again, and back off a little instead of spinning.
+                # Bounded: a broker under a memory or disk alarm stops reading this connection,
+                # and the loop must keep going (the backlog gauges are how on-call sees it).
                 with contextlib.suppress(Exception):
-                    await self._declare()
+                    async with asyncio.timeout(self._settings.publish_timeout_s):
+                        await self._declare()
                 await wait_any(stop, timeout_s=0.5)
                 continue
             with contextlib.suppress(Exception):
-                await self._maybe_redrive()
+                async with asyncio.timeout(self._settings.publish_timeout_s):
+                    await self._maybe_redrive()
             if claimed < self._settings.relay_batch_size:
                 await wait_any(stop, self._wake, timeout_s=self._settings.relay_poll_interval_s)
 
