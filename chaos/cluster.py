@@ -32,7 +32,7 @@ from delivery.provision import (
     drop_database,
     free_port,
 )
-from delivery.topology import Names
+from delivery.topology import Names, delete
 
 __all__ = ["PLATFORM_ENV", "Cluster", "Layout", "Servers"]
 
@@ -48,6 +48,9 @@ PLATFORM_ENV: dict[str, str] = {
     "DELIVERY_SCHEDULER_POLL_INTERVAL_S": "0.25",
     "DELIVERY_PUBLISH_TIMEOUT_S": "3",
     "DELIVERY_SHUTDOWN_TIMEOUT_S": "5",
+    # Events the broker lost after confirming them are re-driven this soon (the relay's sweep
+    # itself runs every 15 s, only when the dispatch queue is empty).
+    "DELIVERY_REDRIVE_AFTER_S": "3",
     "DELIVERY_LOG_FORMAT": "json",
     "DELIVERY_LOG_LEVEL": "info",
 }
@@ -253,15 +256,7 @@ class Cluster:
         with contextlib.suppress(Exception):
             connection = await aio_pika.connect(self.amqp_url, timeout=10)
             async with connection:
-                names = self.names
-                for queue in (names.dispatch_queue, names.dead_queue):
-                    channel = await connection.channel()
-                    with contextlib.suppress(Exception):
-                        await channel.queue_delete(queue)
-                for exchange in (names.events_exchange, names.dead_exchange):
-                    channel = await connection.channel()
-                    with contextlib.suppress(Exception):
-                        await channel.exchange_delete(exchange)
+                await delete(connection, self.names)
 
     # -- picking things to break ------------------------------------------------------------
 

@@ -320,7 +320,34 @@ def find_postgres_bindir() -> Path:
     )
 
 
-class LocalPostgres:
+class _Server:
+    """A throwaway server as a context manager: started on entry, stopped and removed on exit
+    (also when the start itself fails half-way)."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class LocalPostgres(_Server):
     """A throwaway PostgreSQL server on 127.0.0.1 with its own data directory.
 
     `fast=True` turns off fsync and full-page writes: committed data still survives a killed
@@ -473,22 +500,6 @@ class LocalPostgres:
         with contextlib.suppress(ProvisionError):
             self.cleanup()
 
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     # -- internals ---------------------------------------------------------------------------
 
     def _init(self) -> None:
@@ -571,7 +582,7 @@ def _current_user() -> str:
         return ""
 
 
-class LocalRabbitMQ:
+class LocalRabbitMQ(_Server):
     """A throwaway RabbitMQ node on 127.0.0.1: own node name, ports, config and directory."""
 
     def __init__(
@@ -753,22 +764,6 @@ class LocalRabbitMQ:
     def abort_start(self) -> None:
         """Make a `start` running in another thread give up at its next poll."""
         self._abort.set()
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- internals ---------------------------------------------------------------------------
 

@@ -9,10 +9,11 @@ relay --publish(routing key = event type)--> {prefix}.events (topic)
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
 from pamqp.common import FieldTable
 
 
@@ -76,3 +77,16 @@ async def declare(channel: AbstractChannel, names: Names, *, delivery_limit: int
     )
     await dispatch.bind(events, routing_key="#")
     return Topology(events=events, dispatch=dispatch, dead=dead)
+
+
+async def delete(connection: AbstractConnection, names: Names) -> None:
+    """Remove every queue and exchange of a prefix (tests, demos, chaos runs tidy up with it).
+    Each on a channel of its own: deleting something absent closes the channel."""
+    for queue in (names.dispatch_queue, names.dead_queue):
+        channel = await connection.channel()
+        with contextlib.suppress(Exception):
+            await channel.queue_delete(queue)
+    for exchange in (names.events_exchange, names.dead_exchange):
+        channel = await connection.channel()
+        with contextlib.suppress(Exception):
+            await channel.exchange_delete(exchange)

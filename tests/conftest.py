@@ -25,7 +25,7 @@ from delivery.health import Health
 from delivery.migrate import migrate
 from delivery.provision import Services, create_database, drop_database, provision_services
 from delivery.settings import Settings
-from delivery.topology import Names
+from delivery.topology import Names, delete
 from workers.process import run_process
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -87,14 +87,7 @@ async def delete_broker_objects(amqp_url: str, names: Names) -> None:
     with contextlib.suppress(Exception):
         connection = await aio_pika.connect(amqp_url, timeout=5)
         async with connection:
-            for queue in (names.dispatch_queue, names.dead_queue):
-                channel = await connection.channel()
-                with contextlib.suppress(Exception):
-                    await channel.queue_delete(queue)
-            for exchange in (names.events_exchange, names.dead_exchange):
-                channel = await connection.channel()
-                with contextlib.suppress(Exception):
-                    await channel.exchange_delete(exchange)
+            await delete(connection, names)
 
 
 def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
