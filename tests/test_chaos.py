@@ -260,16 +260,13 @@ async def chaos_servers() -> AsyncIterator[Servers]:
 
 # Scenarios that catch a platform bug still open: they must fail (strict: once the bug is fixed
 # the XPASS fails the suite, and the marker goes).
-KNOWN_LOSS = {
-    "queue-deleted": "events confirmed into the dispatch queue are lost with it: nothing "
-    "re-publishes outbox rows that never reached the inbox (see chaos/RESULTS.md)",
-}
+KNOWN_BUGS: dict[str, str] = {}
 
 
 def _scenario_params() -> list[object]:
     return [
-        pytest.param(name, marks=pytest.mark.xfail(reason=KNOWN_LOSS[name], strict=True))
-        if name in KNOWN_LOSS
+        pytest.param(name, marks=pytest.mark.xfail(reason=KNOWN_BUGS[name], strict=True))
+        if name in KNOWN_BUGS
         else name
         for name in SCENARIOS
     ]
