@@ -23,6 +23,7 @@ import importlib.metadata
 import json
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -437,6 +438,28 @@ async def server_versions(db: str, amqp: str) -> dict[str, str]:
     return out
 
 
+def code_under_test() -> dict[str, str]:
+    """The commit measured, and any uncommitted change to the code under test."""
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(
+                ["git", *args],
+                capture_output=True,
+                text=True,
+                cwd=HERE.parent,
+                timeout=10,
+                check=False,
+            ).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    return {
+        "commit": git("log", "-1", "--format=%h %s"),
+        "uncommitted": git("status", "--short", "--", "delivery", "workers", "migrations"),
+    }
+
+
 def save(results: dict[str, Any]) -> None:
     RESULTS_JSON.write_text(json.dumps(results, indent=1, default=str))
 
@@ -455,6 +478,7 @@ async def run_all(db: str, amqp: str, args: argparse.Namespace) -> dict[str, Any
         "versions": versions(),
         "servers": await server_versions(db, amqp),
         "load_at_start": loadavg(),
+        "code": code_under_test(),
         "params": {k: v for k, v in vars(args).items() if k != "command"},
     }
     # With --merge, each invocation is kept: the report names every command and its load.
