@@ -36,6 +36,9 @@ def is_connection_error(exc: BaseException) -> bool:
         asyncpg.ConnectionDoesNotExistError
         | asyncpg.InterfaceError
         | asyncpg.exceptions.ConnectionFailureError
+        # "cannot switch to state ...; another operation is in progress": the protocol state
+        # was broken mid-COMMIT by a terminated backend; the pool discards that connection.
+        | asyncpg.exceptions.InternalClientError
         | OSError
         | TimeoutError
         | ConnectionError,

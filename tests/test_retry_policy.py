@@ -110,3 +110,15 @@ def test_decide_turns_results_into_outcomes_with_reasons():
     assert permanent.outcome is Outcome.PERMANENT and permanent.reason == "HTTP 400: not retryable"
     gone = decide(status=410, error=None, retry_after_s=None, attempt=1, policy=short, rng=rng)
     assert gone.outcome is Outcome.GONE
+
+
+def test_connection_class_errors_are_retried_and_data_errors_are_not():
+    import asyncpg
+
+    from delivery.db import is_connection_error
+
+    assert is_connection_error(asyncpg.exceptions.InternalClientError("cannot switch to state 15"))
+    assert is_connection_error(ConnectionResetError())
+    assert is_connection_error(asyncpg.exceptions.AdminShutdownError())
+    assert not is_connection_error(asyncpg.exceptions.UniqueViolationError())
+    assert not is_connection_error(ValueError())
