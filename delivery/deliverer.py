@@ -1,14 +1,16 @@
 """Runs webhook attempts with bounded concurrency and records each outcome durably.
 
-Capacity is accounted when work is *accepted*, not while it waits: at most ``max_in_flight``
-attempts per process and ``per_subscription_max_in_flight`` per subscriber. Work beyond that is
+Capacity is accounted when work is *accepted*: at most ``max_in_flight`` deliveries per process,
+and per subscriber ``per_subscription_max_in_flight`` concurrent requests plus
+``per_subscription_max_queued`` deliveries waiting locally for one of them. Work beyond that is
 never taken from PostgreSQL, so a slow subscriber occupies at most its own share and the rest
-keep flowing.
+keep flowing, while a fast one's request slots are refilled without a claim per finished POST.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
 import time
@@ -20,7 +22,7 @@ from datetime import UTC, datetime
 import asyncpg
 import structlog
 
-from delivery import metrics
+from delivery import metrics, tracing
 from delivery.db import with_retries
 from delivery.outcomes import OutcomeRecorder, Recorded
 from delivery.retry import Outcome, RetryPolicy, decide
@@ -32,15 +34,30 @@ from delivery.subscriptions import Subscription
 log = structlog.get_logger("delivery.deliverer")
 
 
-# A lease lasts at least this many times the attempt's timeout, so a slow answer is never
-# attempted twice at once, whatever DELIVERY_DELIVERY_LEASE_S says.
-LEASE_PER_TIMEOUT = 2.0
+def subscription_hold_cap(settings: Settings) -> int:
+    """Deliveries of one subscription a process may hold: its request slots plus its queue, but
+    the queue never takes one subscriber past a quarter of the process, so however the knobs
+    are set, a hanging subscriber leaves most of the capacity to the others."""
+    requests = settings.per_subscription_max_in_flight
+    return min(
+        requests + settings.per_subscription_max_queued,
+        max(requests, settings.max_in_flight // 4),
+    )
+
+
+def lease_per_timeout(settings: Settings) -> float:
+    """A lease lasts at least this many times the attempt's timeout: the rounds of requests a
+    queued delivery may wait behind, its own attempt, and as much again for recording it. So a
+    slow answer is never attempted twice at once, whatever DELIVERY_DELIVERY_LEASE_S says."""
+    requests = settings.per_subscription_max_in_flight
+    queued = subscription_hold_cap(settings) - requests
+    return 2.0 + math.ceil(queued / requests)
 
 
 def lease_for(settings: Settings, subscription: Subscription) -> float:
     """Seconds a delivery of this subscription stays leased to the worker attempting it."""
     timeout_s = subscription.timeout_s or settings.http_timeout_s
-    return max(settings.delivery_lease_s, timeout_s * LEASE_PER_TIMEOUT)
+    return max(settings.delivery_lease_s, timeout_s * lease_per_timeout(settings))
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +92,10 @@ class Deliverer:
         self._default_policy = RetryPolicy(settings.retry_schedule_s)
         self._outcomes = OutcomeRecorder(settings, pool)
         self._accepted = 0
+        # Per subscriber: deliveries held (queued or requesting) and its request slots.
         self._per_subscription: Counter[str] = Counter()
+        self._request_slots: dict[str, asyncio.Semaphore] = {}
+        self._subscription_cap = subscription_hold_cap(settings)
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -88,22 +108,30 @@ class Deliverer:
     def free_slots(self) -> int:
         return 0 if self._closed else max(0, self._settings.max_in_flight - self._accepted)
 
+    def subscription_cap(self) -> int:
+        """Deliveries of one subscription this process may hold (requesting or queued)."""
+        return self._subscription_cap
+
     def free_slots_by_subscription(self) -> dict[str, int]:
-        """Free slots of each subscription with attempts in flight (others have the full cap)."""
-        cap = self._settings.per_subscription_max_in_flight
+        """Free slots of each subscription with work held here (others have the full cap)."""
+        cap = self._subscription_cap
         return {s: max(0, cap - n) for s, n in self._per_subscription.items()}
 
     def saturated_subscriptions(self) -> list[str]:
-        cap = self._settings.per_subscription_max_in_flight
+        cap = self._subscription_cap
         return [s for s, n in self._per_subscription.items() if n >= cap]
 
     def try_reserve(self, subscription_id: str) -> bool:
         if self._closed or self._accepted >= self._settings.max_in_flight:
             return False
-        if self._per_subscription[subscription_id] >= self._settings.per_subscription_max_in_flight:
+        if self._per_subscription[subscription_id] >= self._subscription_cap:
             return False
         self._accepted += 1
         self._per_subscription[subscription_id] += 1
+        if subscription_id not in self._request_slots:
+            self._request_slots[subscription_id] = asyncio.Semaphore(
+                self._settings.per_subscription_max_in_flight
+            )
         self._idle.clear()
         return True
 
@@ -115,7 +143,9 @@ class Deliverer:
     def _release_subscription(self, subscription_id: str) -> None:
         self._per_subscription[subscription_id] -= 1
         if self._per_subscription[subscription_id] <= 0:
+            # Nobody holds or waits for its request slots any more.
             del self._per_subscription[subscription_id]
+            self._request_slots.pop(subscription_id, None)
         self.on_slot_freed()
 
     def _release_process(self) -> None:
@@ -158,18 +188,32 @@ class Deliverer:
         self._tg = None
 
     async def _run_job(self, job: Job) -> None:
-        # The subscriber's share bounds concurrent *requests* to it, so it is given back as soon
-        # as the POST returns; the process share (and the lease) are held until the outcome is
-        # committed, so nothing is attempted twice and memory stays bounded.
-        subscription_share = [True]
+        # The subscriber's share (a request slot, and its place among the work held for it) is
+        # given back as soon as the POST returns; the process share (and the lease) are held
+        # until the outcome is committed, so nothing is attempted twice and memory stays bounded.
+        sub_id = job.subscription.id
+        slots = self._request_slots[sub_id]
+        holding = [True, False]  # [subscription share, request slot]
 
         def request_done() -> None:
-            if subscription_share[0]:
-                subscription_share[0] = False
-                self._release_subscription(job.subscription.id)
+            if holding[1]:
+                holding[1] = False
+                slots.release()
+            if holding[0]:
+                holding[0] = False
+                self._release_subscription(sub_id)
 
         metrics.IN_FLIGHT.inc()
         try:
+            await slots.acquire()
+            holding[1] = True
+            if self._closed:
+                # Draining: queued work goes back to PostgreSQL for another worker instead of
+                # starting a request the deadline may cut.
+                request_done()
+                await self._hand_back(job)
+                log.info("delivery_handed_back", delivery_id=job.delivery_id)
+                return
             await self._attempt(job, request_done)
         except asyncio.CancelledError:
             # Shutdown deadline: give the delivery back so another worker retries it now.
@@ -198,9 +242,23 @@ class Deliverer:
         headers = webhook_headers(
             sub.signing_keys(started_at), job.event_id, int(time.time()), job.body
         )
-        if job.traceparent:
+        span = None  # tracing off: the stored traceparent goes to the subscriber as is
+        if tracing.tracer is not None:  # the attempt's span, a child of the producer's
+            span = tracing.start_attempt(
+                headers,
+                traceparent=job.traceparent,
+                body=job.body,
+                subscription_id=sub.id,
+                attempt=job.attempt,
+            )
+        elif job.traceparent:
             headers["traceparent"] = job.traceparent
-        result = await self._sender.post(sub.url, headers, job.body, timeout_s=sub.timeout_s)
+        try:
+            result = await self._sender.post(sub.url, headers, job.body, timeout_s=sub.timeout_s)
+        except BaseException as exc:  # cancelled at the drain deadline: handed back
+            if span is not None:
+                tracing.end_attempt(span, outcome="handed_back", status=None, error=repr(exc))
+            raise
         request_done()
         metrics.ATTEMPT_DURATION.observe(result.duration_s)
         self._crash_if("after_post")
@@ -213,6 +271,10 @@ class Deliverer:
             policy=policy,
             rng=self._rng,
         )
+        if span is not None:
+            tracing.end_attempt(
+                span, outcome=decision.outcome.value, status=result.status, error=result.error
+            )
         await self._outcomes.record(
             Recorded(job.delivery_id, sub.id, job.attempt, started_at, result, decision)
         )

@@ -89,6 +89,9 @@ class Receiver:
         self._delivered: dict[str, list[Arrival]] = {_ALL: []}
         self._ok_ids: dict[str, Counter[str]] = {_ALL: Counter()}
         self._waiters: set[asyncio.Event] = set()
+        # Requests being handled now, and the most seen at once, per path.
+        self._open: Counter[str] = Counter()
+        self._max_open: Counter[str] = Counter()
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
 
@@ -138,6 +141,15 @@ class Receiver:
     # -- serving ----------------------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        self._open[path] += 1
+        self._max_open[path] = max(self._max_open[path], self._open[path])
+        try:
+            return await self._answer(request)
+        finally:
+            self._open[path] -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         arrived_at = time.time()
         path = request.path
@@ -213,6 +225,10 @@ class Receiver:
     def delivered_count(self, path: str | None = None) -> int:
         """``len(delivered(path))`` without the copy (for predicates checked at every arrival)."""
         return len(self._delivered.get(path or _ALL, ()))
+
+    def max_concurrent(self, path: str) -> int:
+        """The most requests to ``path`` the receiver was handling at the same time."""
+        return self._max_open[path]
 
     def unique_ids(self, path: str | None = None) -> set[str]:
         """The ``webhook-id`` values answered 2xx at least once."""

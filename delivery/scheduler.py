@@ -18,7 +18,7 @@ import structlog
 from delivery import metrics
 from delivery.aio import wait_any
 from delivery.db import is_connection_error, with_retries
-from delivery.deliverer import LEASE_PER_TIMEOUT, Deliverer, Job
+from delivery.deliverer import Deliverer, Job, lease_per_timeout
 from delivery.envelope import envelope_from_row, render_body
 from delivery.health import Health
 from delivery.settings import Settings
@@ -26,35 +26,30 @@ from delivery.subscriptions import Subscription, select_list
 
 log = structlog.get_logger("delivery.scheduler")
 
-# Fair claim: saturated subscriptions are skipped before the scan, and no subscription gets
-# more rows than it has free slots, so one subscriber's backlog never fills a claim that a
-# healthy subscriber's due work should share. The scan is bounded; the lock is SKIP LOCKED.
+# Fair claim, subscription by subscription: each one's due rows come from an index range scan
+# that stops at its free slots (an open circuit whose cool-down is over gets one probe), and
+# saturated or cooling subscriptions are not scanned at all, so one subscriber's backlog never
+# costs a claim anything nor fills it. The lock is SKIP LOCKED.
 _CLAIM = f"""
-WITH candidates AS (
-    SELECT id, next_attempt_at FROM (
-        SELECT d.id, d.next_attempt_at,
-               row_number() OVER (PARTITION BY d.subscription_id ORDER BY d.next_attempt_at) AS rn,
-               -- an open circuit whose cooldown is over gets one probe, no more
-               CASE WHEN s.circuit_state = 'open' THEN 1 ELSE coalesce(busy.free, $4::int) END
-                   AS free
-        FROM (
-            SELECT id, subscription_id, next_attempt_at FROM delivery.deliveries
-            WHERE state = 'pending'
-              AND next_attempt_at <= clock_timestamp()
-              AND (lease_until IS NULL OR lease_until < clock_timestamp())
-              AND subscription_id <> ALL($2::text[])
-              AND subscription_id NOT IN (
-                  SELECT id FROM delivery.subscriptions
-                  WHERE circuit_state = 'open' AND circuit_retry_at > clock_timestamp()
-              )
-            ORDER BY next_attempt_at
-            LIMIT $1 * 4
-        ) d
-        JOIN delivery.subscriptions s ON s.id = d.subscription_id
-        LEFT JOIN unnest($5::text[], $6::int[]) AS busy(subscription_id, free)
-            ON busy.subscription_id = d.subscription_id
-    ) ranked
-    WHERE rn <= free
+WITH subs AS (
+    SELECT s.id,
+           CASE WHEN s.circuit_state = 'open' THEN 1 ELSE coalesce(busy.free, $4::int) END AS free
+    FROM delivery.subscriptions s
+    LEFT JOIN unnest($5::text[], $6::int[]) AS busy(subscription_id, free)
+        ON busy.subscription_id = s.id
+    WHERE s.id <> ALL($2::text[])
+      AND NOT (s.circuit_state = 'open' AND s.circuit_retry_at > clock_timestamp())
+), candidates AS (
+    SELECT d.id, d.next_attempt_at
+    FROM subs CROSS JOIN LATERAL (
+        SELECT id, next_attempt_at FROM delivery.deliveries
+        WHERE subscription_id = subs.id AND state = 'pending'
+          AND next_attempt_at <= clock_timestamp()
+          AND (lease_until IS NULL OR lease_until < clock_timestamp())
+        ORDER BY next_attempt_at
+        LIMIT subs.free
+    ) d
+    WHERE subs.free > 0
 ), due AS (
     SELECT d.id FROM delivery.deliveries d
     WHERE d.id IN (SELECT id FROM candidates) AND d.state = 'pending'
@@ -213,11 +208,11 @@ class Scheduler:
                 limit,
                 self._deliverer.saturated_subscriptions(),
                 self._settings.delivery_lease_s,
-                self._settings.per_subscription_max_in_flight,
+                self._deliverer.subscription_cap(),
                 list(busy),
                 list(busy.values()),
                 self._settings.http_timeout_s,
-                LEASE_PER_TIMEOUT,
+                lease_per_timeout(self._settings),
             ),
             deadline_s=10,
             what="claim_due",

@@ -50,8 +50,15 @@ class Settings(BaseSettings):
 
     worker_prefetch: int = Field(default=256, ge=1, le=65_535)
     dispatch_batch_size: int = Field(default=128, ge=1)
-    max_in_flight: int = Field(default=128, ge=1)
+    # Deliveries one process holds at once: waiting for a request slot, posting, or recording.
+    max_in_flight: int = Field(default=512, ge=1)
+    # Concurrent requests to one subscriber from one process.
     per_subscription_max_in_flight: int = Field(default=16, ge=1)
+    # Deliveries of one subscriber a process may hold waiting for one of those request slots,
+    # so a fast subscriber's slots are refilled locally instead of by a claim per finished POST.
+    # A slow subscriber thus holds at most 16 + 48 of the process's 512 (the same eighth as
+    # 16 of 128 before the queue existed), and never more than a quarter of max_in_flight.
+    per_subscription_max_queued: int = Field(default=48, ge=0)
     delivery_lease_s: float = Field(default=120.0, gt=0)
     scheduler_poll_interval_s: float = Field(default=1.0, gt=0)
 

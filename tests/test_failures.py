@@ -298,3 +298,27 @@ async def test_events_lost_by_the_broker_after_their_confirm_are_redriven(settin
             )
         assert await conn.fetchval("SELECT min(redrives) FROM delivery.outbox") == 1
     await conn.close()
+
+
+async def test_a_subscriber_gets_no_more_requests_than_its_slots_while_more_work_waits(settings):
+    settings = settings.model_copy(
+        update={
+            "per_subscription_max_in_flight": 3,
+            "per_subscription_max_queued": 9,
+            "max_in_flight": 64,
+        }
+    )
+    conn = await asyncpg.connect(settings.database_url)
+    async with Receiver() as receiver:
+        receiver.set_behaviour("/slow", Behaviour(delay_s=0.05))
+        await subscriptions.add(conn, url=receiver.url("/slow"), patterns="*")
+        events = [trade(i, account=f"acc_{i % 4}", id=f"evt_{i:03d}") for i in range(120)]
+        async with running(settings):
+            await publish_many(conn, events)
+            await receiver.wait_for(
+                lambda r: r.unique_count("/slow") == 120, timeout_s=60, what="every delivery"
+            )
+        # The process held up to 12 of this subscriber's deliveries, but only 3 went out at once.
+        assert receiver.max_concurrent("/slow") == 3
+        assert receiver.duplicates() == {}
+    await conn.close()
