@@ -8,12 +8,13 @@ producers writing to one account therefore serialise, which is the price of a ga
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import asyncpg
 import orjson
 
+from delivery import tracing
 from delivery.errors import InputError
 from delivery.events import NewEvent, parse_event
 
@@ -116,6 +117,11 @@ async def publish_many(
     batch = validate_all(events)
     if not batch:
         return PublishResult()
+    # An instrumented producer's current span continues through the outbox (an event's own
+    # traceparent wins).
+    traceparent = tracing.current_traceparent()
+    if traceparent is not None:
+        batch = [e if e.traceparent else replace(e, traceparent=traceparent) for e in batch]
     if not conn.is_in_transaction():
         async with conn.transaction():
             return await _publish_validated(conn, batch)

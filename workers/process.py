@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
+from delivery import tracing
 from delivery.admin import serve_admin
 from delivery.aio import wait_any
 from delivery.db import create_pool
@@ -88,13 +89,18 @@ async def run_process(
     handle_signals: bool = True,
 ) -> None:
     """Run until a signal (or ``stop``, for embedding in the demo and tests)."""
+    tracing.start(settings)  # first: enabled without the extra stops here, before any I/O
     stop = stop or asyncio.Event()
     force = asyncio.Event()
     health = Health()
     remove_signals = _install_signals(stop, force, health) if handle_signals else (lambda: None)
-    pool = await create_pool(
-        settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
-    )
+    try:
+        pool = await create_pool(
+            settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
+        )
+    except BaseException:
+        await tracing.stop(settings)
+        raise
     role = "run" if relay and worker else ("relay" if relay else "worker")
     try:
         async with (
@@ -139,4 +145,5 @@ async def run_process(
     finally:
         await pool.close()
         remove_signals()
+        await tracing.stop(settings)  # last: the drain's spans are exported too
         log.info("stopped", role=role)
