@@ -52,6 +52,9 @@ FROM delivery.outbox WHERE published_at IS NULL
 """
 _BACKLOG_EVERY_S = 5.0
 _REDRIVE_EVERY_S = 15.0
+# Batches in a row with rows to publish and not one confirm (a blocked broker, a queue without
+# a leader) make the relay not ready: connected, but not doing its job.
+_NOT_READY_AFTER_BATCHES = 2
 # Only rows published within this window are considered: the sweep stays an index range scan.
 _REDRIVE_WINDOW_S = 86_400.0
 REDRIVE = """
@@ -91,6 +94,7 @@ class Relay:
         self._channel: AbstractChannel | None = None
         self._last_backlog_s = 0.0
         self._last_redrive_s = time.monotonic()
+        self._batches_unconfirmed = 0
         health.register("relay")
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -130,7 +134,14 @@ class Relay:
                 await wait_any(stop, timeout_s=delay)
                 continue
             failures = 0
-            self._health.set("relay", not self._connection_broken())
+            if published or not claimed:
+                self._batches_unconfirmed = 0
+            else:
+                self._batches_unconfirmed += 1
+            stalled = self._batches_unconfirmed >= _NOT_READY_AFTER_BATCHES
+            if stalled and self._batches_unconfirmed == _NOT_READY_AFTER_BATCHES:
+                log.warning("relay_publishes_unconfirmed", batches=self._batches_unconfirmed)
+            self._health.set("relay", not stalled and not self._connection_broken())
             if claimed and published < claimed:
                 # Some rows were not confirmed (returned: the route may have been deleted):
                 # declare the topology again, and back off a little instead of spinning.

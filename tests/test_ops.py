@@ -600,7 +600,9 @@ async def test_readyz_turns_503_while_rabbitmq_is_down_and_200_when_it_is_back(
                 pytest.fail(f"cannot start a throwaway RabbitMQ: {exc}")
             pytest.skip(f"cannot start a throwaway RabbitMQ: {exc}")
         admin_port = free_port()
-        settings = settings.model_copy(update={"amqp_url": rabbit.url, "admin_port": admin_port})
+        settings = settings.model_copy(
+            update={"amqp_url": rabbit.url, "admin_port": admin_port, "publish_timeout_s": 1.0}
+        )
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http,
             running(settings),
@@ -617,5 +619,29 @@ async def test_readyz_turns_503_while_rabbitmq_is_down_and_200_when_it_is_back(
             await _wait_for_status(
                 http, admin_port, 200, timeout_s=60, when="after RabbitMQ restarted"
             )
+            # When the broker is connected but confirms nothing (a memory alarm blocks every
+            # publisher) while events wait, then the relay says it is not ready
+            await asyncio.to_thread(rabbit.set_memory_alarm, True)
+            conn = await asyncpg.connect(settings.database_url)
+            try:
+                await publish_many(conn, [_trade(i) for i in range(20)])
+                await _wait_for_status(
+                    http, admin_port, 503, timeout_s=30, when="during a memory alarm"
+                )
+                assert '"relay": false' in (await _readyz(http, admin_port))[1]
+                # When the alarm clears, then it is ready again and the events went out
+                await asyncio.to_thread(rabbit.set_memory_alarm, False)
+                await _wait_for_status(
+                    http, admin_port, 200, timeout_s=30, when="after the memory alarm"
+                )
+                await wait_until(
+                    lambda: conn.fetchval(
+                        "SELECT count(*) = 0 FROM delivery.outbox WHERE published_at IS NULL"
+                    ),
+                    timeout_s=30,
+                    what="the outbox to drain",
+                )
+            finally:
+                await conn.close()
     finally:
         await asyncio.to_thread(rabbit.close)
