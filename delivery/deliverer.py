@@ -74,6 +74,17 @@ class Job:
 
 
 _HAND_BACK = "UPDATE delivery.deliveries SET lease_until = NULL WHERE id = $1 AND state = 'pending'"
+# Leases of the deliveries this process holds are renewed while it holds them, so a delivery
+# waiting for a slow outcome commit (lock waits, a slow disk) is not attempted again by another
+# worker. Only a lease still held is extended: a handed-back or recorded one stays as it is.
+_RENEW = """
+UPDATE delivery.deliveries d
+SET lease_until = clock_timestamp() + make_interval(secs => v.lease_s)
+FROM unnest($1::bigint[], $2::float8[]) AS v(id, lease_s)
+WHERE d.id = v.id AND d.state = 'pending' AND d.lease_until IS NOT NULL
+"""
+# Renewed this many times per shortest lease, so one missed renewal does not lose it.
+_RENEWALS_PER_LEASE = 3
 
 
 class Deliverer:
@@ -98,6 +109,7 @@ class Deliverer:
         self._subscription_cap = subscription_hold_cap(settings)
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._leases: dict[int, float] = {}  # delivery id -> lease seconds, while held here
         self._closed = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -162,6 +174,7 @@ class Deliverer:
             self.release(job.subscription.id)
             log.info("delivery_handed_back", delivery_id=job.delivery_id)
             return
+        self._leases[job.delivery_id] = lease_for(self._settings, job.subscription)
         task = self._tg.create_task(self._run_job(job))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -171,6 +184,7 @@ class Deliverer:
         shutdown timeout (or until ``force``), then cancel the rest, handing their leases back."""
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
+            renewer = tg.create_task(self._renew_leases())
             await stop.wait()
             self._closed = True
             deadline = self._settings.shutdown_timeout_s
@@ -185,7 +199,20 @@ class Deliverer:
                 log.warning("drain_deadline_passed", in_flight=self._accepted)
                 for job_task in list(self._tasks):
                     job_task.cancel()
+            renewer.cancel()
         self._tg = None
+
+    async def _renew_leases(self) -> None:
+        every_s = self._settings.delivery_lease_s / _RENEWALS_PER_LEASE
+        while True:
+            await asyncio.sleep(every_s)
+            if not self._leases:
+                continue
+            ids, leases = list(self._leases), list(self._leases.values())
+            try:
+                await self._pool.execute(_RENEW, ids, leases)
+            except Exception as exc:  # PostgreSQL away: the leases may lapse, as after a crash
+                log.warning("lease_renewal_failed", held=len(ids), error=repr(exc)[:200])
 
     async def _run_job(self, job: Job) -> None:
         # The subscriber's share (a request slot, and its place among the work held for it) is
@@ -224,11 +251,13 @@ class Deliverer:
             log.exception("delivery_attempt_crashed", delivery_id=job.delivery_id)
             await self._hand_back(job)
         finally:
+            self._leases.pop(job.delivery_id, None)
             metrics.IN_FLIGHT.dec()
             request_done()
             self._release_process()
 
     async def _hand_back(self, job: Job) -> None:
+        self._leases.pop(job.delivery_id, None)  # never renewed again once given back
         try:
             await with_retries(
                 self._pool, lambda c: c.execute(_HAND_BACK, job.delivery_id), deadline_s=5

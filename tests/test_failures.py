@@ -322,3 +322,41 @@ async def test_a_subscriber_gets_no_more_requests_than_its_slots_while_more_work
         assert receiver.max_concurrent("/slow") == 3
         assert receiver.duplicates() == {}
     await conn.close()
+
+
+async def test_a_lease_is_renewed_while_the_outcome_commit_waits_so_nobody_posts_twice(settings):
+    settings = settings.model_copy(
+        update={"delivery_lease_s": 2.0, "http_timeout_s": 0.2, "scheduler_poll_interval_s": 0.1}
+    )
+    conn = await asyncpg.connect(settings.database_url)
+    blocker = await asyncpg.connect(settings.database_url)
+    async with Receiver() as receiver:
+        await subscriptions.add(conn, url=receiver.url("/ok"), patterns="*")
+        async with running(settings):
+            # Given the outcome's commit cannot go through (its INSERT into attempts waits)
+            lock = blocker.transaction()
+            await lock.start()
+            await blocker.execute("LOCK TABLE delivery.attempts IN EXCLUSIVE MODE")
+            await publish_many(conn, [trade(1, id="evt_slow_commit")])
+            await receiver.wait_for(lambda r: len(r.arrivals) == 1, timeout_s=30, what="a POST")
+            first = await conn.fetchval("SELECT lease_until FROM delivery.deliveries")
+            # When it waits for twice the lease, then the lease keeps moving forward
+            await wait_until(
+                lambda: conn.fetchval(
+                    "SELECT lease_until > $1::timestamptz + interval '4 seconds' FROM delivery.deliveries",
+                    first,
+                ),
+                timeout_s=30,
+                what="the lease renewed past twice its length",
+            )
+            # And nobody attempted the delivery again meanwhile
+            assert len(receiver.arrivals) == 1
+            await lock.rollback()
+            await wait_until(
+                lambda: conn.fetchval("SELECT state = 'delivered' FROM delivery.deliveries"),
+                timeout_s=30,
+                what="the outcome recorded",
+            )
+        assert len(receiver.arrivals) == 1
+    await blocker.close()
+    await conn.close()
