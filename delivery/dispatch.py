@@ -24,12 +24,12 @@ from delivery.aio import wait_any
 from delivery.amqp import connect, is_connected
 from delivery.db import is_connection_error, with_retries
 from delivery.deliverer import Deliverer, Job, lease_for
-from delivery.envelope import RoutingFacts, routing_facts
 from delivery.health import Health
 from delivery.scheduler import Scheduler
 from delivery.settings import Settings
 from delivery.subscriptions import Subscription, select_list
 from delivery.topology import Names, declare
+from delivery.wire import WireEvent, decode, event_count
 
 log = structlog.get_logger("delivery.dispatch")
 
@@ -63,8 +63,7 @@ class QueueMissingError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class _Pair:
-    facts: RoutingFacts
-    message: AbstractIncomingMessage
+    event: WireEvent
     subscription: Subscription
     leased: bool
     dead: bool  # the subscription is disabled: kept as a dead letter, never attempted
@@ -153,9 +152,14 @@ class Dispatcher:
                 self._health.set("dispatch", not self._connection_broken())
                 await wait_any(stop, self._arrived, timeout_s=1.0)
                 continue
+            # A batch is up to dispatch_batch_size events, whether they came one per message or
+            # packed (a pack is never split: it is acked as one).
             batch: list[AbstractIncomingMessage] = []
-            while not self._inbox.empty() and len(batch) < self._settings.dispatch_batch_size:
-                batch.append(self._inbox.get_nowait())
+            events = 0
+            while not self._inbox.empty() and events < self._settings.dispatch_batch_size:
+                message = self._inbox.get_nowait()
+                batch.append(message)
+                events += event_count(message)
             await self.dispatch_batch(batch, stop)
 
     def _connection_broken(self) -> bool:
@@ -164,32 +168,36 @@ class Dispatcher:
     async def dispatch_batch(
         self, messages: list[AbstractIncomingMessage], stop: asyncio.Event
     ) -> None:
-        parsed: list[tuple[RoutingFacts, AbstractIncomingMessage]] = []
+        parsed: list[WireEvent] = []
+        accepted: list[AbstractIncomingMessage] = []
         for message in messages:
             try:
-                parsed.append((routing_facts(message.body), message))
+                parsed.extend(decode(message))
             except ValueError as exc:
                 await self._reject_poison(message, str(exc))
+            else:
+                accepted.append(message)
         if not parsed:
             return
         pairs: list[_Pair] = []
         if self._settings.dangerous_ack_before_commit:
-            for _facts, message in parsed:
+            for message in accepted:
                 await _settle(message.ack())
-        committed = await self._commit(parsed, pairs, stop)
+        committed = await self._commit(parsed, accepted, pairs, stop)
         if committed is None:
             return
         created, fresh = committed
         if not self._settings.dangerous_ack_before_commit:
-            for _facts, message in parsed:
+            for message in accepted:
                 await _settle(message.ack())
         metrics.EVENTS_DISPATCHED.inc(fresh)
-        metrics.DUPLICATES_ABSORBED.inc(len({f.id for f, _m in parsed}) - fresh)
+        metrics.DUPLICATES_ABSORBED.inc(len({e.facts.id for e in parsed}) - fresh)
         self._start_attempts(pairs, created)
 
     async def _commit(
         self,
-        parsed: list[tuple[RoutingFacts, AbstractIncomingMessage]],
+        parsed: list[WireEvent],
+        messages: list[AbstractIncomingMessage],
         pairs: list[_Pair],
         stop: asyncio.Event,
     ) -> tuple[dict[tuple[str, str], int], int] | None:
@@ -209,9 +217,9 @@ class Dispatcher:
                 pairs.clear()
                 if not (is_connection_error(exc) and not stop.is_set()):
                     # Not acked: the broker redelivers them (to us or another worker) later.
-                    log.exception("dispatch_failed", messages=len(parsed))
+                    log.exception("dispatch_failed", messages=len(messages), events=len(parsed))
                     if not self._settings.dangerous_ack_before_commit:
-                        for _facts, message in parsed:
+                        for message in messages:
                             await _settle(message.nack(requeue=True))
                     return None
                 # PostgreSQL is away: hold the batch (unacked, bounded by the prefetch) and
@@ -225,7 +233,7 @@ class Dispatcher:
         """Attempt the deliveries leased to us now; tell the scheduler about the others."""
         backlog = False
         for pair in pairs:
-            delivery_id = created.get((pair.facts.id, pair.subscription.id))
+            delivery_id = created.get((pair.event.facts.id, pair.subscription.id))
             if pair.dead:
                 continue
             if not pair.leased:
@@ -237,12 +245,12 @@ class Dispatcher:
             self._deliverer.submit(
                 Job(
                     delivery_id=delivery_id,
-                    event_id=pair.facts.id,
+                    event_id=pair.event.facts.id,
                     subscription=pair.subscription,
-                    body=pair.message.body,
+                    body=pair.event.body,
                     attempt=1,
-                    created_at_s=_created_at_s(pair.message),
-                    traceparent=_header(pair.message, "traceparent"),
+                    created_at_s=pair.event.created_at_s,
+                    traceparent=pair.event.traceparent,
                 )
             )
         if backlog:
@@ -251,7 +259,7 @@ class Dispatcher:
     async def _record(
         self,
         conn: asyncpg.Connection,
-        parsed: list[tuple[RoutingFacts, AbstractIncomingMessage]],
+        parsed: list[WireEvent],
         pairs: list[_Pair],
     ) -> tuple[dict[tuple[str, str], int], int]:
         # A retried transaction starts over: give back reservations of the failed try.
@@ -259,14 +267,15 @@ class Dispatcher:
             if pair.leased:
                 self._deliverer.release(pair.subscription.id)
         pairs.clear()
-        ids = list(dict.fromkeys(f.id for f, _m in parsed))
+        ids = list(dict.fromkeys(e.facts.id for e in parsed))
         inbox = await conn.fetch(_INBOX, ids)
         fresh_ids = {r["event_id"] for r in inbox if r["fresh"]}
         if not fresh_ids:
             return {}, 0
         subscriptions = [Subscription.from_row(r) for r in await conn.fetch(_SUBSCRIPTIONS)]
         seen: set[str] = set()
-        for facts, message in parsed:
+        for event in parsed:
+            facts = event.facts
             if facts.id not in fresh_ids or facts.id in seen:
                 continue
             seen.add(facts.id)
@@ -276,12 +285,12 @@ class Dispatcher:
                 active = sub.state == "active"
                 # An open circuit's deliveries wait in PostgreSQL for the scheduler's probe.
                 leased = active and not sub.circuit_open and self._deliverer.try_reserve(sub.id)
-                pairs.append(_Pair(facts, message, sub, leased, dead=not active))
+                pairs.append(_Pair(event, sub, leased, dead=not active))
         if not pairs:
             return {}, len(fresh_ids)
         rows = await conn.fetch(
             _INSERT_DELIVERIES,
-            [p.facts.id for p in pairs],
+            [p.event.facts.id for p in pairs],
             [p.subscription.id for p in pairs],
             [p.leased for p in pairs],
             [p.dead for p in pairs],
@@ -311,13 +320,3 @@ async def _settle(answer: object) -> None:
         log.info("settle_on_closed_channel", error=str(exc))
     except Exception as exc:
         log.warning("settle_failed", error=repr(exc)[:200])
-
-
-def _header(message: AbstractIncomingMessage, name: str) -> str | None:
-    value = (message.headers or {}).get(name)
-    return value if isinstance(value, str) else None
-
-
-def _created_at_s(message: AbstractIncomingMessage) -> float | None:
-    value = (message.headers or {}).get("x-created-at")
-    return float(value) if isinstance(value, int | float) else None

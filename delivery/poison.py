@@ -16,10 +16,10 @@ from delivery import metrics
 from delivery.aio import wait_any
 from delivery.amqp import connect, is_connected
 from delivery.db import with_retries
-from delivery.envelope import routing_facts
 from delivery.health import Health
 from delivery.settings import Settings
 from delivery.topology import Names, declare
+from delivery.wire import decode
 
 log = structlog.get_logger("delivery.poison")
 
@@ -39,7 +39,7 @@ def describe(message: AbstractIncomingMessage) -> tuple[str, int | None]:
     raw_count = death.get("count")
     count = raw_count if isinstance(raw_count, int) else None
     try:
-        routing_facts(message.body)
+        decode(message)
     except ValueError as exc:
         return f"unprocessable: {exc}", count
     if broker_reason == "delivery_limit":
@@ -47,13 +47,16 @@ def describe(message: AbstractIncomingMessage) -> tuple[str, int | None]:
     return f"dead-lettered by the broker: {broker_reason}", count
 
 
-_REDRIVE_ONE = """
+_REDRIVE_SOME = """
 UPDATE delivery.outbox o
 SET published_at = NULL, redrives = o.redrives + 1
-WHERE o.event_id = $1 AND o.published_at IS NOT NULL AND o.redrives < $2
+WHERE o.event_id = ANY($1::text[]) AND o.published_at IS NOT NULL AND o.redrives < $2
   AND NOT EXISTS (SELECT 1 FROM delivery.inbox i WHERE i.event_id = o.event_id)
 RETURNING o.event_id
 """
+
+# Events of a dead-lettered pack that reached the inbox anyway need nothing more.
+_DISPATCHED = "SELECT count(*) FROM delivery.inbox WHERE event_id = ANY($1::text[])"
 
 
 def _jsonable(value: Any) -> Any:
@@ -94,21 +97,27 @@ class PoisonRecorder:
             await connection.close()
 
     async def _redrive(self, message: AbstractIncomingMessage) -> bool:
-        """A valid event over x-delivery-limit is usually a victim of connection flaps (each
-        one counts as a delivery), not poison: put it back in the relay's path through the
-        outbox, a bounded number of times, so a message that really crashes workers still ends
-        here."""
+        """Valid events over x-delivery-limit are usually victims of connection flaps (each
+        one counts as a delivery), not poison: put them back in the relay's path through the
+        outbox, a bounded number of times (the relay sends a redriven event alone, never in a
+        pack), so a message that really crashes workers still ends here. True when every event
+        of the message went back (or was dispatched meanwhile)."""
         try:
-            event_id = routing_facts(message.body).id
-            row = await self._pool.fetchval(_REDRIVE_ONE, event_id, self._settings.max_redrives)
+            event_ids = [e.facts.id for e in decode(message)]
+            redriven = await self._pool.fetch(_REDRIVE_SOME, event_ids, self._settings.max_redrives)
+            dispatched = int(await self._pool.fetchval(_DISPATCHED, event_ids))
         except Exception as exc:
             log.warning("redrive_failed", error=repr(exc)[:200])
             return False
-        if row is None:
+        if not redriven:
             return False
-        metrics.EVENTS_REDRIVEN.inc()
-        log.warning("event_redriven_from_dead_letters", event_id=event_id)
-        return True
+        metrics.EVENTS_REDRIVEN.inc(len(redriven))
+        log.warning(
+            "events_redriven_from_dead_letters",
+            count=len(redriven),
+            example=redriven[0]["event_id"],
+        )
+        return len(redriven) + dispatched >= len(event_ids)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         reason, count = describe(message)

@@ -1,8 +1,9 @@
 """The relay: outbox rows -> RabbitMQ, with publisher confirms, at least once.
 
 One batch is one transaction: claim rows with ``FOR UPDATE SKIP LOCKED`` (so any number of relays
-share the work), publish each persistent and ``mandatory``, and mark published only the rows the
-broker confirmed. A crash between the confirm and the commit republishes those rows: the
+share the work), publish them persistent and ``mandatory``, packed several events of one type to
+a message (``delivery.wire``), and mark published only the rows whose message the broker
+confirmed. A crash between the confirm and the commit republishes those rows: the
 workers' inbox absorbs the duplicate. Wakes on LISTEN/NOTIFY; polls as a fallback because
 notifications sent while the listener is disconnected are lost.
 """
@@ -13,7 +14,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import aio_pika
 import asyncpg
@@ -26,10 +26,10 @@ from delivery import metrics
 from delivery.aio import wait_any
 from delivery.amqp import connect, is_connected
 from delivery.db import is_connection_error
-from delivery.envelope import envelope_from_row, render_body
 from delivery.health import Health
 from delivery.settings import Settings
 from delivery.topology import Names, declare
+from delivery.wire import Outgoing, pack_rows
 
 log = structlog.get_logger("delivery.relay")
 
@@ -37,7 +37,7 @@ NOTIFY_CHANNEL = "delivery_outbox"
 
 _CLAIM = """
 SELECT pk, event_id, type, account_id, sequence, occurred_at, data::text AS data, traceparent,
-       extract(epoch FROM created_at)::float8 AS created_at_s
+       extract(epoch FROM created_at)::float8 AS created_at_s, redrives
 FROM delivery.outbox
 WHERE published_at IS NULL
 ORDER BY pk
@@ -66,20 +66,6 @@ WHERE o.published_at < clock_timestamp() - make_interval(secs => $1)
   AND NOT EXISTS (SELECT 1 FROM delivery.inbox i WHERE i.event_id = o.event_id)
 RETURNING o.event_id
 """
-
-
-def build_message(row: Any) -> aio_pika.Message:
-    headers: dict[str, Any] = {"x-created-at": row["created_at_s"]}
-    if row["traceparent"]:
-        headers["traceparent"] = row["traceparent"]
-    return aio_pika.Message(
-        body=render_body(envelope_from_row(row)),
-        message_id=row["event_id"],
-        content_type="application/json",
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        type=row["type"],
-        headers=headers,
-    )
 
 
 class Relay:
@@ -210,41 +196,44 @@ class Relay:
                 return 0, 0
             metrics.RELAY_BATCH_SIZE.observe(len(rows))
             started = time.perf_counter()
-            confirmed = await self._publish_all(self._exchange, rows)
+            outgoing = pack_rows(rows, self._settings.relay_events_per_message)
+            confirmed = await self._publish_all(self._exchange, outgoing)
             metrics.RELAY_PUBLISH_SECONDS.observe(time.perf_counter() - started)
             if confirmed:
                 await conn.execute(_MARK, confirmed)
         metrics.EVENTS_PUBLISHED.inc(len(confirmed))
         return len(rows), len(confirmed)
 
-    async def _publish_all(self, exchange: AbstractExchange, rows: Sequence[Any]) -> list[int]:
+    async def _publish_all(
+        self, exchange: AbstractExchange, outgoing: Sequence[Outgoing]
+    ) -> list[int]:
         # All publishes of a batch are in flight together; confirms arrive as a window, not
-        # one round trip per row. Each has its own timeout: a blocked broker (memory alarm)
+        # one round trip per message. Each has its own timeout: a blocked broker (memory alarm)
         # must not hang the relay, and the rows simply stay in the outbox.
         timeout_s = self._settings.publish_timeout_s
         results = await asyncio.gather(
             *(
                 asyncio.wait_for(
-                    exchange.publish(build_message(r), routing_key=r["type"], mandatory=True),
+                    exchange.publish(o.message, routing_key=o.routing_key, mandatory=True),
                     timeout_s,
                 )
-                for r in rows
+                for o in outgoing
             ),
             return_exceptions=True,
         )
         confirmed: list[int] = []
-        for row, result in zip(rows, results, strict=True):
+        for out, result in zip(outgoing, results, strict=True):
             if isinstance(result, Basic.Ack):
-                confirmed.append(row["pk"])
+                confirmed.extend(out.pks)
                 continue
             reason = _failure_reason(result)
             metrics.RELAY_PUBLISH_FAILURES.labels(reason).inc()
             if isinstance(result, asyncio.CancelledError):
                 raise result
-        if len(confirmed) < len(rows):
+        if len(confirmed) < sum(len(o.pks) for o in outgoing):
             log.warning(
                 "relay_unconfirmed",
-                unconfirmed=len(rows) - len(confirmed),
+                unconfirmed=sum(len(o.pks) for o in outgoing) - len(confirmed),
                 reason=_failure_reason(next(r for r in results if not isinstance(r, Basic.Ack))),
             )
         return confirmed

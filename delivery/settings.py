@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     publish_timeout_s: float = Field(default=10.0, gt=0)
 
     relay_batch_size: int = Field(default=500, ge=1, le=10_000)
+    # Events of one type packed into one AMQP message (1: a message per event). The broker's
+    # per-message cost (publish, confirm, ack) is what bounds the relay, not the bytes.
+    relay_events_per_message: int = Field(default=50, ge=1, le=1_000)
     relay_poll_interval_s: float = Field(default=1.0, gt=0)
     # An event published this long ago that no worker has dispatched, while the dispatch queue
     # is empty, was lost by the broker after its confirm: the relay publishes it again.

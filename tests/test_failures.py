@@ -14,7 +14,9 @@ import pytest
 
 from delivery import dlq, publish_many, subscriptions
 from delivery.receiver import Behaviour, Receiver
+from delivery.relay import _CLAIM as _RELAY_CLAIM
 from delivery.topology import Names, declare
+from delivery.wire import pack_rows
 
 from .conftest import running, wait_until
 from .test_pipeline import balance, trade
@@ -359,4 +361,40 @@ async def test_a_lease_is_renewed_while_the_outcome_commit_waits_so_nobody_posts
             )
         assert len(receiver.arrivals) == 1
     await blocker.close()
+    await conn.close()
+
+
+async def test_a_pack_dead_lettered_past_the_delivery_limit_is_redriven_event_by_event(settings):
+    """Connection flaps can push a healthy pack past x-delivery-limit: its events go back
+    through the outbox, each in a message of its own, and are delivered; nothing is parked."""
+    settings = settings.model_copy(update={"amqp_delivery_limit": 1})
+    conn = await asyncpg.connect(settings.database_url)
+    async with Receiver() as receiver:
+        await subscriptions.add(conn, url=receiver.url("/h"), patterns="*")
+        ids = [f"evt_pack_{i}" for i in range(5)]
+        await publish_many(conn, [trade(i, id=ids[i]) for i in range(5)])
+        # Given the relay's pack of them, confirmed (rows marked published), then returned to
+        # the queue until the broker dead-letters it
+        rows = await conn.fetch(_RELAY_CLAIM, 100)
+        (pack,) = pack_rows(rows, per_message=50)
+        await conn.execute("UPDATE delivery.outbox SET published_at = clock_timestamp()")
+        connection = await aio_pika.connect(settings.amqp_url)
+        channel = await connection.channel()
+        topology = await declare(channel, Names(settings.amqp_prefix), delivery_limit=1)
+        await topology.events.publish(pack.message, routing_key=pack.routing_key)
+        for _ in range(10):
+            message = await topology.dispatch.get(timeout=5, fail=False)
+            if message is None:
+                break
+            await message.nack(requeue=True)
+        assert await topology.dispatch.get(timeout=5, fail=False) is None
+        await connection.close()
+        # When the platform runs, then every event is delivered once and nothing is poison
+        async with running(settings):
+            await receiver.wait_for(
+                lambda r: r.unique_ids() == set(ids), timeout_s=60, what="the pack's events"
+            )
+        assert await conn.fetchval("SELECT count(*) FROM delivery.poison_messages") == 0
+        assert await conn.fetchval("SELECT min(redrives) FROM delivery.outbox") == 1
+        assert receiver.duplicates() == {}
     await conn.close()

@@ -16,6 +16,7 @@ from delivery.health import Health
 from delivery.receiver import Receiver
 from delivery.relay import Relay
 from delivery.topology import Names, declare
+from delivery.wire import decode
 
 from .conftest import running, wait_until
 
@@ -165,7 +166,8 @@ async def test_two_relays_at_once_publish_every_row(settings):
     seen: collections.Counter[str] = collections.Counter()
 
     async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        seen[message.message_id or ""] += 1
+        for event in decode(message):  # one event, or a pack of them
+            seen[event.facts.id] += 1
         await message.ack()
 
     await topology.dispatch.consume(on_message)
