@@ -275,8 +275,13 @@ async def _drive(ctx: RunContext, scenario: Scenario, problems: list[str]) -> Ve
         ctx.faults.close_open()
         await _heal(ctx)
         log.info("phase", phase="healed")
+        # The cap grows with the run (a 100k-event run can end with a backlog that takes
+        # minutes to drain); a stall is still caught by no_progress_s.
+        settle_cap_s = scenario.settle_timeout_s * max(
+            1.0, len(ctx.producer.record.committed_at) / 10_000
+        )
         settled, waited_s = await wait_settled(
-            ctx.cluster, timeout_s=scenario.settle_timeout_s, no_progress_s=scenario.no_progress_s
+            ctx.cluster, timeout_s=settle_cap_s, no_progress_s=scenario.no_progress_s
         )
         log.info("phase", phase="settled", settled=settled, waited_s=round(waited_s, 2))
         if scenario.drain_metrics:

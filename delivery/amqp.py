@@ -1,5 +1,6 @@
 """RabbitMQ connections: robust (they reconnect), named, with a short heartbeat so a dead link
-is noticed in seconds rather than minutes."""
+is noticed in seconds rather than minutes, and a short reconnect interval so a cut link costs
+about a second of work rather than aio-pika's default five."""
 
 from __future__ import annotations
 
@@ -17,14 +18,18 @@ from delivery.aio import wait_any
 log = structlog.get_logger("delivery.amqp")
 
 HEARTBEAT_S = 10
+# Chaos (amqp-cut, links cut every 0.3-1.5 s) found the 5 s default left every link down most
+# of the time, and the backlog grew through the whole run.
+RECONNECT_INTERVAL_S = 1
 _CONNECT_BACKOFF_MAX_S = 5.0
 
 
 def with_defaults(url: str) -> str:
-    """Add ``heartbeat`` to the URL unless the operator chose one."""
+    """Add ``heartbeat`` and ``reconnect_interval`` to the URL unless the operator chose them."""
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query))
     query.setdefault("heartbeat", str(HEARTBEAT_S))
+    query.setdefault("reconnect_interval", str(RECONNECT_INTERVAL_S))
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
