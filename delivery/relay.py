@@ -80,7 +80,9 @@ class Relay:
         self._channel: AbstractChannel | None = None
         self._last_backlog_s = 0.0
         self._last_redrive_s = time.monotonic()
+        # Shared by the relay's loops: batches with rows and no confirm since the last confirm.
         self._batches_unconfirmed = 0
+        self._last_unconfirmed_s = 0.0
         health.register("relay")
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -92,7 +94,14 @@ class Relay:
             await self._declare()
             async with asyncio.TaskGroup() as tg:
                 listener = tg.create_task(self._listen(stop))
-                await self._loop(stop)
+                # Several batches in flight: while one waits for its confirms (a quorum queue's
+                # fsync), another claims what was committed meanwhile (SKIP LOCKED keeps their
+                # rows apart), so an event waits for one confirm, not for a queue of batches.
+                loops = [
+                    tg.create_task(self._loop(stop))
+                    for _ in range(self._settings.relay_concurrency)
+                ]
+                await asyncio.gather(*loops)
                 listener.cancel()
         finally:
             self._health.set("relay", False)
@@ -120,10 +129,7 @@ class Relay:
                 await wait_any(stop, timeout_s=delay)
                 continue
             failures = 0
-            if published or not claimed:
-                self._batches_unconfirmed = 0
-            else:
-                self._batches_unconfirmed += 1
+            self._note_confirms(claimed, published)
             stalled = self._batches_unconfirmed >= _NOT_READY_AFTER_BATCHES
             if stalled and self._batches_unconfirmed == _NOT_READY_AFTER_BATCHES:
                 log.warning("relay_publishes_unconfirmed", batches=self._batches_unconfirmed)
@@ -143,6 +149,18 @@ class Relay:
                     await self._maybe_redrive()
             if claimed < self._settings.relay_batch_size:
                 await wait_any(stop, self._wake, timeout_s=self._settings.relay_poll_interval_s)
+
+    def _note_confirms(self, claimed: int, published: int) -> None:
+        now = time.monotonic()
+        if published:
+            self._batches_unconfirmed = 0
+        elif claimed:
+            self._batches_unconfirmed += 1
+            self._last_unconfirmed_s = now
+        elif now - self._last_unconfirmed_s > 2 * self._settings.publish_timeout_s + 1:
+            # Nothing to publish and no failed batch lately (another loop's empty claim while
+            # this one's rows time out does not count): the stall, if any, is over.
+            self._batches_unconfirmed = 0
 
     async def _declare(self) -> None:
         assert self._channel is not None

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     # Events of one type packed into one AMQP message (1: a message per event). The broker's
     # per-message cost (publish, confirm, ack) is what bounds the relay, not the bytes.
     relay_events_per_message: int = Field(default=50, ge=1, le=1_000)
+    # Relay batches in flight at once per relay process.
+    relay_concurrency: int = Field(default=2, ge=1, le=16)
     relay_poll_interval_s: float = Field(default=1.0, gt=0)
     # An event published this long ago that no worker has dispatched, while the dispatch queue
     # is empty, was lost by the broker after its confirm: the relay publishes it again.
