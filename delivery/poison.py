@@ -101,7 +101,8 @@ class PoisonRecorder:
         one counts as a delivery), not poison: put them back in the relay's path through the
         outbox, a bounded number of times (the relay sends a redriven event alone, never in a
         pack), so a message that really crashes workers still ends here. True when every event
-        of the message went back (or was dispatched meanwhile)."""
+        of the message went back or had been dispatched already (nothing is missing then, and
+        recording it would only be noise for on-call)."""
         try:
             event_ids = [e.facts.id for e in decode(message)]
             redriven = await self._pool.fetch(_REDRIVE_SOME, event_ids, self._settings.max_redrives)
@@ -109,14 +110,15 @@ class PoisonRecorder:
         except Exception as exc:
             log.warning("redrive_failed", error=repr(exc)[:200])
             return False
-        if not redriven:
-            return False
-        metrics.EVENTS_REDRIVEN.inc(len(redriven))
-        log.warning(
-            "events_redriven_from_dead_letters",
-            count=len(redriven),
-            example=redriven[0]["event_id"],
-        )
+        if redriven:
+            metrics.EVENTS_REDRIVEN.inc(len(redriven))
+            log.warning(
+                "events_redriven_from_dead_letters",
+                count=len(redriven),
+                example=redriven[0]["event_id"],
+            )
+        elif dispatched:
+            log.info("dead_letter_already_dispatched", events=len(event_ids))
         return len(redriven) + dispatched >= len(event_ids)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
