@@ -105,7 +105,10 @@ SELECT
     (SELECT count(*) FROM delivery.deliveries WHERE state = 'pending' AND attempts > 0) AS retrying
 """
 _GAUGES_EVERY_S = 5.0
-_COALESCE_S = 0.002
+# Woken by a freed slot, wait this long for more to free up, so one claim carries several
+# rows: a subscriber's local queue keeps its request slots busy meanwhile (a profile of a
+# flat-out run had 19 % of the worker in claims at 2 ms).
+_COALESCE_S = 0.01
 _UNLEASE = "UPDATE delivery.deliveries SET lease_until = NULL WHERE id = ANY($1::bigint[])"
 
 
@@ -174,9 +177,11 @@ class Scheduler:
             failures = 0
             self._health.set("scheduler", True)
             # Rows came back, or due rows wait behind a saturated subscription: claim again as
-            # soon as a slot frees. Otherwise nothing is due until the next poll.
+            # soon as a slot frees. Otherwise nothing is due until the next poll. A claim that
+            # did not fill the free slots took everything due that had room: claiming again at
+            # once would find nothing new.
             self._backlog = claimed > 0 or await self._saturated_have_due_work()
-            if claimed == 0 or self._deliverer.free_slots() == 0:
+            if claimed < free or self._deliverer.free_slots() == 0:
                 await wait_any(stop, self._wake, timeout_s=self._settings.scheduler_poll_interval_s)
                 if self._backlog and self._wake.is_set():
                     # Woken by a freed slot: let a few more free up, so one claim carries
@@ -222,7 +227,14 @@ class Scheduler:
         metrics.DELIVERIES_CLAIMED.inc(len(rows))
         over_capacity = []
         disabled = []
-        subs = [Subscription.from_row(row, prefix="sub_") for row in rows]
+        # One Subscription per subscription, not per row: a claim is mostly one subscriber's.
+        built: dict[str, Subscription] = {}
+        subs = []
+        for row in rows:
+            sub = built.get(row["sub_id"])
+            if sub is None:
+                sub = built[row["sub_id"]] = Subscription.from_row(row, prefix="sub_")
+            subs.append(sub)
         probes = await self._take_probes([s.id for s in subs if s.circuit_open])
         for row, sub in zip(rows, subs, strict=True):
             if sub.state != "active":
