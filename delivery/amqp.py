@@ -21,6 +21,11 @@ HEARTBEAT_S = 10
 # Chaos (amqp-cut, links cut every 0.3-1.5 s) found the 5 s default left every link down most
 # of the time, and the backlog grew through the whole run.
 RECONNECT_INTERVAL_S = 1
+# Opening a connection, or a component's channel, declarations and consumer, must answer within
+# this: a broker can accept the socket and then never answer (a quorum queue that lost its
+# leader; a link blackholed mid-handshake). The component then fails and its supervisor starts
+# it again, instead of hanging not-ready for good (chaos "everything" saw a worker do that).
+SETUP_TIMEOUT_S = 30.0
 _CONNECT_BACKOFF_MAX_S = 5.0
 
 
@@ -51,9 +56,11 @@ async def connect(url: str, *, name: str, stop: asyncio.Event) -> AbstractRobust
     while True:
         try:
             return await aio_pika.connect_robust(
-                with_defaults(url), client_properties={"connection_name": name}
+                with_defaults(url),
+                client_properties={"connection_name": name},
+                timeout=SETUP_TIMEOUT_S,
             )
-        except (ConnectionError, OSError, AMQPConnectionError) as exc:
+        except (ConnectionError, OSError, AMQPConnectionError, TimeoutError) as exc:
             failures += 1
             delay_s = min(0.2 * 2 ** min(failures, 5), _CONNECT_BACKOFF_MAX_S)
             log.warning(

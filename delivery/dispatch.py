@@ -21,7 +21,7 @@ from aio_pika.exceptions import ChannelInvalidStateError
 
 from delivery import metrics
 from delivery.aio import wait_any
-from delivery.amqp import connect, is_connected
+from delivery.amqp import SETUP_TIMEOUT_S, connect, is_connected
 from delivery.db import is_connection_error, with_retries
 from delivery.deliverer import Deliverer, Job, lease_for
 from delivery.health import Health
@@ -97,13 +97,14 @@ class Dispatcher:
             self._inbox.get_nowait()
         self._connection = await connect(self._settings.amqp_url, name="delivery-worker", stop=stop)
         try:
-            channel = await self._connection.channel()
-            await channel.set_qos(prefetch_count=self._settings.worker_prefetch)
-            topology = await declare(
-                channel, self._names, delivery_limit=self._settings.amqp_delivery_limit
-            )
-            self._queue = topology.dispatch
-            tag = await topology.dispatch.consume(self._on_message)
+            async with asyncio.timeout(SETUP_TIMEOUT_S):
+                channel = await self._connection.channel()
+                await channel.set_qos(prefetch_count=self._settings.worker_prefetch)
+                topology = await declare(
+                    channel, self._names, delivery_limit=self._settings.amqp_delivery_limit
+                )
+                self._queue = topology.dispatch
+                tag = await topology.dispatch.consume(self._on_message)
             self._health.set("dispatch", True)
             async with asyncio.TaskGroup() as tg:
                 depths = tg.create_task(self._watch_depths(stop))

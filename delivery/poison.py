@@ -14,7 +14,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from delivery import metrics
 from delivery.aio import wait_any
-from delivery.amqp import connect, is_connected
+from delivery.amqp import SETUP_TIMEOUT_S, connect, is_connected
 from delivery.db import with_retries
 from delivery.health import Health
 from delivery.settings import Settings
@@ -81,14 +81,15 @@ class PoisonRecorder:
     async def run(self, stop: asyncio.Event) -> None:
         connection = await connect(self._settings.amqp_url, name="delivery-poison", stop=stop)
         try:
-            channel = await connection.channel()
-            await channel.set_qos(prefetch_count=16)
-            topology = await declare(
-                channel,
-                Names(self._settings.amqp_prefix),
-                delivery_limit=self._settings.amqp_delivery_limit,
-            )
-            await topology.dead.consume(self._on_message)
+            async with asyncio.timeout(SETUP_TIMEOUT_S):
+                channel = await connection.channel()
+                await channel.set_qos(prefetch_count=16)
+                topology = await declare(
+                    channel,
+                    Names(self._settings.amqp_prefix),
+                    delivery_limit=self._settings.amqp_delivery_limit,
+                )
+                await topology.dead.consume(self._on_message)
             while not stop.is_set():
                 self._health.set("poison", is_connected(connection))
                 await wait_any(stop, timeout_s=_HEALTH_EVERY_S)

@@ -24,7 +24,7 @@ from pamqp.commands import Basic
 
 from delivery import metrics
 from delivery.aio import wait_any
-from delivery.amqp import connect, is_connected
+from delivery.amqp import SETUP_TIMEOUT_S, connect, is_connected
 from delivery.db import is_connection_error
 from delivery.health import Health
 from delivery.settings import Settings
@@ -89,9 +89,12 @@ class Relay:
         """Relay until ``stop`` is set; the batch in progress finishes first."""
         self._connection = await connect(self._settings.amqp_url, name="delivery-relay", stop=stop)
         try:
-            channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-            self._channel = channel
-            await self._declare()
+            async with asyncio.timeout(SETUP_TIMEOUT_S):
+                channel = await self._connection.channel(
+                    publisher_confirms=True, on_return_raises=True
+                )
+                self._channel = channel
+                await self._declare()
             async with asyncio.TaskGroup() as tg:
                 listener = tg.create_task(self._listen(stop))
                 # Several batches in flight: while one waits for its confirms (a quorum queue's
