@@ -37,7 +37,7 @@ python -m bench render             # this file again from bench/results.json
 Services: `DELIVERY_DATABASE_URL` / `DELIVERY_AMQP_URL` when set (every system in its own
 database and queue names, all removed afterwards), otherwise throwaway local servers.
 `tests/test_bench_smoke.py` runs the same code on 200 events per system (Celery and Dramatiq
-skipped when the extra is not installed)."""
+are in the `dev` extra the test command installs; outside CI a missing one is skipped)."""
 
 
 def _s(values: list[float]) -> Summary:
