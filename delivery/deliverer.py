@@ -77,11 +77,17 @@ _HAND_BACK = "UPDATE delivery.deliveries SET lease_until = NULL WHERE id = $1 AN
 # Leases of the deliveries this process holds are renewed while it holds them, so a delivery
 # waiting for a slow outcome commit (lock waits, a slow disk) is not attempted again by another
 # worker. Only a lease still held is extended: a handed-back or recorded one stays as it is.
+# SKIP LOCKED: a row locked right now is being recorded (which ends its lease anyway), and
+# waiting for it could deadlock with the outcome recorder's batch (chaos saw one).
 _RENEW = """
 UPDATE delivery.deliveries d
 SET lease_until = clock_timestamp() + make_interval(secs => v.lease_s)
 FROM unnest($1::bigint[], $2::float8[]) AS v(id, lease_s)
-WHERE d.id = v.id AND d.state = 'pending' AND d.lease_until IS NOT NULL
+WHERE d.id = v.id AND d.id IN (
+    SELECT id FROM delivery.deliveries
+    WHERE id = ANY($1::bigint[]) AND state = 'pending' AND lease_until IS NOT NULL
+    FOR UPDATE SKIP LOCKED
+)
 """
 # Renewed this many times per shortest lease, so one missed renewal does not lose it.
 _RENEWALS_PER_LEASE = 3

@@ -289,6 +289,9 @@ class Relay:
                 # Anything committed while we were not listening is found by this first wake.
                 self._wake.set()
                 await wait_any(stop, lost, timeout_s=3600)
+            except Exception as exc:  # the link was cut while setting up: listen again
+                log.warning("relay_listen_failed", error=repr(exc)[:200])
+                await wait_any(stop, timeout_s=1.0)
             finally:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(conn.close(), 5)

@@ -167,6 +167,9 @@ class Scheduler:
                 continue
             try:
                 claimed = await self.claim_once(free)
+                # Rows came back, or due rows wait behind a saturated subscription: claim again
+                # as soon as a slot frees. Otherwise nothing is due until the next poll.
+                backlog = claimed > 0 or await self._saturated_have_due_work()
             except Exception as exc:
                 if not is_connection_error(exc):
                     log.exception("scheduler_claim_failed")
@@ -176,11 +179,9 @@ class Scheduler:
                 continue
             failures = 0
             self._health.set("scheduler", True)
-            # Rows came back, or due rows wait behind a saturated subscription: claim again as
-            # soon as a slot frees. Otherwise nothing is due until the next poll. A claim that
-            # did not fill the free slots took everything due that had room: claiming again at
-            # once would find nothing new.
-            self._backlog = claimed > 0 or await self._saturated_have_due_work()
+            # A claim that did not fill the free slots took everything due that had room:
+            # claiming again at once would find nothing new.
+            self._backlog = backlog
             if claimed < free or self._deliverer.free_slots() == 0:
                 await wait_any(stop, self._wake, timeout_s=self._settings.scheduler_poll_interval_s)
                 if self._backlog and self._wake.is_set():
