@@ -104,6 +104,12 @@ SELECT
     (SELECT count(*) FROM delivery.deliveries WHERE state = 'pending' AND attempts = 0) AS fresh,
     (SELECT count(*) FROM delivery.deliveries WHERE state = 'pending' AND attempts > 0) AS retrying
 """
+# Claims read a subscription's due rows in index order and stop at its free slots. With stale
+# statistics (a backlog that grew faster than autovacuum's analyze) the planner takes a bitmap
+# scan of the subscription's every pending row and sorts them instead: a 1,000,000-event
+# backlog ran at 240-540 events/s for 150 s until autoanalyze (95 ms per claim at 600 k rows,
+# 5.5 ms in index order). Claims never want that plan.
+_INDEX_ORDER = "SET LOCAL enable_bitmapscan = off"
 _GAUGES_EVERY_S = 5.0
 # Woken by a freed slot, wait this long for more to free up, so one claim carries several
 # rows: a subscriber's local queue keeps its request slots busy meanwhile (a profile of a
@@ -203,13 +209,19 @@ class Scheduler:
         saturated = self._deliverer.saturated_subscriptions()
         if not saturated:
             return False
-        return bool(await self._pool.fetchval(_SATURATED_DUE, saturated))
+
+        async def due(conn: asyncpg.Connection) -> bool:
+            await conn.execute(_INDEX_ORDER)
+            return bool(await conn.fetchval(_SATURATED_DUE, saturated))
+
+        return await with_retries(self._pool, due, deadline_s=10, what="saturated_due")
 
     async def claim_once(self, limit: int) -> int:
         busy = self._deliverer.free_slots_by_subscription()
-        rows = await with_retries(
-            self._pool,
-            lambda conn: conn.fetch(
+
+        async def claim(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            await conn.execute(_INDEX_ORDER)
+            rows: list[asyncpg.Record] = await conn.fetch(
                 _CLAIM,
                 limit,
                 self._deliverer.saturated_subscriptions(),
@@ -219,10 +231,10 @@ class Scheduler:
                 list(busy.values()),
                 self._settings.http_timeout_s,
                 lease_per_timeout(self._settings),
-            ),
-            deadline_s=10,
-            what="claim_due",
-        )
+            )
+            return rows
+
+        rows = await with_retries(self._pool, claim, deadline_s=10, what="claim_due")
         if not rows:
             return 0
         metrics.DELIVERIES_CLAIMED.inc(len(rows))
