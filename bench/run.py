@@ -557,8 +557,8 @@ async def _fanout(db: str, amqp: str, args: argparse.Namespace, results: dict[st
             save(results)
 
 
-# Not a default and not a guarantee: the per-subscriber share of a process's attempts (16 of
-# 128) is a fairness knob; with one subscriber it is the whole pipe. Shown apart, labelled.
+# Not a default and not a guarantee: the per-subscriber request cap (16) is a fairness knob;
+# with one subscriber it is the whole pipe. Shown apart, labelled.
 TUNED_ENV = {"DELIVERY_PER_SUBSCRIPTION_MAX_IN_FLIGHT": "128"}
 
 
