@@ -29,6 +29,7 @@ RELAY_TARGET = 15_000.0
 HOW_TO_RUN = """\
 ```bash
 pip install -e '.[bench]'          # the peers: Celery, Dramatiq, psycopg, requests
+pip install py-spy                 # only for the profile scenario (--only profile)
 python -m bench run                # everything, 3 runs each; writes bench/results.json and this file
 python -m bench run --quick        # a smoke of every scenario (a few hundred events, no figures)
 python -m bench run --only flat,paced --systems ours,asyncio --merge   # a subset, kept beside the rest
