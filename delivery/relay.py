@@ -255,10 +255,11 @@ class Relay:
             metrics.RELAY_PUBLISH_FAILURES.labels(reason).inc()
             if isinstance(result, asyncio.CancelledError):
                 raise result
-        if len(confirmed) < sum(len(o.pks) for o in outgoing):
+        rows = sum(len(o.pks) for o in outgoing)
+        if len(confirmed) < rows:
             log.warning(
                 "relay_unconfirmed",
-                unconfirmed=sum(len(o.pks) for o in outgoing) - len(confirmed),
+                unconfirmed=rows - len(confirmed),
                 reason=_failure_reason(next(r for r in results if not isinstance(r, Basic.Ack))),
             )
         return confirmed

@@ -120,15 +120,7 @@ def decode(message: AbstractIncomingMessage) -> list[WireEvent]:
     headers = message.headers or {}
     if message.content_type != PACK:
         created = headers.get("x-created-at-us", headers.get("x-created-at"))
-        traceparent = headers.get("traceparent")
-        return [
-            WireEvent(
-                routing_facts(message.body),
-                message.body,
-                _seconds(created),
-                traceparent if isinstance(traceparent, str) and traceparent else None,
-            )
-        ]
+        return [_event(message.body, created, headers.get("traceparent"))]
     bodies = message.body.split(b"\n")
     created_list = headers.get("x-created-at-us")
     traceparents = headers.get("traceparent")
@@ -139,19 +131,19 @@ def decode(message: AbstractIncomingMessage) -> list[WireEvent]:
     ):
         raise ValueError("pack headers do not match its lines")
     events = []
-    for line, (body, created, traceparent) in enumerate(
-        zip(bodies, created_list, traceparents, strict=True), start=1
-    ):
+    for line, parts in enumerate(zip(bodies, created_list, traceparents, strict=True), start=1):
         try:
-            facts = routing_facts(body)
+            events.append(_event(*parts))
         except ValueError as exc:
             raise ValueError(f"pack line {line}: {exc}") from None
-        events.append(
-            WireEvent(
-                facts,
-                body,
-                _seconds(created),
-                traceparent if isinstance(traceparent, str) and traceparent else None,
-            )
-        )
     return events
+
+
+def _event(body: bytes, created: object, traceparent: object) -> WireEvent:
+    """One event from its body and its two header values (``ValueError`` if not ours)."""
+    return WireEvent(
+        routing_facts(body),
+        body,
+        _seconds(created),
+        traceparent if isinstance(traceparent, str) and traceparent else None,
+    )
