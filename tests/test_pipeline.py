@@ -153,6 +153,47 @@ async def test_sequences_are_per_account_and_gapless(settings):
     await conn.close()
 
 
+async def test_producers_racing_on_the_same_ids_leave_no_gap(settings):
+    # Eight producers publish the same event, one statement each, at once: each id is inserted
+    # by exactly one of them, and a loser that had counted a sequence for it rolls back (the
+    # function fails with serialization_failure and the producer runs it again).
+    conns = [await asyncpg.connect(settings.database_url) for _ in range(8)]
+    events = [trade(i, account=f"acc_{i % 2}", id=f"evt_race_{i}") for i in range(40)]
+    published: collections.Counter[str] = collections.Counter()
+    for event in events:  # in lockstep, so that they race on every event
+        for result in await asyncio.gather(*(publish(c, event) for c in conns)):
+            published.update(result.published)
+    assert published == collections.Counter({e["id"]: 1 for e in events})
+    rows = await conns[0].fetch(
+        "SELECT account_id, array_agg(sequence ORDER BY sequence) s FROM delivery.outbox GROUP BY 1"
+    )
+    assert {r["account_id"]: r["s"] for r in rows} == {
+        "acc_0": list(range(1, 21)),
+        "acc_1": list(range(1, 21)),
+    }
+    # The function's plan setting does not leak into the producer's session.
+    assert await conns[0].fetchval("SHOW plan_cache_mode") == "auto"
+    for c in conns:
+        await c.close()
+
+
+async def test_a_large_batch_publishes_in_order(settings):
+    # Past the function's small-batch size it plans for the real row count.
+    conn = await asyncpg.connect(settings.database_url)
+    events = [trade(i, account=f"acc_{i % 300}", id=f"evt_big_{i}") for i in range(3000)]
+    result = await publish_many(conn, events)
+    assert len(result.published) == 3000 and not result.duplicates
+    rows = await conn.fetch(
+        "SELECT account_id, array_agg(event_id ORDER BY sequence) ids FROM delivery.outbox"
+        " GROUP BY 1"
+    )
+    assert len(rows) == 300
+    for row in rows:
+        k = int(row["account_id"].removeprefix("acc_"))
+        assert row["ids"] == [f"evt_big_{i}" for i in range(k, 3000, 300)]
+    await conn.close()
+
+
 async def test_two_relays_at_once_publish_every_row(settings):
     conn = await asyncpg.connect(settings.database_url)
     ids = [f"evt_{i:05d}" for i in range(2000)]
