@@ -71,12 +71,15 @@ async def with_retries(
     *,
     deadline_s: float = 60.0,
     what: str = "transaction",
+    transaction: bool = True,
 ) -> T:
     """Run ``work(conn)`` in a fresh transaction, retrying the *whole* transaction on
-    connection-class errors with backoff until ``deadline_s``; never on data errors."""
+    connection-class errors with backoff until ``deadline_s``; never on data errors.
+    ``transaction=False`` is for work that is one statement (atomic by itself): it saves the
+    BEGIN and COMMIT round trips."""
     # The common case, first and without the retry machinery (this is on the hot path).
     try:
-        return await _transaction(pool, work, what)
+        return await _transaction(pool, work, what, transaction)
     except BaseException as exc:
         if not is_connection_error(exc):
             raise
@@ -87,16 +90,22 @@ async def with_retries(
         reraise=True,
     ):
         with attempt:
-            return await _transaction(pool, work, what)
+            return await _transaction(pool, work, what, transaction)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def _transaction(
-    pool: asyncpg.Pool, work: Callable[[asyncpg.Connection], Awaitable[T]], what: str
+    pool: asyncpg.Pool,
+    work: Callable[[asyncpg.Connection], Awaitable[T]],
+    what: str,
+    transaction: bool,
 ) -> T:
     try:
-        async with pool.acquire() as conn, conn.transaction():
-            return await work(conn)
+        async with pool.acquire() as conn:
+            if not transaction:
+                return await work(conn)
+            async with conn.transaction():
+                return await work(conn)
     except BaseException as exc:
         if is_connection_error(exc):
             if _lost_connection(exc):

@@ -1,8 +1,8 @@
 """Dispatch: consume events from RabbitMQ and fan each out to its matching subscriptions.
 
-A batch of messages is one transaction: the inbox row (idempotency: a redelivered event finds
-its row and creates nothing), and one delivery row per (event, subscription). Messages are acked
-only after that commit, so the outcome is durable first. Deliveries this process has capacity
+A batch of messages is one statement: the inbox row (idempotency: a redelivered event finds its
+row and creates nothing), and one delivery row per (event, subscription). Messages are acked only
+after it commits, so the outcome is durable first. Deliveries this process has capacity
 for are leased to it in the same insert and attempted at once; the rest wait in PostgreSQL for
 the scheduler.
 """
@@ -37,23 +37,32 @@ _DB_RETRY_DEADLINE_S = 30.0
 _DB_PAUSE_S = 2.0
 _DEPTHS_EVERY_S = 5.0
 
-_INBOX = """
-INSERT INTO delivery.inbox (event_id) SELECT unnest($1::text[])
-ON CONFLICT (event_id) DO UPDATE SET redeliveries = delivery.inbox.redeliveries + 1
-RETURNING event_id, (xmax = 0) AS fresh
-"""
 _SUBSCRIPTIONS = f"SELECT {select_list('s', '')} FROM delivery.subscriptions s"
-_INSERT_DELIVERIES = """
-INSERT INTO delivery.deliveries
-    (event_id, subscription_id, state, lease_until, dead_at, dead_reason)
-SELECT e, s, CASE WHEN dead THEN 'dead' ELSE 'pending' END,
-       CASE WHEN leased THEN clock_timestamp() + make_interval(secs => lease_s) END,
-       CASE WHEN dead THEN clock_timestamp() END,
-       CASE WHEN dead THEN 'subscription disabled' END
-FROM unnest($1::text[], $2::text[], $3::bool[], $4::bool[], $5::float8[])
-     AS t(e, s, leased, dead, lease_s)
-ON CONFLICT (event_id, subscription_id) DO NOTHING
-RETURNING id, event_id, subscription_id
+# The inbox rows and the deliveries of the events that were new to it, in one statement (atomic
+# on its own: no BEGIN and COMMIT round trips). A redelivered event finds its inbox row, counts
+# the redelivery and creates nothing.
+_RECORD = """
+WITH inbox AS (
+    INSERT INTO delivery.inbox (event_id) SELECT unnest($1::text[])
+    ON CONFLICT (event_id) DO UPDATE SET redeliveries = delivery.inbox.redeliveries + 1
+    RETURNING event_id, (xmax = 0) AS fresh
+),
+created AS (
+    INSERT INTO delivery.deliveries
+        (event_id, subscription_id, state, lease_until, dead_at, dead_reason)
+    SELECT e, s, CASE WHEN dead THEN 'dead' ELSE 'pending' END,
+           CASE WHEN leased THEN clock_timestamp() + make_interval(secs => lease_s) END,
+           CASE WHEN dead THEN clock_timestamp() END,
+           CASE WHEN dead THEN 'subscription disabled' END
+    FROM unnest($2::text[], $3::text[], $4::bool[], $5::bool[], $6::float8[])
+         AS t(e, s, leased, dead, lease_s)
+    JOIN inbox ON inbox.event_id = t.e AND inbox.fresh
+    ON CONFLICT (event_id, subscription_id) DO NOTHING
+    RETURNING id, event_id, subscription_id
+)
+SELECT event_id, fresh, NULL::bigint AS id, NULL::text AS subscription_id FROM inbox
+UNION ALL
+SELECT event_id, NULL, id, subscription_id FROM created
 """
 
 
@@ -210,6 +219,7 @@ class Dispatcher:
                     lambda conn: self._record(conn, parsed, pairs),
                     what="dispatch",
                     deadline_s=_DB_RETRY_DEADLINE_S,
+                    transaction=False,
                 )
             except Exception as exc:
                 for pair in pairs:
@@ -263,23 +273,18 @@ class Dispatcher:
         parsed: list[WireEvent],
         pairs: list[_Pair],
     ) -> tuple[dict[tuple[str, str], int], int]:
-        # A retried transaction starts over: give back reservations of the failed try.
+        # A retried attempt starts over: give back reservations of the failed try.
         for pair in pairs:
             if pair.leased:
                 self._deliverer.release(pair.subscription.id)
         pairs.clear()
-        ids = list(dict.fromkeys(e.facts.id for e in parsed))
-        inbox = await conn.fetch(_INBOX, ids)
-        fresh_ids = {r["event_id"] for r in inbox if r["fresh"]}
-        if not fresh_ids:
-            return {}, 0
         subscriptions = [Subscription.from_row(r) for r in await conn.fetch(_SUBSCRIPTIONS)]
-        seen: set[str] = set()
-        for event in parsed:
+        first: dict[str, WireEvent] = {}
+        for event in parsed:  # a repeat inside the batch is the same event
+            first.setdefault(event.facts.id, event)
+        events = list(first.values())
+        for event in events:
             facts = event.facts
-            if facts.id not in fresh_ids or facts.id in seen:
-                continue
-            seen.add(facts.id)
             for sub in subscriptions:
                 if not sub.matches(facts.type, facts.account_id):
                     continue
@@ -287,18 +292,22 @@ class Dispatcher:
                 # An open circuit's deliveries wait in PostgreSQL for the scheduler's probe.
                 leased = active and not sub.circuit_open and self._deliverer.try_reserve(sub.id)
                 pairs.append(_Pair(event, sub, leased, dead=not active))
-        if not pairs:
-            return {}, len(fresh_ids)
+        # Pairs of an event the inbox has seen before create nothing: their reservations are
+        # given back by the caller, like any pair without a delivery id.
         rows = await conn.fetch(
-            _INSERT_DELIVERIES,
+            _RECORD,
+            [e.facts.id for e in events],
             [p.event.facts.id for p in pairs],
             [p.subscription.id for p in pairs],
             [p.leased for p in pairs],
             [p.dead for p in pairs],
             [lease_for(self._settings, p.subscription) for p in pairs],
         )
-        created = {(r["event_id"], r["subscription_id"]): r["id"] for r in rows}
-        return created, len(fresh_ids)
+        fresh = sum(1 for r in rows if r["fresh"])
+        created = {
+            (r["event_id"], r["subscription_id"]): r["id"] for r in rows if r["id"] is not None
+        }
+        return created, fresh
 
     async def _reject_poison(self, message: AbstractIncomingMessage, reason: str) -> None:
         # Not requeued: the dead-letter exchange routes it to the dead-letter queue, where it is

@@ -12,6 +12,7 @@ import asyncio
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 import structlog
@@ -26,30 +27,57 @@ log = structlog.get_logger("delivery.outcomes")
 
 _MAX_BATCH = 500
 
-_INSERT_ATTEMPTS = """
-INSERT INTO delivery.attempts
-    (delivery_id, attempt, started_at, duration_ms, outcome, status, error, response_excerpt)
-SELECT * FROM unnest($1::bigint[], $2::int[], $3::timestamptz[], $4::float8[], $5::text[],
-                     $6::int[], $7::text[], $8::text[])
-"""
-_UPDATE_DELIVERIES = """
-UPDATE delivery.deliveries d
-SET state = v.state,
-    attempts = v.attempt,
-    next_attempt_at = CASE WHEN v.delay_s IS NULL THEN d.next_attempt_at
-                           ELSE clock_timestamp() + make_interval(secs => v.delay_s) END,
-    lease_until = NULL,
-    first_attempt_at = coalesce(d.first_attempt_at, v.started_at),
-    last_attempt_at = v.started_at,
-    last_status = v.status,
-    last_error = v.error,
-    delivered_at = CASE WHEN v.state = 'delivered' THEN clock_timestamp() ELSE d.delivered_at END,
-    dead_at = CASE WHEN v.state = 'dead' THEN clock_timestamp() ELSE d.dead_at END,
-    dead_reason = CASE WHEN v.state = 'dead' THEN v.reason ELSE d.dead_reason END
-FROM unnest($1::bigint[], $2::text[], $3::int[], $4::float8[], $5::timestamptz[], $6::int[],
-            $7::text[], $8::text[])
-     AS v(id, state, attempt, delay_s, started_at, status, error, reason)
-WHERE d.id = v.id AND d.state = 'pending'
+# The attempt rows and the deliveries' new state from one set of arrays, in one statement.
+_OUTCOMES = """
+v AS (
+    SELECT * FROM unnest($1::bigint[], $2::int[], $3::timestamptz[], $4::float8[], $5::text[],
+                         $6::int[], $7::text[], $8::text[], $9::text[], $10::float8[], $11::text[])
+        AS v(id, attempt, started_at, duration_ms, outcome, status, error, excerpt, state,
+             delay_s, reason)
+),
+attempts AS (
+    INSERT INTO delivery.attempts
+        (delivery_id, attempt, started_at, duration_ms, outcome, status, error, response_excerpt)
+    SELECT id, attempt, started_at, duration_ms, outcome, status, error, excerpt FROM v
+),
+deliveries AS (
+    UPDATE delivery.deliveries d
+    SET state = v.state,
+        attempts = v.attempt,
+        next_attempt_at = CASE WHEN v.delay_s IS NULL THEN d.next_attempt_at
+                               ELSE clock_timestamp() + make_interval(secs => v.delay_s) END,
+        lease_until = NULL,
+        first_attempt_at = coalesce(d.first_attempt_at, v.started_at),
+        last_attempt_at = v.started_at,
+        last_status = v.status,
+        last_error = v.error,
+        delivered_at = CASE WHEN v.state = 'delivered' THEN clock_timestamp()
+                            ELSE d.delivered_at END,
+        dead_at = CASE WHEN v.state = 'dead' THEN clock_timestamp() ELSE d.dead_at END,
+        dead_reason = CASE WHEN v.state = 'dead' THEN v.reason ELSE d.dead_reason END
+    FROM v
+    WHERE d.id = v.id AND d.state = 'pending'
+)"""
+_RECORD = f"WITH {_OUTCOMES} SELECT"
+# When every outcome is a success (the common case), the same plus the circuit reset of their
+# subscriptions: a statement on its own, without BEGIN and COMMIT round trips. Subscriptions
+# are locked in id order, as in the general path.
+_RECORD_ALL_DELIVERED = f"""
+WITH {_OUTCOMES},
+circuits AS (
+    UPDATE delivery.subscriptions s
+    SET consecutive_failures = 0, circuit_state = 'closed', circuit_retry_at = NULL,
+        failing_since = NULL
+    FROM (
+        SELECT id, circuit_state AS old_state FROM delivery.subscriptions
+        WHERE id = ANY($12::text[]) AND (consecutive_failures <> 0 OR circuit_state <> 'closed')
+        ORDER BY id
+        FOR NO KEY UPDATE
+    ) o
+    WHERE s.id = o.id
+    RETURNING s.id, o.old_state, s.circuit_state AS new_state
+)
+SELECT id, old_state, new_state FROM circuits
 """
 # Circuit bookkeeping; each returns the state before the change, so transitions log once.
 # NO KEY UPDATE: it does not conflict with the key-share lock that inserting a delivery row
@@ -144,8 +172,19 @@ class OutcomeRecorder:
 
     async def _flush(self, batch: list[tuple[Recorded, asyncio.Future[None]]]) -> None:
         items = [item for item, _f in batch]
+        all_delivered = all(i.decision.outcome is Outcome.DELIVERED for i in items)
         try:
-            await with_retries(self._pool, lambda conn: self._write(conn, items), what="outcomes")
+            if all_delivered:
+                await with_retries(
+                    self._pool,
+                    lambda conn: self._write_delivered(conn, items),
+                    what="outcomes",
+                    transaction=False,
+                )
+            else:
+                await with_retries(
+                    self._pool, lambda conn: self._write(conn, items), what="outcomes"
+                )
         except BaseException as exc:
             for _item, future in batch:
                 if not future.done():
@@ -157,9 +196,9 @@ class OutcomeRecorder:
             if not future.done():
                 future.set_result(None)
 
-    async def _write(self, conn: asyncpg.Connection, items: list[Recorded]) -> None:
-        await conn.execute(
-            _INSERT_ATTEMPTS,
+    @staticmethod
+    def _outcome_arrays(items: list[Recorded]) -> list[list[Any]]:
+        return [
             [i.delivery_id for i in items],
             [i.attempt for i in items],
             [i.started_at for i in items],
@@ -168,18 +207,21 @@ class OutcomeRecorder:
             [i.result.status for i in items],
             [i.result.error for i in items],
             [i.result.excerpt for i in items],
-        )
-        await conn.execute(
-            _UPDATE_DELIVERIES,
-            [i.delivery_id for i in items],
             [_STATE[i.decision.outcome] for i in items],
-            [i.attempt for i in items],
             [i.decision.delay_s for i in items],
-            [i.started_at for i in items],
-            [i.result.status for i in items],
-            [i.result.error for i in items],
             [i.decision.reason for i in items],
+        ]
+
+    async def _write_delivered(self, conn: asyncpg.Connection, items: list[Recorded]) -> None:
+        subscription_ids = sorted({i.subscription_id for i in items})
+        rows = await conn.fetch(
+            _RECORD_ALL_DELIVERED, *self._outcome_arrays(items), subscription_ids
         )
+        for row in rows:
+            _note_transition(row["id"], row["old_state"], row["new_state"])
+
+    async def _write(self, conn: asyncpg.Connection, items: list[Recorded]) -> None:
+        await conn.execute(_RECORD, *self._outcome_arrays(items))
         await self._track_circuits(conn, items)
 
     async def _track_circuits(self, conn: asyncpg.Connection, items: list[Recorded]) -> None:
@@ -213,12 +255,7 @@ class OutcomeRecorder:
             for row in rows:
                 if row is None:
                     continue
-                if row["old_state"] != row["new_state"]:
-                    metrics.CIRCUIT_TRANSITIONS.labels(row["new_state"]).inc()
-                    log.warning(
-                        "circuit_opened" if row["new_state"] == "open" else "circuit_closed",
-                        subscription_id=sub_id,
-                    )
+                _note_transition(sub_id, row["old_state"], row["new_state"])
                 if row["too_long"]:
                     limit_s = self._settings.auto_disable_after_s
                     await self._disable(
@@ -232,3 +269,12 @@ class OutcomeRecorder:
             metrics.SUBSCRIPTIONS_DISABLED.labels(kind).inc()
             log.warning("subscription_disabled", subscription_id=subscription_id, reason=reason)
         await conn.execute(_PARK_PENDING, subscription_id, reason)
+
+
+def _note_transition(subscription_id: str, old_state: str, new_state: str) -> None:
+    if old_state != new_state:
+        metrics.CIRCUIT_TRANSITIONS.labels(new_state).inc()
+        log.warning(
+            "circuit_opened" if new_state == "open" else "circuit_closed",
+            subscription_id=subscription_id,
+        )
