@@ -16,7 +16,9 @@
 CREATE FUNCTION delivery.publish_events(
     p_ids text[], p_types text[], p_accounts text[], p_occurred timestamptz[], p_data text[],
     p_traceparents text[], OUT inserted text[]
-) LANGUAGE plpgsql SET plan_cache_mode = force_custom_plan AS $fn$
+) LANGUAGE plpgsql
+-- JIT would compile a large batch's plan at every call (hundreds of milliseconds).
+SET plan_cache_mode = force_custom_plan SET jit = off AS $fn$
 DECLARE
     fresh_n bigint;
 BEGIN
