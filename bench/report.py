@@ -37,6 +37,9 @@ python -m bench render             # this file again from bench/results.json
 ```
 Services: `DELIVERY_DATABASE_URL` / `DELIVERY_AMQP_URL` when set (every system in its own
 database and queue names, all removed afterwards), otherwise throwaway local servers.
+`--own-postgres` starts a throwaway PostgreSQL with stock settings (fsync and autovacuum on)
+whatever `DELIVERY_DATABASE_URL` says: this machine's shared server runs with autovacuum off,
+under which the 1,000,000-event backlog is never vacuumed.
 `tests/test_bench_smoke.py` runs the same code on 200 events per system (Celery and Dramatiq
 are in the `dev` extra the test command installs; outside CI a missing one is skipped)."""
 
@@ -75,6 +78,11 @@ def render(results: dict[str, Any]) -> str:
             f"{inv.get('finished', '?')}; load average at start {_load(inv.get('load_at_start'))}, "
             f"at end {_load(inv.get('load_at_end'))}; code: `{code.get('commit', '?')}`"
             + (f" with uncommitted changes to {dirty}" if dirty else "")
+            + (
+                f"; PostgreSQL {inv['servers']['postgresql settings']}"
+                if "postgresql settings" in inv.get("servers", {})
+                else ""
+            )
             + "."
         )
     out.append("")
@@ -518,14 +526,22 @@ def _profile(results: dict[str, Any]) -> list[str]:
 
 def _machine(meta: dict[str, Any], compare: dict[str, list[dict[str, Any]]]) -> list[str]:
     m = meta.get("machine", {})
+    servers = meta.get("servers", {})
+    own_pg = meta.get("params", {}).get("own_postgres", False)
     out = [
         "## Machine, versions, load",
         "",
         f"* CPU: {m.get('cpu_model', '?')}, `nproc` = {m.get('nproc', '?')}; kernel "
         f"{m.get('kernel', '?')}; Python {m.get('python', '?')}",
-        f"* Servers: PostgreSQL {meta.get('servers', {}).get('postgresql', '?')}, RabbitMQ "
-        f"{meta.get('servers', {}).get('rabbitmq', '?')} (the machine's shared instances, "
-        "isolated by database and queue names)",
+        f"* Servers: PostgreSQL {servers.get('postgresql', '?')}, RabbitMQ "
+        f"{servers.get('rabbitmq', '?')}, every system isolated by database and queue names. "
+        + (
+            f"PostgreSQL's settings: {servers['postgresql settings']}"
+            + (" (a throwaway server started by `--own-postgres`)" if own_pg else "")
+            + "."
+            if "postgresql settings" in servers
+            else ""
+        ),
         "* Packages: " + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
         "",
         "`free -h` at start:",

@@ -47,7 +47,7 @@ from bench.measure import (
     tree_pids,
 )
 from bench.systems import SYSTEMS, Ours, System, make_workload
-from delivery.provision import provision_services
+from delivery.provision import ENV_DATABASE_URL, LocalPostgres, provision_services
 
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results.json"
@@ -429,6 +429,13 @@ async def server_versions(db: str, amqp: str) -> dict[str, str]:
     with contextlib.suppress(Exception):
         conn = await asyncpg.connect(db)
         out["postgresql"] = await conn.fetchval("SHOW server_version")
+        # What changes PostgreSQL's figures most: durable commits, and whether anything vacuums
+        # the queue tables (a 1,000,000-event backlog on a server with autovacuum off slows 5x).
+        settings = await conn.fetch(
+            "SELECT name, setting FROM pg_settings WHERE name = ANY($1::text[]) ORDER BY name",
+            ["autovacuum", "fsync", "shared_buffers", "synchronous_commit"],
+        )
+        out["postgresql settings"] = ", ".join(f"{r['name']}={r['setting']}" for r in settings)
         await conn.close()
     with contextlib.suppress(Exception):
         connection = await aio_pika.connect(amqp)
@@ -646,6 +653,12 @@ def main() -> None:
         "--merge", action="store_true", help="keep other scenarios' results from bench/results.json"
     )
     parser.add_argument(
+        "--own-postgres",
+        action="store_true",
+        help="start a throwaway PostgreSQL with stock settings (fsync and autovacuum on) instead "
+        "of DELIVERY_DATABASE_URL",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="a smoke: few events, one run, small backlog (no figures worth quoting)",
@@ -656,7 +669,15 @@ def main() -> None:
         args.fanout_deliveries, args.relay_rows, args.backlog = 1000, 2000, 2000
         args.max_wait_s = 0
     if args.command == "run":
-        with provision_services(progress=say) as services:
+        with contextlib.ExitStack() as stack:
+            if args.own_postgres:
+                # Durable (fast=False) and otherwise stock: what a deployment runs, whatever the
+                # machine's shared server is configured for.
+                pg = LocalPostgres(fast=False, progress=say)
+                stack.callback(pg.close)
+                pg.start()
+                os.environ[ENV_DATABASE_URL] = pg.url
+            services = stack.enter_context(provision_services(progress=say))
             results = uvloop.run(run_all(services.database_url, services.amqp_url, args))
     else:
         results = json.loads(RESULTS_JSON.read_text())
