@@ -282,7 +282,7 @@ def _method(meta: dict[str, Any]) -> list[str]:
         "transaction per message (inbox row, POST, delivery row, COMMIT, then ack; a failed POST "
         "rolls back and is not acked) — `bench/peers/`. Ours runs its real path: "
         "`delivery.publish_many` into the outbox → relay (publisher confirms, mandatory, quorum "
-        "queue) → dispatch (inbox + delivery rows, one transaction per batch, then ack) → "
+        "queue) → dispatch (inbox + delivery rows, one statement per batch, then ack) → "
         "deliverer (POST, outcome recorded with group commit), with default settings.",
         "* **Peers.** Celery: prefork, `acks_late=True`, concurrency 4, default prefetch "
         "multiplier, no result backend, psycopg 3 + requests. Dramatiq: `RabbitmqBroker`, "
