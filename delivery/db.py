@@ -51,6 +51,14 @@ async def _no_session_reset(_conn: asyncpg.Connection) -> None:
     release is a wasted round trip. asyncpg still rolls back an open transaction."""
 
 
+async def _session_settings(conn: asyncpg.Connection) -> None:
+    # JIT compiles a query whose estimated cost is high, every time it runs. With a
+    # 1,000,000-row deliveries table the scheduler's claim crossed that line: 400-600 ms of
+    # LLVM compiling per 2 ms claim, and a backlog drained at ~250 events/s. Nothing we run
+    # gains from it. A SET rather than a startup parameter, which PgBouncer would refuse.
+    await conn.execute("SET jit = off")
+
+
 async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     """A pool whose connections fail fast on a dead server instead of hanging."""
     pool = await asyncpg.create_pool(
@@ -60,11 +68,7 @@ async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asy
         command_timeout=60,
         timeout=10,
         reset=_no_session_reset,
-        # JIT compiles a query whose estimated cost is high, every time it runs. With a
-        # 1,000,000-row deliveries table the scheduler's claim crossed that line: 400-600 ms
-        # of LLVM compiling per 2 ms claim, and a backlog drained at ~250 events/s. Nothing
-        # we run gains from it.
-        server_settings={"jit": "off"},
+        init=_session_settings,
     )
     assert pool is not None
     return pool
