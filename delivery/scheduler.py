@@ -105,10 +105,9 @@ SELECT
     (SELECT count(*) FROM delivery.deliveries WHERE state = 'pending' AND attempts > 0) AS retrying
 """
 # Claims read a subscription's due rows in index order and stop at its free slots. With stale
-# statistics (a backlog that grew faster than autovacuum's analyze) the planner takes a bitmap
-# scan of the subscription's every pending row and sorts them instead: a 1,000,000-event
-# backlog ran at 240-540 events/s for 150 s until autoanalyze (95 ms per claim at 600 k rows,
-# 5.5 ms in index order). Claims never want that plan.
+# statistics (a backlog that grew faster than autovacuum's analyze) the planner can take a
+# bitmap scan of the subscription's every pending row and sort them instead: 95 ms per claim
+# at 600 k pending rows, 5.5 ms in index order (measured side by side). Claims never want it.
 _INDEX_ORDER = "SET LOCAL enable_bitmapscan = off"
 _GAUGES_EVERY_S = 5.0
 # Woken by a freed slot, wait this long for more to free up, so one claim carries several
