@@ -193,13 +193,24 @@ class Dispatcher:
         if self._settings.dangerous_ack_before_commit:
             for message in accepted:
                 await _settle(message.ack())
-        committed = await self._commit(parsed, accepted, pairs, stop)
-        if committed is None:
-            return
-        created, fresh = committed
-        if not self._settings.dangerous_ack_before_commit:
-            for message in accepted:
-                await _settle(message.ack())
+        try:
+            committed = await self._commit(parsed, accepted, pairs, stop)
+            if committed is None:
+                return
+            created, fresh = committed
+            if not self._settings.dangerous_ack_before_commit:
+                for message in accepted:
+                    await _settle(message.ack())
+        except BaseException:
+            # Cancelled between reserving the deliverer's capacity and handing it the jobs (the
+            # supervisor restarts dispatch when its AMQP connection dies mid-batch): give the
+            # reservations back, or each such restart leaks slots until the process takes no
+            # more work. The rows stay leased until their lease ends; the scheduler takes them.
+            for pair in pairs:
+                if pair.leased:
+                    self._deliverer.release(pair.subscription.id)
+            pairs.clear()
+            raise
         metrics.EVENTS_DISPATCHED.inc(fresh)
         metrics.DUPLICATES_ABSORBED.inc(len({e.facts.id for e in parsed}) - fresh)
         self._start_attempts(pairs, created)
