@@ -91,14 +91,16 @@ async def _rolling_sigterm(ctx: RunContext) -> None:
     )
 
 
-def _rabbit(hard: bool) -> Plan:
+def _rabbit(hard: bool, *, alone: bool = True) -> Plan:
     async def plan(ctx: RunContext) -> None:
         for at in (0.2, 0.6):
             await ctx.progress(at)
             await ctx.uptime(_QUEUE_SETTLE_S)
             if not ctx.producing:
                 break
-            await faults.rabbit_restart(ctx, hard=hard, down_s=_span(ctx, 0.05, 1.0, 10.0))
+            await faults.rabbit_restart(
+                ctx, hard=hard, down_s=_span(ctx, 0.05, 1.0, 10.0), must_recover=alone
+            )
         await _until_produced(ctx)
 
     return plan
@@ -298,7 +300,9 @@ async def _everything(ctx: RunContext) -> None:
     async with asyncio.TaskGroup() as tg:
         tg.create_task(faults.kill_loop(ctx, ["worker", "relay"], every_s=(2.0, 5.0)))
         tg.create_task(_cuts("*")(ctx))
-        tg.create_task(_rabbit(hard=True)(ctx))
+        # Not "every process ready within 120 s" after each restart: with cuts every second
+        # and kills every few, some process is down at any moment (100k run, 2026-12-01).
+        tg.create_task(_rabbit(hard=True, alone=False)(ctx))
     await wait_until(lambda: not ctx.producing, timeout_s=3600, what="production to end")
 
 
