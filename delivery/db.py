@@ -84,8 +84,8 @@ async def with_retries(
 ) -> T:
     """Run ``work(conn)`` in a fresh transaction, retrying the *whole* transaction on
     connection-class errors with backoff until ``deadline_s``; never on data errors.
-    ``transaction=False`` is for work that is one statement (atomic by itself): it saves the
-    BEGIN and COMMIT round trips."""
+    ``transaction=False`` is for work whose writes are one statement (atomic by itself; reads
+    before it need no common snapshot): it saves the BEGIN and COMMIT round trips."""
     # The common case, first and without the retry machinery (this is on the hot path).
     try:
         return await _transaction(pool, work, what, transaction)
