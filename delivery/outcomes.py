@@ -173,18 +173,15 @@ class OutcomeRecorder:
     async def _flush(self, batch: list[tuple[Recorded, asyncio.Future[None]]]) -> None:
         items = [item for item, _f in batch]
         all_delivered = all(i.decision.outcome is Outcome.DELIVERED for i in items)
+        # All successes: one statement on its own; otherwise a transaction with the circuits.
+        write = self._write_delivered if all_delivered else self._write
         try:
-            if all_delivered:
-                await with_retries(
-                    self._pool,
-                    lambda conn: self._write_delivered(conn, items),
-                    what="outcomes",
-                    transaction=False,
-                )
-            else:
-                await with_retries(
-                    self._pool, lambda conn: self._write(conn, items), what="outcomes"
-                )
+            await with_retries(
+                self._pool,
+                lambda conn: write(conn, items),
+                what="outcomes",
+                transaction=not all_delivered,
+            )
         except BaseException as exc:
             for _item, future in batch:
                 if not future.done():
