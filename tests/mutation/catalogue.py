@@ -1,0 +1,513 @@
+"""The curated mutations: one-line bugs in the core, each a plausible slip, each with the tests
+that must catch it.
+
+A mutant is killed when one of its ``kill`` tests fails on a copy of the tree with ``old``
+replaced by ``new`` (every ``(old, new)`` pair of ``edits``; each ``old`` occurs exactly once in
+its file). ``guarantee`` names the README promise a mutant breaks: those must all be killed.
+``equivalent`` says why a mutant cannot be told apart from the real code by any test; those are
+listed, not run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutant:
+    id: str
+    path: str
+    edits: tuple[tuple[str, str], ...]
+    what: str
+    kill: tuple[str, ...] = ()
+    guarantee: str | None = None
+    equivalent: str | None = None
+
+
+ACK_AFTER_COMMIT = "ack only after the commit"
+CONFIRMED_ONLY = "the relay marks only confirmed rows published"
+RETRY_AFTER = "Retry-After is honoured"
+ROTATION = "every valid secret signs during a rotation"
+CIRCUIT = "the circuit opens after N consecutive failures and holds deliveries while open"
+DRAIN = "SIGTERM drains within the deadline and hands back what it cannot finish"
+RECORDED_ONCE = "a success recorded in PostgreSQL is never POSTed again"
+DEAD_LETTERS = "failed deliveries end as dead letters with a reason; 410 disables"
+REDRIVE = "only events the broker lost are sent again"
+POISON = "poison messages are dead-lettered and recorded, never lost or looped"
+CLASSIFICATION = "network errors, timeouts, 408, 425, 429 and 5xx are retried; other 4xx are not"
+OUTBOX = "an event exists iff its transaction committed, with a gapless per-account sequence"
+SIGNATURE = "every POST carries a valid Standard Webhooks signature"
+BOUNDS = "concurrency per subscriber and per process is bounded"
+
+MUTANTS: tuple[Mutant, ...] = (
+    # -- dispatch ---------------------------------------------------------------------------
+    Mutant(
+        "dispatch-ack-before-commit",
+        "delivery/dispatch.py",
+        (
+            (
+                "        if self._settings.dangerous_ack_before_commit:\n"
+                "            for message in accepted:",
+                "        if True:\n            for message in accepted:",
+            ),
+            (
+                "            if not self._settings.dangerous_ack_before_commit:\n"
+                "                for message in accepted:",
+                "            if False:\n                for message in accepted:",
+            ),
+        ),
+        "messages are acked before their batch commits",
+        guarantee=ACK_AFTER_COMMIT,
+    ),
+    Mutant(
+        "dispatch-ignores-open-circuit",
+        "delivery/dispatch.py",
+        (
+            (
+                "leased = active and not sub.circuit_open and self._deliverer.try_reserve(sub.id)",
+                "leased = active and self._deliverer.try_reserve(sub.id)",
+            ),
+        ),
+        "dispatch attempts a new event at once although the subscription's circuit is open",
+        guarantee=CIRCUIT,
+    ),
+    Mutant(
+        "dispatch-disabled-not-dead",
+        "delivery/dispatch.py",
+        (("pairs.append(_Pair(event, sub, leased, dead=not active))",
+          "pairs.append(_Pair(event, sub, leased, dead=False))"),),
+        "an event for a disabled subscription is kept pending instead of as a dead letter",
+        guarantee=DEAD_LETTERS,
+    ),
+    Mutant(
+        "dispatch-commit-failure-not-nacked",
+        "delivery/dispatch.py",
+        (
+            (
+                "                        for message in messages:\n"
+                "                            await _settle(message.nack(requeue=True))",
+                "                        for message in messages:\n"
+                "                            pass",
+            ),
+        ),
+        "a batch whose commit failed for good is neither acked nor nacked: held until the "
+        "channel dies",
+    ),
+    Mutant(
+        "dispatch-commit-failure-keeps-reservations",
+        "delivery/dispatch.py",
+        (
+            (
+                "            except Exception as exc:\n"
+                "                for pair in pairs:\n"
+                "                    if pair.leased:\n"
+                "                        self._deliverer.release(pair.subscription.id)\n"
+                "                pairs.clear()",
+                "            except Exception as exc:\n"
+                "                pairs.clear()",
+            ),
+        ),
+        "a failed commit keeps the deliverer capacity it reserved (a leak per failure)",
+        guarantee=BOUNDS,
+    ),
+    Mutant(
+        "dispatch-nacks-on-database-outage",
+        "delivery/dispatch.py",
+        (("if not (is_connection_error(exc) and not stop.is_set()):", "if True:"),),
+        "a database outage nacks the batch (counting toward x-delivery-limit) instead of "
+        "holding it",
+    ),
+    Mutant(
+        "dispatch-poison-requeued",
+        "delivery/dispatch.py",
+        (("await _settle(message.reject(requeue=False))",
+          "await _settle(message.reject(requeue=True))"),),
+        "an unparseable message is requeued instead of dead-lettered",
+        guarantee=POISON,
+    ),
+    # -- relay --------------------------------------------------------------------------------
+    Mutant(
+        "relay-marks-unconfirmed",
+        "delivery/relay.py",
+        (("await conn.execute(_MARK, confirmed)",
+          "await conn.execute(_MARK, [r['pk'] for r in rows])"),),
+        "the relay marks the whole batch published, confirmed or not",
+        guarantee=CONFIRMED_ONLY,
+    ),
+    Mutant(
+        "relay-not-mandatory",
+        "delivery/relay.py",
+        (("exchange.publish(o.message, routing_key=o.routing_key, mandatory=True)",
+          "exchange.publish(o.message, routing_key=o.routing_key, mandatory=False)"),),
+        "an unroutable message is confirmed and marked published: silently dropped",
+        guarantee=CONFIRMED_ONLY,
+    ),
+    Mutant(
+        "relay-no-redeclare",
+        "delivery/relay.py",
+        (
+            (
+                "                with contextlib.suppress(Exception):\n"
+                "                    async with asyncio.timeout(self._settings.publish_timeout_s):\n"
+                "                        await self._declare()\n"
+                "                await wait_any(stop, timeout_s=0.5)",
+                "                await wait_any(stop, timeout_s=0.5)",
+            ),
+        ),
+        "returned messages (a deleted queue) never make the relay declare the topology again",
+    ),
+    Mutant(
+        "redrive-takes-dispatched",
+        "delivery/relay.py",
+        (
+            (
+                "  AND o.redrives < $3\n"
+                "  AND NOT EXISTS (SELECT 1 FROM delivery.inbox i WHERE i.event_id = o.event_id)",
+                "  AND o.redrives < $3",
+            ),
+        ),
+        "the redrive sweep re-publishes events that were dispatched already",
+        guarantee=REDRIVE,
+    ),
+    Mutant(
+        "redrive-unbounded",
+        "delivery/relay.py",
+        (("  AND o.redrives < $3\n", "  AND true\n"),),
+        "the redrive sweep re-publishes the same lost event forever",
+        guarantee=REDRIVE,
+    ),
+    # -- outbox ---------------------------------------------------------------------------------
+    Mutant(
+        "outbox-sequence-gap",
+        "migrations/0007_publish_function.sql",
+        (("b.last_sequence - c.n + row_number()", "b.last_sequence - c.n + 1 + row_number()"),),
+        "sequences start one too high for each batch: a gap per publish",
+        guarantee=OUTBOX,
+    ),
+    Mutant(
+        "outbox-duplicate-not-skipped",
+        "migrations/0007_publish_function.sql",
+        (
+            (
+                "        WHERE NOT EXISTS (SELECT 1 FROM delivery.outbox o "
+                "WHERE o.event_id = i.event_id)\n",
+                "",
+            ),
+        ),
+        "an id already in the outbox is counted again: its account's counter moves and the "
+        "publish fails",
+        guarantee=OUTBOX,
+    ),
+    # -- scheduler ----------------------------------------------------------------------------
+    Mutant(
+        "scheduler-ignores-retry-time",
+        "delivery/scheduler.py",
+        (
+            (
+                "        WHERE subscription_id = subs.id AND state = 'pending'\n"
+                "          AND next_attempt_at <= clock_timestamp()\n",
+                "        WHERE subscription_id = subs.id AND state = 'pending'\n",
+            ),
+        ),
+        "a retry is claimed before its time has come",
+        guarantee=RETRY_AFTER,
+    ),
+    Mutant(
+        "scheduler-ignores-circuit",
+        "delivery/scheduler.py",
+        (("if sub.circuit_open and sub.id not in probes:", "if False:"),),
+        "every worker probes an open circuit with all its due deliveries",
+        guarantee=CIRCUIT,
+    ),
+    Mutant(
+        "scheduler-claims-leased",
+        "delivery/scheduler.py",
+        (
+            (
+                "    WHERE d.id IN (SELECT id FROM candidates) AND d.state = 'pending'\n"
+                "      AND (d.lease_until IS NULL OR d.lease_until < clock_timestamp())\n",
+                "    WHERE d.id IN (SELECT id FROM candidates) AND d.state = 'pending'\n",
+            ),
+            (
+                "          AND (lease_until IS NULL OR lease_until < clock_timestamp())\n"
+                "        ORDER BY next_attempt_at",
+                "        ORDER BY next_attempt_at",
+            ),
+        ),
+        "a delivery leased to a worker is claimed again by another",
+        guarantee=RECORDED_ONCE,
+    ),
+    Mutant(
+        "scheduler-no-backoff",
+        "delivery/scheduler.py",
+        (("await wait_any(stop, timeout_s=min(0.1 * 2**failures, 5.0))", "continue"),),
+        "a failing claim is retried at once, in a tight loop",
+    ),
+    # -- deliverer ----------------------------------------------------------------------------
+    Mutant(
+        "deliverer-drops-retry-after",
+        "delivery/deliverer.py",
+        (("retry_after_s=result.retry_after_s,", "retry_after_s=None,"),),
+        "the deliverer ignores the subscriber's Retry-After",
+        guarantee=RETRY_AFTER,
+    ),
+    Mutant(
+        "drain-deadline-zero",
+        "delivery/deliverer.py",
+        (("deadline = self._settings.shutdown_timeout_s", "deadline = 0"),),
+        "SIGTERM cancels in-flight attempts at once instead of letting them finish",
+        guarantee=DRAIN,
+    ),
+    Mutant(
+        "drain-no-hand-back",
+        "delivery/deliverer.py",
+        (("await asyncio.shield(self._hand_back(job))", "pass"),),
+        "an attempt cancelled at the drain deadline keeps its lease instead of handing it back",
+        guarantee=DRAIN,
+    ),
+    Mutant(
+        "drain-queued-not-handed-back",
+        "delivery/deliverer.py",
+        (
+            (
+                "                request_done()\n"
+                "                await self._hand_back(job)\n",
+                "                request_done()\n",
+            ),
+        ),
+        "work queued when the drain starts keeps its lease instead of going back",
+        guarantee=DRAIN,
+    ),
+    Mutant(
+        "crashed-attempt-not-handed-back",
+        "delivery/deliverer.py",
+        (
+            (
+                '            log.exception("delivery_attempt_crashed", delivery_id=job.delivery_id)\n'
+                "            await self._hand_back(job)",
+                '            log.exception("delivery_attempt_crashed", delivery_id=job.delivery_id)',
+            ),
+        ),
+        "an attempt that crashed (its outcome could not be recorded) keeps its lease",
+    ),
+    Mutant(
+        "capacity-cap-off-by-one",
+        "delivery/deliverer.py",
+        (("if self._per_subscription[subscription_id] >= self._subscription_cap:",
+          "if self._per_subscription[subscription_id] > self._subscription_cap:"),),
+        "a subscriber may hold one delivery more than its cap",
+        guarantee=BOUNDS,
+    ),
+    Mutant(
+        "lease-not-renewed",
+        "delivery/deliverer.py",
+        (("await self._pool.execute(_RENEW, ids, leases)", "pass"),),
+        "held leases are never renewed: a slow outcome commit lets a second worker in",
+        guarantee=RECORDED_ONCE,
+    ),
+    # -- sender -------------------------------------------------------------------------------
+    Mutant(
+        "sender-drops-retry-after",
+        "delivery/sender.py",
+        (('retry_after_s=parse_retry_after_s(response.headers.get("retry-after")),',
+          "retry_after_s=None,"),),
+        "the sender does not read Retry-After",
+        guarantee=RETRY_AFTER,
+    ),
+    Mutant(
+        "sender-follows-redirects",
+        "delivery/sender.py",
+        (("allow_redirects=False", "allow_redirects=True"),),
+        "a 3xx is followed (re-POSTing the signed body elsewhere) instead of being the outcome",
+    ),
+    Mutant(
+        "sender-unbounded-excerpt",
+        "delivery/sender.py",
+        (("await response.content.read(self._excerpt_bytes)", "await response.content.read()"),),
+        "the whole reply is read and stored, not an excerpt",
+    ),
+    Mutant(
+        "sender-oserror-escapes",
+        "delivery/sender.py",
+        (
+            (
+                "        except OSError as exc:\n"
+                '            error = f"{type(exc).__name__}: {exc}"[:500]\n',
+                "",
+            ),
+        ),
+        "a refused or reset connection that aiohttp does not wrap escapes the sender",
+        equivalent="aiohttp wraps connect and read failures in ClientError "
+        "(ClientConnectorError, ClientOSError, ServerDisconnectedError), so this branch is "
+        "defence in depth: no refused, reset or closed connection reaches it",
+    ),
+    # -- signing ------------------------------------------------------------------------------
+    Mutant(
+        "rotation-new-secret-only",
+        "delivery/subscriptions.py",
+        (("keys.append(secret_key(self.previous_secret))", "pass"),),
+        "during a rotation's grace only the new secret signs",
+        guarantee=ROTATION,
+    ),
+    Mutant(
+        "rotation-grace-never-ends",
+        "delivery/subscriptions.py",
+        (("and self.previous_secret_expires_at > now", "and now is not None"),),
+        "the previous secret keeps signing after its grace has ended",
+        guarantee=ROTATION,
+    ),
+    Mutant(
+        "sign-content-without-dot",
+        "delivery/signing.py",
+        (('prefix = f"{msg_id}.{timestamp}.".encode()', 'prefix = f"{msg_id}.{timestamp}".encode()'),),
+        "the signed content is not Standard Webhooks' id.timestamp.body",
+        guarantee=SIGNATURE,
+    ),
+    Mutant(
+        "sign-joined-by-comma",
+        "delivery/signing.py",
+        (('return " ".join(parts)', 'return ",".join(parts)'),),
+        "several signatures are joined so that a verifier cannot split them",
+        guarantee=ROTATION,
+    ),
+    Mutant(
+        "matching-ignores-account",
+        "delivery/subscriptions.py",
+        (("if self.account_id is not None and self.account_id != account_id:", "if False:"),),
+        "a subscription to one account gets every account's events",
+    ),
+    # -- retry policy ---------------------------------------------------------------------------
+    Mutant(
+        "retry-5xx-only-500-503",
+        "delivery/retry.py",
+        (("if status in RETRYABLE_STATUSES or status >= 500:",
+          "if status in RETRYABLE_STATUSES or status in (500, 503):"),),
+        "502 and 504 are dead-lettered at once instead of retried",
+        guarantee=CLASSIFICATION,
+    ),
+    Mutant(
+        "retry-429-permanent",
+        "delivery/retry.py",
+        (("RETRYABLE_STATUSES = frozenset({408, 425, 429})",
+          "RETRYABLE_STATUSES = frozenset({408, 425})"),),
+        "429 is dead-lettered at once instead of retried",
+        guarantee=CLASSIFICATION,
+    ),
+    Mutant(
+        "retry-410-permanent",
+        "delivery/retry.py",
+        (("    if status == 410:\n        return Outcome.GONE\n", ""),),
+        "410 is an ordinary permanent failure and never disables the subscription",
+        guarantee=DEAD_LETTERS,
+    ),
+    Mutant(
+        "retry-no-jitter",
+        "delivery/retry.py",
+        (("base * (1.0 + rng.uniform(-policy.jitter_fraction, policy.jitter_fraction))",
+          "base"),),
+        "retries of deliveries that failed together are not spread",
+    ),
+    Mutant(
+        "retry-after-uncapped",
+        "delivery/retry.py",
+        (("return min(retry_after_s, policy.longest_step_s)", "return retry_after_s"),),
+        "a subscriber's Retry-After can park a delivery for days",
+        guarantee=RETRY_AFTER,
+    ),
+    Mutant(
+        "retry-after-ignored-by-policy",
+        "delivery/retry.py",
+        (("if retry_after_s is not None and retry_after_s > jittered:", "if False:"),),
+        "the policy ignores Retry-After",
+        guarantee=RETRY_AFTER,
+    ),
+    Mutant(
+        "retry-one-attempt-short",
+        "delivery/retry.py",
+        (("if attempt > len(policy.schedule_s):", "if attempt >= len(policy.schedule_s):"),),
+        "the schedule's last step is never used",
+    ),
+    # -- outcomes -------------------------------------------------------------------------------
+    Mutant(
+        "outcome-overwrites-settled-row",
+        "delivery/outcomes.py",
+        (("    WHERE d.id = v.id AND d.state = 'pending'\n", "    WHERE d.id = v.id\n"),),
+        "an outcome is written over a row that is no longer pending (a late duplicate "
+        "attempt turns a delivered row back into a retry)",
+        guarantee=RECORDED_ONCE,
+    ),
+    Mutant(
+        "circuit-opens-late",
+        "delivery/outcomes.py",
+        (("    circuit_state = CASE WHEN s.consecutive_failures + $5 >= $2 THEN 'open'",
+          "    circuit_state = CASE WHEN s.consecutive_failures + $5 > $2 THEN 'open'"),),
+        "the circuit opens after N+1 failures instead of N",
+        guarantee=CIRCUIT,
+    ),
+    Mutant(
+        "circuit-counts-before-success",
+        "delivery/outcomes.py",
+        (("                outcomes = outcomes[last + 1 :]\n", ""),),
+        "failures from before the last success of a batch count toward the circuit",
+        guarantee=CIRCUIT,
+    ),
+    Mutant(
+        "auto-disable-never",
+        "delivery/outcomes.py",
+        (('                if row["too_long"]:', "                if False:"),),
+        "a subscription failing for longer than the limit is never disabled",
+        guarantee=DEAD_LETTERS,
+    ),
+    Mutant(
+        "gone-does-not-disable",
+        "delivery/outcomes.py",
+        (("            if Outcome.GONE in outcomes:", "            if False:"),),
+        "410 does not disable the subscription",
+        guarantee=DEAD_LETTERS,
+    ),
+    Mutant(
+        "disable-keeps-pending",
+        "delivery/outcomes.py",
+        (("        await conn.execute(_PARK_PENDING, subscription_id, reason)\n", ""),),
+        "a disabled subscription's waiting deliveries stay pending instead of dead letters",
+        guarantee=DEAD_LETTERS,
+    ),
+    Mutant(
+        "flush-failure-reported-as-success",
+        "delivery/outcomes.py",
+        (("future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(exc))",
+          "future.set_result(None)"),),
+        "an outcome that could not be committed is reported to the attempt as recorded",
+    ),
+    # -- poison ---------------------------------------------------------------------------------
+    Mutant(
+        "poison-lost-on-record-failure",
+        "delivery/poison.py",
+        (
+            (
+                '            log.exception("poison_record_failed", message_id=message.message_id)\n'
+                "            await message.nack(requeue=True)",
+                '            log.exception("poison_record_failed", message_id=message.message_id)\n'
+                "            await message.ack()",
+            ),
+        ),
+        "a poison message whose record failed is acked: gone without a trace",
+        guarantee=POISON,
+    ),
+    Mutant(
+        "poison-never-redriven",
+        "delivery/poison.py",
+        (('if reason.startswith("redelivered past") and await self._redrive(message):',
+          "if False:"),),
+        "healthy events dead-lettered by connection flaps are recorded as poison, never sent",
+        guarantee=POISON,
+    ),
+    Mutant(
+        "poison-redrive-unbounded",
+        "delivery/poison.py",
+        (("WHERE o.event_id = ANY($1::text[]) AND o.published_at IS NOT NULL AND o.redrives < $2",
+          "WHERE o.event_id = ANY($1::text[]) AND o.published_at IS NOT NULL AND $2 > 0"),),
+        "a message that really crashes workers is redriven forever, never recorded",
+        guarantee=POISON,
+    ),
+)
