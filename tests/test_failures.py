@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import time
 
 import aio_pika
 import asyncpg
@@ -149,17 +148,22 @@ async def test_a_hanging_subscriber_does_not_delay_a_healthy_one(settings):
         await subscriptions.add(conn, url=receiver.url("/healthy"), patterns="*")
         events = [trade(i, account=f"acc_{i % 4}", id=f"evt_{i:03d}") for i in range(300)]
         async with running(settings):
-            started = time.monotonic()
             await publish_many(conn, events)
             await receiver.wait_for(
                 lambda r: len(r.unique_ids("/healthy")) == 300, timeout_s=60, what="healthy ones"
             )
-            elapsed = time.monotonic() - started
             hanging = sum(1 for a in receiver.arrivals if a.path == "/hang")
+            # Not one attempt of the hanging subscriber has ended (each waits its 30 s timeout):
+            # the healthy one was never queued behind it, however slow the machine is.
+            ended = await conn.fetchval(
+                "SELECT count(*) FROM delivery.attempts a JOIN delivery.deliveries d"
+                " ON d.id = a.delivery_id JOIN delivery.subscriptions s"
+                " ON s.id = d.subscription_id WHERE s.url = $1",
+                receiver.url("/hang"),
+            )
         # The hanging subscriber holds at most its own share of slots, never more.
         assert hanging <= 4
-        # Generous bound (shared CI machine): far below one HTTP timeout of the hanging one.
-        assert elapsed < 20, f"healthy deliveries took {elapsed:.1f}s"
+        assert ended == 0
     await conn.close()
 
 
@@ -253,9 +257,14 @@ async def test_sigterm_under_load_hands_back_and_restart_delivers_everything(set
         )
         first = await start_worker(settings, command="run")
         await receiver.wait_for(lambda r: len(r.delivered()) >= 100, timeout_s=60, what="load")
-        began = time.monotonic()
         assert await stop_gracefully(first, timeout_s=30) == 0
-        assert time.monotonic() - began < 2.0 + 10  # the drain deadline plus process teardown
+        # Whatever was in flight or queued at the deadline went back to PostgreSQL at once
+        # (no lease left to expire), so the restart takes it without waiting.
+        leased = await conn.fetchval(
+            "SELECT count(*) FROM delivery.deliveries"
+            " WHERE state = 'pending' AND lease_until > clock_timestamp()"
+        )
+        assert leased == 0
         partial = len(receiver.unique_ids())
         assert partial < 1500  # it really was stopped mid-flight
         second = await start_worker(settings, command="run")

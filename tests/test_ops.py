@@ -15,7 +15,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -459,7 +458,6 @@ def _trade(i: int) -> dict[str, object]:
 async def test_every_promql_expression_runs_on_prometheus_scraping_a_running_pipeline(
     settings: Settings, tmp_path: Path
 ):
-    started = time.monotonic()
     _binary("prometheus")
     admin_port = free_port()
     settings = settings.model_copy(update={"admin_port": admin_port})
@@ -554,7 +552,6 @@ async def test_every_promql_expression_runs_on_prometheus_scraping_a_running_pip
                         assert (ROOT / runbook).is_file(), f"{rule['name']}: {runbook}"
     finally:
         await conn.close()
-    assert time.monotonic() - started < 90
 
 
 # -- 5. /readyz follows RabbitMQ -----------------------------------------------------------
