@@ -1,6 +1,6 @@
 """How much of a process one subscriber may hold, and how long its leases last (pure)."""
 
-from delivery.deliverer import lease_per_timeout, subscription_hold_cap
+from delivery.deliverer import Deliverer, lease_per_timeout, subscription_hold_cap
 from delivery.settings import Settings
 
 
@@ -34,3 +34,37 @@ def test_no_queue_is_the_old_behaviour():
     s = _settings(per_subscription_max_queued=0)
     assert subscription_hold_cap(s) == 16
     assert lease_per_timeout(s) == 2.0
+
+
+def _deliverer(**knobs: object) -> Deliverer:
+    # Reservations are pure accounting: neither the pool nor the sender is touched.
+    return Deliverer(_settings(**knobs), None, None)  # type: ignore[arg-type]
+
+
+def test_a_subscriber_holds_up_to_its_cap_and_the_next_reservation_is_refused():
+    d = _deliverer(
+        max_in_flight=100, per_subscription_max_in_flight=2, per_subscription_max_queued=3
+    )
+    assert d.subscription_cap() == 5
+    assert [d.try_reserve("sub_a") for _ in range(6)] == [True] * 5 + [False]
+    assert d.saturated_subscriptions() == ["sub_a"]
+    assert d.free_slots_by_subscription() == {"sub_a": 0}
+    # Another subscriber is not held back by the full one.
+    assert d.try_reserve("sub_b")
+    assert d.free_slots() == 100 - 6
+    # A release frees exactly one place, and only one more reservation fits.
+    d.release("sub_a")
+    assert d.free_slots_by_subscription()["sub_a"] == 1
+    assert d.try_reserve("sub_a")
+    assert not d.try_reserve("sub_a")
+
+
+def test_the_process_holds_at_most_max_in_flight_across_subscribers():
+    d = _deliverer(max_in_flight=8, per_subscription_max_in_flight=2, per_subscription_max_queued=0)
+    granted = [d.try_reserve(f"sub_{i}") for i in range(4) for _ in range(2)]
+    assert granted == [True] * 8 and d.free_slots() == 0
+    assert not d.try_reserve("sub_new")  # the process is full, whoever asks
+    d.release("sub_2")
+    assert d.free_slots() == 1
+    assert d.try_reserve("sub_new")
+    assert not d.try_reserve("sub_other")

@@ -1,5 +1,6 @@
 """The retry policy is data plus pure functions: tested without a clock or a network."""
 
+import collections
 import random
 from datetime import UTC, datetime
 
@@ -41,7 +42,10 @@ def test_bad_schedules_name_the_token(bad):
         (425, Outcome.RETRY),
         (429, Outcome.RETRY),
         (500, Outcome.RETRY),
+        (501, Outcome.RETRY),
+        (502, Outcome.RETRY),
         (503, Outcome.RETRY),
+        (504, Outcome.RETRY),
         (599, Outcome.RETRY),
         (410, Outcome.GONE),
         (400, Outcome.PERMANENT),
@@ -49,10 +53,79 @@ def test_bad_schedules_name_the_token(bad):
         (404, Outcome.PERMANENT),
         (301, Outcome.PERMANENT),
         (422, Outcome.PERMANENT),
+        (403, Outcome.PERMANENT),
+        (409, Outcome.PERMANENT),
+        (411, Outcome.PERMANENT),
+        (428, Outcome.PERMANENT),
     ],
 )
 def test_classification_follows_the_contract(status, outcome):
     assert classify_status(status) is outcome
+
+
+@pytest.mark.parametrize("status", [408, 425, 429, 500, 502, 503, 504])
+def test_a_retryable_status_is_retried_with_a_delay_and_dead_lettered_only_when_exhausted(status):
+    short = RetryPolicy((1.0, 2.0))
+    rng = random.Random(2)
+    first = decide(status=status, error=None, retry_after_s=None, attempt=1, policy=short, rng=rng)
+    assert first.outcome is Outcome.RETRY and first.delay_s is not None and first.reason is None
+    last = decide(status=status, error=None, retry_after_s=None, attempt=3, policy=short, rng=rng)
+    assert last.outcome is Outcome.EXHAUSTED
+    assert last.reason == f"HTTP {status}: gave up after 3 attempts"
+
+
+def test_410_is_gone_not_an_ordinary_permanent_failure():
+    rng = random.Random(4)
+    gone = decide(status=410, error=None, retry_after_s=None, attempt=1, policy=POLICY, rng=rng)
+    assert gone.outcome is Outcome.GONE
+    assert gone.reason == "HTTP 410 Gone: subscription disabled"
+    assert gone.delay_s is None
+
+
+def test_a_429_with_retry_after_waits_as_long_as_the_subscriber_asked():
+    rng = random.Random(6)
+    decision = decide(status=429, error=None, retry_after_s=90, attempt=1, policy=POLICY, rng=rng)
+    assert decision.outcome is Outcome.RETRY
+    assert decision.delay_s == 90  # not the jittered 5 s step, and not jittered itself
+
+
+def test_retries_of_many_deliveries_that_failed_together_are_spread():
+    # 1000 deliveries failed on their first attempt at the same moment (one outage).
+    rng = random.Random(20260101)
+    delays = [next_delay_s(POLICY, 1, retry_after_s=None, rng=rng) for _ in range(1000)]
+    assert all(d is not None for d in delays)
+    spread = [d for d in delays if d is not None]
+    # Spread across the +-20 % band around the 5 s step, not piled on one instant.
+    assert min(spread) < 4.2 and max(spread) > 5.8
+    # Ten 0.2 s windows across [4 s, 6 s]: each gets about a tenth, none the whole herd.
+    windows = collections.Counter(min(int((d - 4.0) / 0.2), 9) for d in spread)
+    assert sorted(windows) == list(range(10))
+    assert max(windows.values()) < 150
+    # The same seed gives the same delays: the spread is the random source's, nothing else.
+    again = random.Random(20260101)
+    assert [next_delay_s(POLICY, 1, retry_after_s=None, rng=again) for _ in range(1000)] == delays
+
+
+def test_every_step_of_the_schedule_is_used_before_giving_up():
+    rng = random.Random(8)
+    short = RetryPolicy((1.0, 2.0, 4.0), jitter_fraction=0.0)
+    delays = [next_delay_s(short, n, retry_after_s=None, rng=rng) for n in (1, 2, 3, 4)]
+    assert delays == [1.0, 2.0, 4.0, None]
+    assert short.max_attempts == 4
+    last_step = decide(status=503, error=None, retry_after_s=None, attempt=3, policy=short, rng=rng)
+    assert last_step.outcome is Outcome.RETRY and last_step.delay_s == 4.0
+
+
+def test_retry_after_longer_than_the_longest_step_is_capped_at_that_step():
+    rng = random.Random(9)
+    short = RetryPolicy((1.0, 2.0, 4.0))
+    # A day asked for on the first attempt: held back by the longest step, not the first.
+    assert next_delay_s(short, 1, retry_after_s=86_400, rng=rng) == 4.0
+    assert next_delay_s(short, 3, retry_after_s=86_400, rng=rng) == 4.0
+    # Within the cap: exactly what was asked, on any attempt.
+    assert next_delay_s(short, 1, retry_after_s=3.5, rng=rng) == 3.5
+    capped = decide(status=503, error=None, retry_after_s=10**7, attempt=2, policy=short, rng=rng)
+    assert capped.outcome is Outcome.RETRY and capped.delay_s == 4.0
 
 
 def test_jitter_stays_within_twenty_percent_and_varies():
