@@ -10,7 +10,7 @@ listed, not run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ OUTBOX = "an event exists iff its transaction committed, with a gapless per-acco
 SIGNATURE = "every POST carries a valid Standard Webhooks signature"
 BOUNDS = "concurrency per subscriber and per process is bounded"
 
-MUTANTS: tuple[Mutant, ...] = (
+_MUTANTS: tuple[Mutant, ...] = (
     # -- dispatch ---------------------------------------------------------------------------
     Mutant(
         "dispatch-ack-before-commit",
@@ -172,7 +172,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "redrive-unbounded",
         "delivery/relay.py",
-        (("  AND o.redrives < $3\n", "  AND true\n"),),
+        (("  AND o.redrives < $3\n", "  AND $3::int >= 0\n"),),
         "the redrive sweep re-publishes the same lost event forever",
         guarantee=REDRIVE,
     ),
@@ -511,3 +511,77 @@ MUTANTS: tuple[Mutant, ...] = (
         guarantee=POISON,
     ),
 )
+
+# The tests that kill each mutant, fastest first (the run stops at the first failure).
+_R = "tests/test_retry_policy.py::"
+_S = "tests/test_signing.py::"
+_DL = "tests/test_dead_letters.py::"
+KILLS: dict[str, tuple[str, ...]] = {
+    "retry-5xx-only-500-503": (_R + "test_classification_follows_the_contract",),
+    "retry-429-permanent": (
+        _R + "test_a_retryable_status_is_retried_with_a_delay_and_dead_lettered_only_when_exhausted",
+    ),
+    "retry-410-permanent": (_R + "test_410_is_gone_not_an_ordinary_permanent_failure",),
+    "retry-no-jitter": (
+        _R + "test_retries_of_many_deliveries_that_failed_together_are_spread",
+    ),
+    "retry-after-uncapped": (
+        _R + "test_retry_after_longer_than_the_longest_step_is_capped_at_that_step",
+    ),
+    "retry-after-ignored-by-policy": (
+        _R + "test_a_429_with_retry_after_waits_as_long_as_the_subscriber_asked",
+    ),
+    "retry-one-attempt-short": (_R + "test_every_step_of_the_schedule_is_used_before_giving_up",),
+    "matching-ignores-account": (
+        "tests/test_unit_rules.py::test_a_subscription_to_one_account_gets_only_that_accounts_events",
+    ),
+    "sign-content-without-dot": (
+        _S + "test_a_signed_request_verifies_with_the_standard_webhooks_library",
+    ),
+    "sign-joined-by-comma": (
+        _S + "test_during_a_rotation_each_secret_alone_verifies_with_the_standard_webhooks_library",
+    ),
+    "capacity-cap-off-by-one": (
+        "tests/test_capacity.py::"
+        "test_a_subscriber_holds_up_to_its_cap_and_the_next_reservation_is_refused",
+    ),
+    "outbox-sequence-gap": (
+        "tests/test_outbox.py::test_sequences_run_one_to_n_per_account_over_publishes_and_batches",
+    ),
+    "outbox-duplicate-not-skipped": (
+        "tests/test_outbox.py::"
+        "test_a_duplicate_id_is_reported_and_leaves_the_accounts_counter_alone",
+    ),
+    "circuit-counts-before-success": (
+        _DL + "test_only_failures_after_the_last_success_of_a_batch_count_toward_the_circuit",
+    ),
+    "auto-disable-never": (
+        _DL + "test_a_subscription_failing_for_longer_than_the_limit_is_disabled_with_its_backlog",
+    ),
+    "gone-does-not-disable": (
+        _DL + "test_a_410_disables_the_subscription_and_parks_its_waiting_deliveries_as_dead",
+    ),
+    "disable-keeps-pending": (
+        _DL + "test_a_410_disables_the_subscription_and_parks_its_waiting_deliveries_as_dead",
+    ),
+    "dispatch-disabled-not-dead": (
+        _DL + "test_an_event_for_a_disabled_subscription_is_a_dead_letter_at_once",
+    ),
+    "redrive-takes-dispatched": (
+        _DL + "test_the_redrive_sweep_sends_again_only_lost_events_with_redrives_left",
+    ),
+    "redrive-unbounded": (
+        _DL + "test_the_redrive_sweep_sends_again_only_lost_events_with_redrives_left",
+    ),
+    "dispatch-poison-requeued": (
+        _DL + "test_an_unparseable_message_is_dead_lettered_at_once_not_requeued",
+    ),
+    "poison-never-redriven": (
+        _DL + "test_an_event_past_the_delivery_limit_with_redrives_left_is_sent_again_not_poison",
+    ),
+    "poison-redrive-unbounded": (
+        _DL + "test_an_event_past_the_delivery_limit_with_no_redrives_left_is_recorded_as_poison",
+    ),
+}
+
+MUTANTS: tuple[Mutant, ...] = tuple(replace(m, kill=KILLS.get(m.id, m.kill)) for m in _MUTANTS)
