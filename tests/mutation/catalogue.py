@@ -337,9 +337,11 @@ _MUTANTS: tuple[Mutant, ...] = (
             ),
         ),
         "a refused or reset connection that aiohttp does not wrap escapes the sender",
-        equivalent="aiohttp wraps connect and read failures in ClientError "
-        "(ClientConnectorError, ClientOSError, ServerDisconnectedError), so this branch is "
-        "defence in depth: no refused, reset or closed connection reaches it",
+        equivalent="aiohttp wraps every connect and read failure in ClientError: refused and "
+        "DNS failures are ClientConnectorError, resets ClientOSError, a close without a reply "
+        "ServerDisconnectedError, a cut mid-body ClientPayloadError, a garbage status line "
+        "ClientResponseError (each tried in tests/test_fault_paths.py), so no refused, reset or "
+        "closed connection reaches this branch: it is defence in depth",
     ),
     # -- signing ------------------------------------------------------------------------------
     Mutant(
@@ -516,7 +518,32 @@ _MUTANTS: tuple[Mutant, ...] = (
 _R = "tests/test_retry_policy.py::"
 _S = "tests/test_signing.py::"
 _DL = "tests/test_dead_letters.py::"
+_F = "tests/test_fault_paths.py::"
 KILLS: dict[str, tuple[str, ...]] = {
+    "dispatch-commit-failure-not-nacked": (
+        _F + "test_a_batch_whose_commit_fails_is_nacked_with_its_capacity_given_back",
+    ),
+    "dispatch-commit-failure-keeps-reservations": (
+        _F + "test_a_batch_whose_commit_fails_is_nacked_with_its_capacity_given_back",
+    ),
+    "dispatch-nacks-on-database-outage": (
+        _F + "test_a_batch_is_held_not_nacked_while_the_database_is_unreachable",
+    ),
+    "relay-no-redeclare": (
+        _F + "test_a_deleted_dispatch_queue_is_declared_again_when_publishes_come_back",
+    ),
+    "scheduler-no-backoff": (
+        _F + "test_a_failing_claim_backs_off_reports_not_ready_and_recovers",
+    ),
+    "crashed-attempt-not-handed-back": (
+        _F + "test_an_attempt_whose_outcome_cannot_be_recorded_is_handed_back_and_sent_again",
+    ),
+    "flush-failure-reported-as-success": (
+        _F + "test_an_outcome_that_cannot_be_committed_is_raised_to_its_attempt",
+    ),
+    "poison-lost-on-record-failure": (
+        _F + "test_a_poison_message_whose_record_fails_is_kept_in_the_dead_queue_until_recorded",
+    ),
     "retry-5xx-only-500-503": (_R + "test_classification_follows_the_contract",),
     "retry-429-permanent": (
         _R + "test_a_retryable_status_is_retried_with_a_delay_and_dead_lettered_only_when_exhausted",
