@@ -519,7 +519,65 @@ _R = "tests/test_retry_policy.py::"
 _S = "tests/test_signing.py::"
 _DL = "tests/test_dead_letters.py::"
 _F = "tests/test_fault_paths.py::"
+_G = "tests/test_guarantees.py::"
+_D = "tests/test_drain.py::"
 KILLS: dict[str, tuple[str, ...]] = {
+    "dispatch-ack-before-commit": (
+        _G + "test_a_message_is_acked_only_after_its_batch_commits_so_a_crash_in_between_loses_nothing",
+    ),
+    "relay-marks-unconfirmed": (
+        _G + "test_a_returned_publish_is_never_marked_published_and_goes_out_once_routable",
+    ),
+    "relay-not-mandatory": (
+        _G + "test_a_returned_publish_is_never_marked_published_and_goes_out_once_routable",
+    ),
+    "scheduler-ignores-retry-time": (
+        _G + "test_a_retry_after_holds_the_next_attempt_back_at_least_that_long",
+    ),
+    "sender-drops-retry-after": (
+        _G + "test_a_retry_after_holds_the_next_attempt_back_at_least_that_long",
+    ),
+    "deliverer-drops-retry-after": (
+        _G + "test_a_retry_after_holds_the_next_attempt_back_at_least_that_long",
+    ),
+    "rotation-new-secret-only": (
+        _G + "test_during_a_rotation_both_secrets_verify_and_after_its_grace_only_the_new_one",
+    ),
+    "rotation-grace-never-ends": (
+        _G + "test_during_a_rotation_both_secrets_verify_and_after_its_grace_only_the_new_one",
+    ),
+    "circuit-opens-late": (
+        _G + "test_the_circuit_opens_at_exactly_the_threshold_and_a_new_event_waits_for_the_probe",
+    ),
+    "dispatch-ignores-open-circuit": (
+        _G + "test_the_circuit_opens_at_exactly_the_threshold_and_a_new_event_waits_for_the_probe",
+    ),
+    "scheduler-ignores-circuit": (
+        _G + "test_only_one_worker_probes_an_open_circuit_per_cooldown",
+    ),
+    "drain-deadline-zero": (
+        _D + "test_sigterm_lets_the_in_flight_attempt_finish_and_hands_queued_work_back",
+    ),
+    "drain-queued-not-handed-back": (
+        _D + "test_sigterm_lets_the_in_flight_attempt_finish_and_hands_queued_work_back",
+    ),
+    "drain-no-hand-back": (
+        _D + "test_sigterm_past_the_drain_deadline_hands_every_held_delivery_back",
+    ),
+    "outcome-overwrites-settled-row": (
+        _G + "test_a_late_outcome_never_turns_a_recorded_success_back_into_a_retry",
+    ),
+    "scheduler-claims-leased": (
+        _G + "test_a_leased_delivery_is_not_claimed_by_another_worker_until_its_lease_ends",
+    ),
+    "lease-not-renewed": (
+        "tests/test_failures.py::"
+        "test_a_lease_is_renewed_while_the_outcome_commit_waits_so_nobody_posts_twice",
+    ),
+    "sender-follows-redirects": (
+        _G + "test_a_redirect_is_the_attempts_outcome_and_is_never_followed",
+    ),
+    "sender-unbounded-excerpt": (_G + "test_only_an_excerpt_of_a_long_reply_is_stored",),
     "dispatch-commit-failure-not-nacked": (
         _F + "test_a_batch_whose_commit_fails_is_nacked_with_its_capacity_given_back",
     ),
@@ -571,6 +629,7 @@ KILLS: dict[str, tuple[str, ...]] = {
     "capacity-cap-off-by-one": (
         "tests/test_capacity.py::"
         "test_a_subscriber_holds_up_to_its_cap_and_the_next_reservation_is_refused",
+        _G + "test_a_hanging_subscriber_holds_no_more_deliveries_than_its_share",
     ),
     "outbox-sequence-gap": (
         "tests/test_outbox.py::test_sequences_run_one_to_n_per_account_over_publishes_and_batches",
