@@ -23,8 +23,9 @@ import aiohttp
 
 from chaos.processes import ManagedProcess, Role
 from chaos.proxy import FaultProxy
-from delivery.migrate import migrate
-from delivery.provision import (
+from delivery.broker.topology import Names, delete
+from delivery.store.migrations import migrate
+from delivery.testing.services import (
     HOST,
     LocalPostgres,
     LocalRabbitMQ,
@@ -32,7 +33,6 @@ from delivery.provision import (
     drop_database,
     free_port,
 )
-from delivery.topology import Names, delete
 
 __all__ = ["PLATFORM_ENV", "Cluster", "Layout", "Servers"]
 

@@ -11,7 +11,7 @@ from decimal import Decimal
 
 import pytest
 
-from delivery.demo import ACCOUNTS, OK_LINE, ROUTES, realistic_events
+from delivery.demo.run import ACCOUNTS, OK_LINE, ROUTES, realistic_events
 from delivery.outbox import validate_all
 
 

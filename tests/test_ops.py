@@ -23,10 +23,11 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from delivery import publish_many, subscriptions
+from delivery import publish_many
 from delivery.cli import build_parser
-from delivery.provision import LocalRabbitMQ, ProvisionError, free_port
 from delivery.settings import Settings
+from delivery.store import subscriptions
+from delivery.testing.services import LocalRabbitMQ, ProvisionError, free_port
 
 from .conftest import IN_CI, running, wait_until
 

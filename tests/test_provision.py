@@ -17,7 +17,7 @@ import aio_pika
 import asyncpg
 import pytest
 
-from delivery.provision import (
+from delivery.testing.services import (
     ENV_AMQP_URL,
     ENV_DATABASE_URL,
     LocalPostgres,

@@ -7,9 +7,9 @@ from typing import Any
 import aio_pika
 import asyncpg
 
-from delivery.amqp import with_defaults
+from delivery.broker.connection import with_defaults
+from delivery.broker.topology import Names
 from delivery.events import format_timestamp
-from delivery.topology import Names
 
 _OUTBOX = """
 SELECT count(*) AS pending,

@@ -45,7 +45,7 @@ def _progress(label: str) -> Callable[[int], None]:
 
 
 async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from delivery.migrate import DEFAULT_MIGRATIONS_DIR, migrate
+    from delivery.store.migrations import DEFAULT_MIGRATIONS_DIR, migrate
 
     chosen = args.dir or settings.migrations_dir
     directory = Path(chosen) if chosen else DEFAULT_MIGRATIONS_DIR
@@ -112,7 +112,7 @@ async def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_process(args: argparse.Namespace, settings: Settings) -> int:
-    from delivery.logs import configure_logging
+    from delivery.ops.logs import configure_logging
     from workers.process import run_process
 
     configure_logging(settings.log_format, settings.log_level)
@@ -141,8 +141,8 @@ def _print_subscription(sub: Any, as_json: bool, *, with_secret: bool = False) -
 
 
 async def cmd_subscriptions(args: argparse.Namespace, settings: Settings) -> int:
-    from delivery import subscriptions as subs
     from delivery.durations import parse_schedule_s
+    from delivery.store import subscriptions as subs
 
     async def work(conn: Any) -> int:
         action = args.action
@@ -200,9 +200,9 @@ async def cmd_subscriptions(args: argparse.Namespace, settings: Settings) -> int
 
 
 async def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
-    from delivery import dlq
-    from delivery.db import create_pool
     from delivery.events import format_timestamp
+    from delivery.store import dead_letters as dlq
+    from delivery.store.pool import create_pool
 
     if args.action == "list":
 
@@ -263,8 +263,8 @@ async def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from delivery.status import collect
-    from delivery.topology import Names
+    from delivery.broker.topology import Names
+    from delivery.store.status import collect
 
     async def work(conn: Any) -> int:
         report = await collect(conn, settings.amqp_url or None, Names(settings.amqp_prefix))
@@ -294,7 +294,7 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_demo(args: argparse.Namespace, settings: Settings | None) -> int:
-    from delivery.demo import run_demo
+    from delivery.demo.run import run_demo
 
     return await run_demo(events=args.events, keep=args.keep)
 

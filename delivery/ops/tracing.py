@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from delivery.errors import ConfigError
-from delivery.retry import Outcome
+from delivery.worker.retry import Outcome
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource

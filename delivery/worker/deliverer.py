@@ -22,14 +22,14 @@ from datetime import UTC, datetime
 import asyncpg
 import structlog
 
-from delivery import metrics, tracing
-from delivery.db import with_retries
-from delivery.outcomes import OutcomeRecorder, Recorded
-from delivery.retry import Outcome, RetryPolicy, decide
-from delivery.sender import Sender
+from delivery.ops import metrics, tracing
 from delivery.settings import Settings
 from delivery.signing import webhook_headers
-from delivery.subscriptions import Subscription
+from delivery.store.pool import with_retries
+from delivery.store.subscriptions import Subscription
+from delivery.worker.outcomes import OutcomeRecorder, Recorded
+from delivery.worker.retry import Outcome, RetryPolicy, decide
+from delivery.worker.sender import Sender
 
 log = structlog.get_logger("delivery.deliverer")
 

@@ -27,22 +27,22 @@ from urllib.parse import urlsplit
 import aio_pika
 import asyncpg
 
+from delivery.broker.topology import Names
 from delivery.events import NewEvent
-from delivery.health import Health
-from delivery.logs import configure_logging
-from delivery.migrate import migrate
+from delivery.ops.health import Health
+from delivery.ops.logs import configure_logging
 from delivery.outbox import publish_many, validate_all
-from delivery.provision import (
+from delivery.settings import Settings
+from delivery.store.migrations import migrate
+from delivery.store.subscriptions import Subscription, add
+from delivery.testing.receiver import Receiver
+from delivery.testing.services import (
     ProvisionError,
     Services,
     create_database,
     drop_database,
     provision_services,
 )
-from delivery.receiver import Receiver
-from delivery.settings import Settings
-from delivery.subscriptions import Subscription, add
-from delivery.topology import Names
 
 ACCOUNTS = tuple(f"acc_{n:03d}" for n in range(1, 21))
 WATCHED_ACCOUNT = ACCOUNTS[0]
