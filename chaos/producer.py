@@ -2,8 +2,9 @@
 an exact record of what committed.
 
 Every batch is one ``publish_many`` transaction retried whole on connection-class errors
-(``delivery.store.pool.with_retries``). A batch whose COMMIT outcome is unknown is simply tried again
-with the same ids: ids already committed come back as duplicates, which proves they committed.
+(``delivery.store.pool.with_retries``). A batch whose COMMIT outcome is unknown is simply tried
+again with the same ids: ids already committed come back as duplicates, which proves they
+committed.
 An id is ``committed`` once a call returns with it (published or duplicate); an id still
 unconfirmed when the producer gives up stays ``uncertain`` (Jepsen's indeterminate writes).
 """
