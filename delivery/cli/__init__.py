@@ -263,11 +263,13 @@ async def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from delivery.broker.depths import queue_report
     from delivery.broker.topology import Names
     from delivery.store.status import collect
 
     async def work(conn: Any) -> int:
-        report = await collect(conn, settings.amqp_url or None, Names(settings.amqp_prefix))
+        names = Names(settings.amqp_prefix)
+        report = await collect(conn, lambda: queue_report(settings.amqp_url or None, names))
         if args.json:
             _emit(report)
             return EXIT_OK
