@@ -33,8 +33,7 @@ import orjson
 
 from bench.measure import tree_pids
 from bench.peers.common import SCHEMA, PeerConfig
-from delivery.envelope import Envelope, render_body
-from delivery.events import NewEvent, parse_event
+from delivery.events import Envelope, NewEvent, parse_event, render_body
 from delivery.outbox import publish_many
 from delivery.signing import generate_secret
 from delivery.store import subscriptions

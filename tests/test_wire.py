@@ -12,7 +12,7 @@ import pytest
 
 from delivery.broker.topology import Names, declare
 from delivery.broker.wire import PACK, decode, event_count, pack_rows
-from delivery.envelope import envelope_from_row, render_body
+from delivery.events import envelope_from_row, render_body
 
 
 def _row(pk: int, type_: str = "account.closed", *, redrives: int = 0, tp: str | None = None):

@@ -16,7 +16,7 @@ import asyncpg
 import structlog
 
 from delivery.aio import wait_any
-from delivery.envelope import envelope_from_row, render_body
+from delivery.events import envelope_from_row, render_body
 from delivery.ops import metrics
 from delivery.ops.health import Health
 from delivery.settings import Settings
