@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 
 from delivery import publish_many
-from delivery.cli import build_parser
+from delivery.cli.parser import build_parser
 from delivery.settings import Settings
 from delivery.store import subscriptions
 from delivery.testing.services import LocalRabbitMQ, ProvisionError, free_port
