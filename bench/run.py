@@ -47,7 +47,8 @@ from bench.measure import (
     tree_pids,
 )
 from bench.systems import SYSTEMS, Ours, System, make_workload
-from delivery.testing.services import ENV_DATABASE_URL, LocalPostgres, provision_services
+from delivery.testing.postgres import LocalPostgres
+from delivery.testing.services import ENV_DATABASE_URL, provision_services
 
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results.json"

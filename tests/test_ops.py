@@ -27,7 +27,8 @@ from delivery import publish_many
 from delivery.cli.parser import build_parser
 from delivery.settings import Settings
 from delivery.store import subscriptions
-from delivery.testing.services import LocalRabbitMQ, ProvisionError, free_port
+from delivery.testing.processes import ProvisionError, free_port
+from delivery.testing.rabbitmq import LocalRabbitMQ
 
 from .conftest import IN_CI, running, wait_until
 

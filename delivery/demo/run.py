@@ -31,14 +31,9 @@ from delivery.outbox import validate_all
 from delivery.settings import Settings
 from delivery.store.migrations import migrate
 from delivery.store.subscriptions import Subscription, add
+from delivery.testing.processes import ProvisionError
 from delivery.testing.receiver import Receiver
-from delivery.testing.services import (
-    ProvisionError,
-    Services,
-    create_database,
-    drop_database,
-    provision_services,
-)
+from delivery.testing.services import Services, create_database, drop_database, provision_services
 
 
 async def run_demo(*, events: int = 3000, keep: bool = False) -> int:
