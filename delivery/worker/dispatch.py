@@ -28,7 +28,8 @@ from delivery.ops.health import Health
 from delivery.settings import Settings
 from delivery.store.pool import is_connection_error, with_retries
 from delivery.store.subscriptions import Subscription, select_list
-from delivery.worker.deliverer import Deliverer, Job, lease_for
+from delivery.worker.deliverer import Deliverer
+from delivery.worker.jobs import Job, lease_for
 from delivery.worker.scheduler import Scheduler
 
 log = structlog.get_logger("delivery.dispatch")

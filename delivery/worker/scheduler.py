@@ -22,7 +22,8 @@ from delivery.ops.health import Health
 from delivery.settings import Settings
 from delivery.store.pool import is_connection_error, with_retries
 from delivery.store.subscriptions import Subscription, select_list
-from delivery.worker.deliverer import Deliverer, Job, lease_per_timeout
+from delivery.worker.deliverer import Deliverer
+from delivery.worker.jobs import Job, lease_per_timeout
 
 log = structlog.get_logger("delivery.scheduler")
 
