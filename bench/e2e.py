@@ -24,11 +24,11 @@ from pathlib import Path
 import asyncpg
 import uvloop
 
-from delivery import subscriptions
-from delivery.migrate import migrate
 from delivery.outbox import publish_many
-from delivery.provision import create_database, drop_database, provision_services
-from delivery.receiver import Receiver
+from delivery.store import subscriptions
+from delivery.store.migrations import migrate
+from delivery.testing.receiver import Receiver
+from delivery.testing.services import create_database, drop_database, provision_services
 
 
 def make_events(n: int, accounts: int = 200) -> list[dict[str, object]]:

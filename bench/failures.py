@@ -22,11 +22,11 @@ import time
 import asyncpg
 import uvloop
 
-from delivery import subscriptions
-from delivery.migrate import migrate
 from delivery.outbox import publish_many
-from delivery.provision import create_database, drop_database, provision_services
-from delivery.receiver import Behaviour, Receiver
+from delivery.store import subscriptions
+from delivery.store.migrations import migrate
+from delivery.testing.receiver import Behaviour, Receiver
+from delivery.testing.services import create_database, drop_database, provision_services
 
 sys.path.insert(0, os.path.dirname(__file__))
 from e2e import make_events

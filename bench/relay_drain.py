@@ -14,12 +14,12 @@ import secrets
 import asyncpg
 import uvloop
 
-from delivery.health import Health
-from delivery.migrate import migrate
+from delivery.broker.relay import Relay
+from delivery.ops.health import Health
 from delivery.outbox import publish_many
-from delivery.provision import create_database, drop_database, provision_services
-from delivery.relay import Relay
 from delivery.settings import Settings
+from delivery.store.migrations import migrate
+from delivery.testing.services import create_database, drop_database, provision_services
 
 
 async def drain(database_url: str, amqp_url: str, rows: int, batch: int) -> float:

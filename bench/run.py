@@ -47,7 +47,8 @@ from bench.measure import (
     tree_pids,
 )
 from bench.systems import SYSTEMS, Ours, System, make_workload
-from delivery.provision import ENV_DATABASE_URL, LocalPostgres, provision_services
+from delivery.testing.postgres import LocalPostgres
+from delivery.testing.services import ENV_DATABASE_URL, provision_services
 
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results.json"
@@ -362,7 +363,7 @@ def analyse_profile(raw: Path) -> dict[str, Any]:
         return [[f, c, 100 * c / total] for f, c in rows[:k]]
 
     # The entry points (cli, __main__, the supervisor) hold every sample: not informative.
-    for frame in [f for f in incl_counts if f.startswith(("delivery/cli.py", "delivery/__main__"))]:
+    for frame in [f for f in incl_counts if f.startswith(("delivery/cli/", "delivery/__main__"))]:
         del incl_counts[frame]
     return {
         "samples": total,

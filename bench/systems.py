@@ -33,13 +33,12 @@ import orjson
 
 from bench.measure import tree_pids
 from bench.peers.common import SCHEMA, PeerConfig
-from delivery import subscriptions
-from delivery.envelope import Envelope, render_body
-from delivery.events import NewEvent, parse_event
-from delivery.migrate import migrate
+from delivery.events import Envelope, NewEvent, parse_event, render_body
 from delivery.outbox import publish_many
-from delivery.provision import create_database, drop_database
 from delivery.signing import generate_secret
+from delivery.store import subscriptions
+from delivery.store.migrations import migrate
+from delivery.testing.services import create_database, drop_database
 
 REPO = Path(__file__).resolve().parent.parent
 WARMUP_EVENTS = 20

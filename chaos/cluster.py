@@ -23,16 +23,12 @@ import aiohttp
 
 from chaos.processes import ManagedProcess, Role
 from chaos.proxy import FaultProxy
-from delivery.migrate import migrate
-from delivery.provision import (
-    HOST,
-    LocalPostgres,
-    LocalRabbitMQ,
-    create_database,
-    drop_database,
-    free_port,
-)
-from delivery.topology import Names, delete
+from delivery.broker.topology import Names, delete
+from delivery.store.migrations import migrate
+from delivery.testing.postgres import LocalPostgres
+from delivery.testing.processes import HOST, free_port
+from delivery.testing.rabbitmq import LocalRabbitMQ
+from delivery.testing.services import create_database, drop_database
 
 __all__ = ["PLATFORM_ENV", "Cluster", "Layout", "Servers"]
 

@@ -15,7 +15,7 @@ import aiohttp
 from chaos.cluster import Cluster
 from chaos.metrics import MetricsSampler
 from chaos.producer import Producer
-from delivery.receiver import Receiver
+from delivery.testing.receiver import Receiver
 
 __all__ = ["FaultLog", "FaultWindow", "RunContext", "wait_until"]
 

@@ -19,8 +19,8 @@ import asyncpg
 from chaos.cluster import AlarmKind
 from chaos.context import RunContext, wait_until
 from chaos.processes import ManagedProcess, Role
-from delivery.provision import StopMode
-from delivery.receiver import Behaviour
+from delivery.testing.postgres import StopMode
+from delivery.testing.receiver import Behaviour
 
 __all__ = [
     "consumers_back",

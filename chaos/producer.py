@@ -2,8 +2,9 @@
 an exact record of what committed.
 
 Every batch is one ``publish_many`` transaction retried whole on connection-class errors
-(``delivery.db.with_retries``). A batch whose COMMIT outcome is unknown is simply tried again
-with the same ids: ids already committed come back as duplicates, which proves they committed.
+(``delivery.store.pool.with_retries``). A batch whose COMMIT outcome is unknown is simply tried
+again with the same ids: ids already committed come back as duplicates, which proves they
+committed.
 An id is ``committed`` once a call returns with it (published or duplicate); an id still
 unconfirmed when the producer gives up stays ``uncertain`` (Jepsen's indeterminate writes).
 """
@@ -20,8 +21,8 @@ from typing import Any
 import asyncpg
 import structlog
 
-from delivery.db import create_pool, is_connection_error, with_retries
 from delivery.outbox import publish_many
+from delivery.store.pool import create_pool, is_connection_error, with_retries
 
 __all__ = ["EventSpec", "Producer", "ProducerRecord"]
 

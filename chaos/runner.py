@@ -25,8 +25,8 @@ from chaos.producer import Producer
 from chaos.report import RunReport, write_arrivals
 from chaos.scenarios import SUBSCRIPTIONS, Scenario
 from chaos.settle import read_state, wait_settled
-from delivery import subscriptions
-from delivery.receiver import Behaviour, Receiver
+from delivery.store import subscriptions
+from delivery.testing.receiver import Behaviour, Receiver
 
 __all__ = ["DEFAULT_RATE", "run_scenario"]
 

@@ -18,8 +18,8 @@ from chaos import faults
 from chaos.checker import SubscriptionSpec, Verdict
 from chaos.cluster import AlarmKind, Layout
 from chaos.context import RunContext, wait_until
-from delivery.provision import StopMode
-from delivery.receiver import Behaviour
+from delivery.testing.postgres import StopMode
+from delivery.testing.receiver import Behaviour
 
 __all__ = ["SCENARIOS", "SUBSCRIPTIONS", "Scenario"]
 

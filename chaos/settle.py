@@ -11,7 +11,7 @@ import asyncpg
 
 from chaos.checker import SettledState
 from chaos.cluster import Cluster
-from delivery.status import queue_depths
+from delivery.broker.depths import queue_depths
 
 __all__ = ["read_state", "wait_settled"]
 

@@ -3,6 +3,10 @@
 Producers hand us plain JSON objects; ``parse_event`` turns one into a validated ``NewEvent`` or
 raises ``InputError`` with one readable line naming the field. Money and quantities stay decimal
 *strings* end to end: we never round-trip them through a float.
+
+The envelope as it travels (the end of this module): one function renders the webhook body, so
+every attempt and every replay of an event carries the same bytes (relay, first attempt and
+retries alike).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import (
     AwareDatetime,
     BaseModel,
@@ -210,3 +215,65 @@ def format_timestamp(moment: datetime) -> str:
     """RFC 3339 in UTC with a ``Z``, microseconds kept only when present."""
     text = moment.astimezone(UTC).isoformat()
     return text.replace("+00:00", "Z")
+
+
+# -- the envelope as it travels --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    id: str
+    type: str
+    account_id: str
+    sequence: int
+    occurred_at: datetime
+    data: dict[str, Any]
+
+
+def render_body(envelope: Envelope) -> bytes:
+    """The body of every webhook POST and of the AMQP message: the contract's envelope."""
+    return orjson.dumps(
+        {
+            "id": envelope.id,
+            "type": envelope.type,
+            "account_id": envelope.account_id,
+            "sequence": envelope.sequence,
+            "occurred_at": format_timestamp(envelope.occurred_at),
+            "data": envelope.data,
+        }
+    )
+
+
+def envelope_from_row(row: Any) -> Envelope:
+    """From an outbox row selected with ``data::text AS data``."""
+    return Envelope(
+        id=row["event_id"],
+        type=row["type"],
+        account_id=row["account_id"],
+        sequence=row["sequence"],
+        occurred_at=row["occurred_at"],
+        data=orjson.loads(row["data"]),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingFacts:
+    """What dispatch needs from a message body to match subscriptions."""
+
+    id: str
+    type: str
+    account_id: str
+
+
+def routing_facts(body: bytes) -> RoutingFacts:
+    """Parse a message body; ``ValueError`` if it is not one of our envelopes (poison)."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"body is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ValueError("body is not a JSON object")
+    facts = (obj.get("id"), obj.get("type"), obj.get("account_id"))
+    if not all(isinstance(f, str) and f for f in facts) or not isinstance(obj.get("sequence"), int):
+        raise ValueError("body lacks id, type, account_id or sequence")
+    return RoutingFacts(id=obj["id"], type=obj["type"], account_id=obj["account_id"])

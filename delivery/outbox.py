@@ -14,9 +14,9 @@ from typing import Any
 import asyncpg
 import orjson
 
-from delivery import tracing
 from delivery.errors import InputError
 from delivery.events import NewEvent, parse_event
+from delivery.ops import tracing
 
 # One round trip to a function (migration 0007) that skips ids already committed, bumps each
 # account's counter and inserts with consecutive sequences in the caller's order; its plan is

@@ -21,11 +21,11 @@ import aio_pika
 import pytest
 import pytest_asyncio
 
-from delivery.health import Health
-from delivery.migrate import migrate
-from delivery.provision import Services, create_database, drop_database, provision_services
+from delivery.broker.topology import Names, delete
+from delivery.ops.health import Health
 from delivery.settings import Settings
-from delivery.topology import Names, delete
+from delivery.store.migrations import migrate
+from delivery.testing.services import Services, create_database, drop_database, provision_services
 from workers.process import run_process
 
 IN_CI = os.environ.get("CI", "").lower() == "true"

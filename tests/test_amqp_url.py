@@ -6,8 +6,8 @@ import contextlib
 
 from structlog.testing import capture_logs
 
-from delivery import amqp
-from delivery.amqp import with_defaults
+from delivery.broker import connection as amqp
+from delivery.broker.connection import with_defaults
 
 from .conftest import wait_until
 

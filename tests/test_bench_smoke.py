@@ -12,7 +12,7 @@ import pytest
 
 from bench.run import flat_out, paced
 from bench.systems import SYSTEMS
-from delivery.provision import Services
+from delivery.testing.services import Services
 
 from .conftest import IN_CI
 

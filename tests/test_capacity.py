@@ -1,7 +1,8 @@
 """How much of a process one subscriber may hold, and how long its leases last (pure)."""
 
-from delivery.deliverer import Deliverer, lease_per_timeout, subscription_hold_cap
 from delivery.settings import Settings
+from delivery.worker.deliverer import Deliverer
+from delivery.worker.jobs import lease_per_timeout, subscription_hold_cap
 
 
 def _settings(**knobs: object) -> Settings:

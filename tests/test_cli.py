@@ -177,7 +177,7 @@ async def test_unreachable_database_is_one_line_exit_1(settings):
 
 
 async def test_migrate_is_safe_twice_and_concurrently(services, tmp_path):
-    from delivery.provision import create_database, drop_database
+    from delivery.testing.services import create_database, drop_database
 
     name = "dlv_mig_" + tmp_path.name[-8:].lower().replace("-", "_")
     url = await create_database(services.database_url, name)

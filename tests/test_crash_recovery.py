@@ -15,8 +15,9 @@ import sys
 import asyncpg
 import pytest
 
-from delivery import publish, subscriptions
-from delivery.receiver import Behaviour, Receiver
+from delivery import publish
+from delivery.store import subscriptions
+from delivery.testing.receiver import Behaviour, Receiver
 
 from .conftest import running, settings_env, wait_until
 from .test_pipeline import trade

@@ -14,16 +14,17 @@ import asyncpg
 import orjson
 import pytest
 
-from delivery import publish_many, subscriptions
-from delivery import relay as relay_module
-from delivery.db import create_pool
-from delivery.outcomes import OutcomeRecorder, Recorded
-from delivery.receiver import Receiver
-from delivery.retry import RetryPolicy, decide
-from delivery.sender import AttemptResult
+from delivery import publish_many
+from delivery.broker import relay as relay_module
+from delivery.broker.topology import Names, declare
+from delivery.broker.wire import decode, pack_rows
 from delivery.settings import Settings
-from delivery.topology import Names, declare
-from delivery.wire import decode, pack_rows
+from delivery.store import subscriptions
+from delivery.store.pool import create_pool
+from delivery.testing.receiver import Receiver
+from delivery.worker.outcomes import OutcomeRecorder, Recorded
+from delivery.worker.retry import RetryPolicy, decide
+from delivery.worker.sender import AttemptResult
 
 from .conftest import running, wait_until
 from .test_pipeline import trade

@@ -11,7 +11,8 @@ from decimal import Decimal
 
 import pytest
 
-from delivery.demo import ACCOUNTS, OK_LINE, ROUTES, realistic_events
+from delivery.demo.scenario import ACCOUNTS, ROUTES, realistic_events
+from delivery.demo.summary import OK_LINE
 from delivery.outbox import validate_all
 
 

@@ -15,8 +15,9 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from delivery import publish_many, subscriptions
-from delivery.receiver import Behaviour, Receiver
+from delivery import publish_many
+from delivery.store import subscriptions
+from delivery.testing.receiver import Behaviour, Receiver
 
 from .conftest import wait_until
 from .test_crash_recovery import _read_until, start_worker

@@ -4,9 +4,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from delivery.envelope import Envelope, render_body, routing_facts
 from delivery.errors import InputError
-from delivery.events import EVENT_TYPES, parse_event
+from delivery.events import EVENT_TYPES, Envelope, parse_event, render_body, routing_facts
 
 TRADE = {
     "type": "trade.executed",

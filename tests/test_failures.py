@@ -11,11 +11,13 @@ import aio_pika
 import asyncpg
 import pytest
 
-from delivery import dlq, publish_many, subscriptions
-from delivery.receiver import Behaviour, Receiver
-from delivery.relay import _CLAIM as _RELAY_CLAIM
-from delivery.topology import Names, declare
-from delivery.wire import pack_rows
+from delivery import publish_many
+from delivery.broker.relay import _CLAIM as _RELAY_CLAIM
+from delivery.broker.topology import Names, declare
+from delivery.broker.wire import pack_rows
+from delivery.store import dead_letters as dlq
+from delivery.store import subscriptions
+from delivery.testing.receiver import Behaviour, Receiver
 
 from .conftest import running, wait_until
 from .test_pipeline import balance, trade

@@ -28,21 +28,22 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from prometheus_client import REGISTRY
 
-from delivery import dispatch as dispatch_module
-from delivery import publish_many, subscriptions
-from delivery import relay as relay_module
-from delivery.db import create_pool
-from delivery.deliverer import Deliverer
-from delivery.dispatch import Dispatcher
-from delivery.health import Health
-from delivery.outcomes import OutcomeRecorder, Recorded
-from delivery.receiver import Receiver
-from delivery.retry import Decision, Outcome, RetryPolicy, decide
-from delivery.scheduler import Scheduler
-from delivery.sender import AttemptResult, Sender
+from delivery import publish_many
+from delivery.broker import relay as relay_module
+from delivery.broker.topology import Names, Topology, declare
+from delivery.broker.wire import pack_rows
+from delivery.ops.health import Health
 from delivery.settings import Settings
-from delivery.topology import Names, Topology, declare
-from delivery.wire import pack_rows
+from delivery.store import subscriptions
+from delivery.store.pool import create_pool
+from delivery.testing.receiver import Receiver
+from delivery.worker import dispatch as dispatch_module
+from delivery.worker.deliverer import Deliverer
+from delivery.worker.dispatch import Dispatcher
+from delivery.worker.outcomes import OutcomeRecorder, Recorded
+from delivery.worker.retry import Decision, Outcome, RetryPolicy, decide
+from delivery.worker.scheduler import Scheduler
+from delivery.worker.sender import AttemptResult, Sender
 
 from .conftest import running, wait_until
 from .test_pipeline import add_subscription, trade

@@ -19,19 +19,21 @@ import pytest
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from delivery import publish, publish_many, subscriptions
-from delivery.db import create_pool
-from delivery.deliverer import Deliverer, subscription_hold_cap
-from delivery.dispatch import Dispatcher
-from delivery.health import Health
-from delivery.outcomes import OutcomeRecorder, Recorded
-from delivery.receiver import Arrival, Behaviour, Receiver
-from delivery.relay import Relay
-from delivery.retry import Decision, Outcome
-from delivery.scheduler import Scheduler
-from delivery.sender import AttemptResult, Sender
+from delivery import publish, publish_many
+from delivery.broker.relay import Relay
+from delivery.broker.topology import Names, declare
+from delivery.ops.health import Health
 from delivery.settings import Settings
-from delivery.topology import Names, declare
+from delivery.store import subscriptions
+from delivery.store.pool import create_pool
+from delivery.testing.receiver import Arrival, Behaviour, Receiver
+from delivery.worker.deliverer import Deliverer
+from delivery.worker.dispatch import Dispatcher
+from delivery.worker.jobs import subscription_hold_cap
+from delivery.worker.outcomes import OutcomeRecorder, Recorded
+from delivery.worker.retry import Decision, Outcome
+from delivery.worker.scheduler import Scheduler
+from delivery.worker.sender import AttemptResult, Sender
 
 from .conftest import running, wait_until
 from .test_pipeline import _counter_value, balance, trade

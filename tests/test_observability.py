@@ -11,9 +11,10 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
-from delivery import publish, subscriptions
-from delivery.logs import _redact
-from delivery.receiver import Behaviour, Receiver
+from delivery import publish
+from delivery.ops.logs import _redact
+from delivery.store import subscriptions
+from delivery.testing.receiver import Behaviour, Receiver
 
 from .conftest import running, settings_env, wait_until
 from .test_pipeline import trade

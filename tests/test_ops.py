@@ -23,10 +23,12 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from delivery import publish_many, subscriptions
-from delivery.cli import build_parser
-from delivery.provision import LocalRabbitMQ, ProvisionError, free_port
+from delivery import publish_many
+from delivery.cli.parser import build_parser
 from delivery.settings import Settings
+from delivery.store import subscriptions
+from delivery.testing.processes import ProvisionError, free_port
+from delivery.testing.rabbitmq import LocalRabbitMQ
 
 from .conftest import IN_CI, running, wait_until
 

@@ -11,18 +11,19 @@ import asyncpg
 import orjson
 import pytest
 
-from delivery import publish, publish_many, subscriptions
-from delivery import relay as relay_module
-from delivery.db import create_pool
-from delivery.deliverer import Deliverer
-from delivery.dispatch import Dispatcher
-from delivery.health import Health
-from delivery.receiver import Receiver
-from delivery.relay import Relay
-from delivery.scheduler import Scheduler
-from delivery.sender import Sender
-from delivery.topology import Names, declare
-from delivery.wire import decode, pack_rows
+from delivery import publish, publish_many
+from delivery.broker import relay as relay_module
+from delivery.broker.relay import Relay
+from delivery.broker.topology import Names, declare
+from delivery.broker.wire import decode, pack_rows
+from delivery.ops.health import Health
+from delivery.store import subscriptions
+from delivery.store.pool import create_pool
+from delivery.testing.receiver import Receiver
+from delivery.worker.deliverer import Deliverer
+from delivery.worker.dispatch import Dispatcher
+from delivery.worker.scheduler import Scheduler
+from delivery.worker.sender import Sender
 
 from .conftest import running, wait_until
 

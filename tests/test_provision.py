@@ -17,18 +17,16 @@ import aio_pika
 import asyncpg
 import pytest
 
-from delivery.provision import (
+from delivery.testing.postgres import LocalPostgres, find_postgres_bindir
+from delivery.testing.processes import ProvisionError, free_port
+from delivery.testing.rabbitmq import LocalRabbitMQ
+from delivery.testing.services import (
     ENV_AMQP_URL,
     ENV_DATABASE_URL,
-    LocalPostgres,
-    LocalRabbitMQ,
-    ProvisionError,
     Services,
     asyncpg_url,
     create_database,
     drop_database,
-    find_postgres_bindir,
-    free_port,
     provision_services,
 )
 

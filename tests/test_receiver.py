@@ -9,8 +9,8 @@ import aiohttp
 import pytest
 
 from delivery.errors import InputError
-from delivery.receiver import Behaviour, Receiver
 from delivery.signing import generate_secret, secret_key, webhook_headers
+from delivery.testing.receiver import Behaviour, Receiver
 
 BODY = b'{"id":"evt_1","type":"account.created"}'
 

@@ -1,8 +1,8 @@
 """The relay's own sense of being stuck: batches with rows and no confirm (pure bookkeeping)."""
 
-from delivery import relay as relay_module
-from delivery.health import Health
-from delivery.relay import Relay
+from delivery.broker import relay as relay_module
+from delivery.broker.relay import Relay
+from delivery.ops.health import Health
 from delivery.settings import Settings
 
 

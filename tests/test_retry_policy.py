@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from delivery.durations import format_schedule, parse_schedule_s
-from delivery.retry import (
+from delivery.worker.retry import (
     Outcome,
     RetryPolicy,
     classify_status,
@@ -188,7 +188,7 @@ def test_decide_turns_results_into_outcomes_with_reasons():
 def test_connection_class_errors_are_retried_and_data_errors_are_not():
     import asyncpg
 
-    from delivery.db import is_connection_error
+    from delivery.store.pool import is_connection_error
 
     assert is_connection_error(asyncpg.exceptions.InternalClientError("cannot switch to state 15"))
     assert is_connection_error(ConnectionResetError())

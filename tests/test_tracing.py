@@ -19,10 +19,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from delivery import publish, subscriptions, tracing
+from delivery import publish
 from delivery.errors import ConfigError
-from delivery.receiver import Behaviour, Receiver
+from delivery.ops import tracing
 from delivery.settings import Settings
+from delivery.store import subscriptions
+from delivery.testing.receiver import Behaviour, Receiver
 
 from .conftest import running, wait_until
 from .test_pipeline import trade
@@ -84,13 +86,13 @@ def test_the_core_neither_needs_nor_imports_opentelemetry():
     code = textwrap.dedent(
         """
         import asyncio, sys
-        import delivery, delivery.cli, delivery.deliverer, delivery.outbox, delivery.tracing
+        import delivery, delivery.cli, delivery.worker.deliverer, delivery.outbox, delivery.ops.tracing
         import workers.process
         from delivery.settings import Settings
-        assert delivery.tracing.current_traceparent() is None
-        delivery.tracing.start(Settings(otel_enabled=False))
-        assert delivery.tracing.tracer is None
-        asyncio.run(delivery.tracing.stop(Settings(otel_enabled=False)))
+        assert delivery.ops.tracing.current_traceparent() is None
+        delivery.ops.tracing.start(Settings(otel_enabled=False))
+        assert delivery.ops.tracing.tracer is None
+        asyncio.run(delivery.ops.tracing.stop(Settings(otel_enabled=False)))
         print(sorted(m for m, v in sys.modules.items() if m.startswith("opentelemetry") and v))
         """
     )

@@ -6,7 +6,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 from delivery.signing import generate_secret
-from delivery.subscriptions import Subscription
+from delivery.store.subscriptions import Subscription
 
 _NOW = datetime(2026, 1, 1, tzinfo=UTC)
 

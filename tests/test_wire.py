@@ -10,9 +10,9 @@ import aio_pika
 import orjson
 import pytest
 
-from delivery.envelope import envelope_from_row, render_body
-from delivery.topology import Names, declare
-from delivery.wire import PACK, decode, event_count, pack_rows
+from delivery.broker.topology import Names, declare
+from delivery.broker.wire import PACK, decode, event_count, pack_rows
+from delivery.events import envelope_from_row, render_body
 
 
 def _row(pk: int, type_: str = "account.closed", *, redrives: int = 0, tp: str | None = None):

@@ -14,18 +14,18 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from delivery import tracing
-from delivery.admin import serve_admin
 from delivery.aio import wait_any
-from delivery.db import create_pool
-from delivery.deliverer import Deliverer
-from delivery.dispatch import Dispatcher
-from delivery.health import Health
-from delivery.poison import PoisonRecorder
-from delivery.relay import Relay
-from delivery.scheduler import Scheduler
-from delivery.sender import Sender
+from delivery.broker.relay import Relay
+from delivery.ops import tracing
+from delivery.ops.admin import serve_admin
+from delivery.ops.health import Health
 from delivery.settings import Settings
+from delivery.store.pool import create_pool
+from delivery.worker.deliverer import Deliverer
+from delivery.worker.dispatch import Dispatcher
+from delivery.worker.poison import PoisonRecorder
+from delivery.worker.scheduler import Scheduler
+from delivery.worker.sender import Sender
 
 log = structlog.get_logger("workers.process")
 

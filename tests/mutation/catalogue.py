@@ -43,7 +43,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     # -- dispatch ---------------------------------------------------------------------------
     Mutant(
         "dispatch-ack-before-commit",
-        "delivery/dispatch.py",
+        "delivery/worker/dispatch.py",
         (
             (
                 "        if self._settings.dangerous_ack_before_commit:\n"
@@ -61,7 +61,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "dispatch-ignores-open-circuit",
-        "delivery/dispatch.py",
+        "delivery/worker/dispatch.py",
         (
             (
                 "leased = active and not sub.circuit_open and self._deliverer.try_reserve(sub.id)",
@@ -73,7 +73,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "dispatch-disabled-not-dead",
-        "delivery/dispatch.py",
+        "delivery/worker/dispatch.py",
         (("pairs.append(_Pair(event, sub, leased, dead=not active))",
           "pairs.append(_Pair(event, sub, leased, dead=False))"),),
         "an event for a disabled subscription is kept pending instead of as a dead letter",
@@ -81,7 +81,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "dispatch-commit-failure-not-nacked",
-        "delivery/dispatch.py",
+        "delivery/worker/dispatch.py",
         (
             (
                 "                        for message in messages:\n"
@@ -95,7 +95,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "dispatch-commit-failure-keeps-reservations",
-        "delivery/dispatch.py",
+        "delivery/worker/dispatch.py",
         (
             (
                 "            except Exception as exc:\n"
@@ -112,14 +112,14 @@ _MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "dispatch-nacks-on-database-outage",
-        "delivery/dispatch.py",
+        "delivery/worker/dispatch.py",
         (("if not (is_connection_error(exc) and not stop.is_set()):", "if True:"),),
         "a database outage nacks the batch (counting toward x-delivery-limit) instead of "
         "holding it",
     ),
     Mutant(
         "dispatch-poison-requeued",
-        "delivery/dispatch.py",
+        "delivery/worker/dispatch.py",
         (("await _settle(message.reject(requeue=False))",
           "await _settle(message.reject(requeue=True))"),),
         "an unparseable message is requeued instead of dead-lettered",
@@ -128,7 +128,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     # -- relay --------------------------------------------------------------------------------
     Mutant(
         "relay-marks-unconfirmed",
-        "delivery/relay.py",
+        "delivery/broker/relay.py",
         (("await conn.execute(_MARK, confirmed)",
           "await conn.execute(_MARK, [r['pk'] for r in rows])"),),
         "the relay marks the whole batch published, confirmed or not",
@@ -136,7 +136,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "relay-not-mandatory",
-        "delivery/relay.py",
+        "delivery/broker/relay.py",
         (("exchange.publish(o.message, routing_key=o.routing_key, mandatory=True)",
           "exchange.publish(o.message, routing_key=o.routing_key, mandatory=False)"),),
         "an unroutable message is confirmed and marked published: silently dropped",
@@ -144,7 +144,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "relay-no-redeclare",
-        "delivery/relay.py",
+        "delivery/broker/relay.py",
         (
             (
                 "                with contextlib.suppress(Exception):\n"
@@ -158,7 +158,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "redrive-takes-dispatched",
-        "delivery/relay.py",
+        "delivery/broker/relay.py",
         (
             (
                 "  AND o.redrives < $3\n"
@@ -171,7 +171,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "redrive-unbounded",
-        "delivery/relay.py",
+        "delivery/broker/relay.py",
         (("  AND o.redrives < $3\n", "  AND $3::int >= 0\n"),),
         "the redrive sweep re-publishes the same lost event forever",
         guarantee=REDRIVE,
@@ -201,7 +201,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     # -- scheduler ----------------------------------------------------------------------------
     Mutant(
         "scheduler-ignores-retry-time",
-        "delivery/scheduler.py",
+        "delivery/worker/scheduler.py",
         (
             (
                 "        WHERE subscription_id = subs.id AND state = 'pending'\n"
@@ -214,14 +214,14 @@ _MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "scheduler-ignores-circuit",
-        "delivery/scheduler.py",
+        "delivery/worker/scheduler.py",
         (("if sub.circuit_open and sub.id not in probes:", "if False:"),),
         "every worker probes an open circuit with all its due deliveries",
         guarantee=CIRCUIT,
     ),
     Mutant(
         "scheduler-claims-leased",
-        "delivery/scheduler.py",
+        "delivery/worker/scheduler.py",
         (
             (
                 "    WHERE d.id IN (SELECT id FROM candidates) AND d.state = 'pending'\n"
@@ -239,35 +239,35 @@ _MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "scheduler-no-backoff",
-        "delivery/scheduler.py",
+        "delivery/worker/scheduler.py",
         (("await wait_any(stop, timeout_s=min(0.1 * 2**failures, 5.0))", "continue"),),
         "a failing claim is retried at once, in a tight loop",
     ),
     # -- deliverer ----------------------------------------------------------------------------
     Mutant(
         "deliverer-drops-retry-after",
-        "delivery/deliverer.py",
+        "delivery/worker/deliverer.py",
         (("retry_after_s=result.retry_after_s,", "retry_after_s=None,"),),
         "the deliverer ignores the subscriber's Retry-After",
         guarantee=RETRY_AFTER,
     ),
     Mutant(
         "drain-deadline-zero",
-        "delivery/deliverer.py",
+        "delivery/worker/deliverer.py",
         (("deadline = self._settings.shutdown_timeout_s", "deadline = 0"),),
         "SIGTERM cancels in-flight attempts at once instead of letting them finish",
         guarantee=DRAIN,
     ),
     Mutant(
         "drain-no-hand-back",
-        "delivery/deliverer.py",
+        "delivery/worker/deliverer.py",
         (("await asyncio.shield(self._hand_back(job))", "pass"),),
         "an attempt cancelled at the drain deadline keeps its lease instead of handing it back",
         guarantee=DRAIN,
     ),
     Mutant(
         "drain-queued-not-handed-back",
-        "delivery/deliverer.py",
+        "delivery/worker/deliverer.py",
         (
             (
                 "                request_done()\n"
@@ -280,7 +280,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "crashed-attempt-not-handed-back",
-        "delivery/deliverer.py",
+        "delivery/worker/deliverer.py",
         (
             (
                 '            log.exception("delivery_attempt_crashed", delivery_id=job.delivery_id)\n'
@@ -292,7 +292,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "capacity-cap-off-by-one",
-        "delivery/deliverer.py",
+        "delivery/worker/deliverer.py",
         (("if self._per_subscription[subscription_id] >= self._subscription_cap:",
           "if self._per_subscription[subscription_id] > self._subscription_cap:"),),
         "a subscriber may hold one delivery more than its cap",
@@ -300,7 +300,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "lease-not-renewed",
-        "delivery/deliverer.py",
+        "delivery/worker/deliverer.py",
         (("await self._pool.execute(_RENEW, ids, leases)", "pass"),),
         "held leases are never renewed: a slow outcome commit lets a second worker in",
         guarantee=RECORDED_ONCE,
@@ -308,7 +308,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     # -- sender -------------------------------------------------------------------------------
     Mutant(
         "sender-drops-retry-after",
-        "delivery/sender.py",
+        "delivery/worker/sender.py",
         (('retry_after_s=parse_retry_after_s(response.headers.get("retry-after")),',
           "retry_after_s=None,"),),
         "the sender does not read Retry-After",
@@ -316,19 +316,19 @@ _MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "sender-follows-redirects",
-        "delivery/sender.py",
+        "delivery/worker/sender.py",
         (("allow_redirects=False", "allow_redirects=True"),),
         "a 3xx is followed (re-POSTing the signed body elsewhere) instead of being the outcome",
     ),
     Mutant(
         "sender-unbounded-excerpt",
-        "delivery/sender.py",
+        "delivery/worker/sender.py",
         (("await response.content.read(self._excerpt_bytes)", "await response.content.read()"),),
         "the whole reply is read and stored, not an excerpt",
     ),
     Mutant(
         "sender-oserror-escapes",
-        "delivery/sender.py",
+        "delivery/worker/sender.py",
         (
             (
                 "        except OSError as exc:\n"
@@ -346,14 +346,14 @@ _MUTANTS: tuple[Mutant, ...] = (
     # -- signing ------------------------------------------------------------------------------
     Mutant(
         "rotation-new-secret-only",
-        "delivery/subscriptions.py",
+        "delivery/store/subscriptions.py",
         (("keys.append(secret_key(self.previous_secret))", "pass"),),
         "during a rotation's grace only the new secret signs",
         guarantee=ROTATION,
     ),
     Mutant(
         "rotation-grace-never-ends",
-        "delivery/subscriptions.py",
+        "delivery/store/subscriptions.py",
         (("and self.previous_secret_expires_at > now", "and now is not None"),),
         "the previous secret keeps signing after its grace has ended",
         guarantee=ROTATION,
@@ -374,14 +374,14 @@ _MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "matching-ignores-account",
-        "delivery/subscriptions.py",
+        "delivery/store/subscriptions.py",
         (("if self.account_id is not None and self.account_id != account_id:", "if False:"),),
         "a subscription to one account gets every account's events",
     ),
     # -- retry policy ---------------------------------------------------------------------------
     Mutant(
         "retry-5xx-only-500-503",
-        "delivery/retry.py",
+        "delivery/worker/retry.py",
         (("if status in RETRYABLE_STATUSES or status >= 500:",
           "if status in RETRYABLE_STATUSES or status in (500, 503):"),),
         "502 and 504 are dead-lettered at once instead of retried",
@@ -389,7 +389,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "retry-429-permanent",
-        "delivery/retry.py",
+        "delivery/worker/retry.py",
         (("RETRYABLE_STATUSES = frozenset({408, 425, 429})",
           "RETRYABLE_STATUSES = frozenset({408, 425})"),),
         "429 is dead-lettered at once instead of retried",
@@ -397,42 +397,42 @@ _MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "retry-410-permanent",
-        "delivery/retry.py",
+        "delivery/worker/retry.py",
         (("    if status == 410:\n        return Outcome.GONE\n", ""),),
         "410 is an ordinary permanent failure and never disables the subscription",
         guarantee=DEAD_LETTERS,
     ),
     Mutant(
         "retry-no-jitter",
-        "delivery/retry.py",
+        "delivery/worker/retry.py",
         (("base * (1.0 + rng.uniform(-policy.jitter_fraction, policy.jitter_fraction))",
           "base"),),
         "retries of deliveries that failed together are not spread",
     ),
     Mutant(
         "retry-after-uncapped",
-        "delivery/retry.py",
+        "delivery/worker/retry.py",
         (("return min(retry_after_s, policy.longest_step_s)", "return retry_after_s"),),
         "a subscriber's Retry-After can park a delivery for days",
         guarantee=RETRY_AFTER,
     ),
     Mutant(
         "retry-after-ignored-by-policy",
-        "delivery/retry.py",
+        "delivery/worker/retry.py",
         (("if retry_after_s is not None and retry_after_s > jittered:", "if False:"),),
         "the policy ignores Retry-After",
         guarantee=RETRY_AFTER,
     ),
     Mutant(
         "retry-one-attempt-short",
-        "delivery/retry.py",
+        "delivery/worker/retry.py",
         (("if attempt > len(policy.schedule_s):", "if attempt >= len(policy.schedule_s):"),),
         "the schedule's last step is never used",
     ),
     # -- outcomes -------------------------------------------------------------------------------
     Mutant(
         "outcome-overwrites-settled-row",
-        "delivery/outcomes.py",
+        "delivery/worker/outcomes.py",
         (("    WHERE d.id = v.id AND d.state = 'pending'\n", "    WHERE d.id = v.id\n"),),
         "an outcome is written over a row that is no longer pending (a late duplicate "
         "attempt turns a delivered row back into a retry)",
@@ -440,7 +440,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "circuit-opens-late",
-        "delivery/outcomes.py",
+        "delivery/worker/outcomes.py",
         (("    circuit_state = CASE WHEN s.consecutive_failures + $5 >= $2 THEN 'open'",
           "    circuit_state = CASE WHEN s.consecutive_failures + $5 > $2 THEN 'open'"),),
         "the circuit opens after N+1 failures instead of N",
@@ -448,35 +448,35 @@ _MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "circuit-counts-before-success",
-        "delivery/outcomes.py",
+        "delivery/worker/outcomes.py",
         (("                outcomes = outcomes[last + 1 :]\n", ""),),
         "failures from before the last success of a batch count toward the circuit",
         guarantee=CIRCUIT,
     ),
     Mutant(
         "auto-disable-never",
-        "delivery/outcomes.py",
+        "delivery/worker/outcomes.py",
         (('                if row["too_long"]:', "                if False:"),),
         "a subscription failing for longer than the limit is never disabled",
         guarantee=DEAD_LETTERS,
     ),
     Mutant(
         "gone-does-not-disable",
-        "delivery/outcomes.py",
+        "delivery/worker/outcomes.py",
         (("            if Outcome.GONE in outcomes:", "            if False:"),),
         "410 does not disable the subscription",
         guarantee=DEAD_LETTERS,
     ),
     Mutant(
         "disable-keeps-pending",
-        "delivery/outcomes.py",
+        "delivery/worker/outcomes.py",
         (("        await conn.execute(_PARK_PENDING, subscription_id, reason)\n", ""),),
         "a disabled subscription's waiting deliveries stay pending instead of dead letters",
         guarantee=DEAD_LETTERS,
     ),
     Mutant(
         "flush-failure-reported-as-success",
-        "delivery/outcomes.py",
+        "delivery/worker/outcomes.py",
         (("future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(exc))",
           "future.set_result(None)"),),
         "an outcome that could not be committed is reported to the attempt as recorded",
@@ -484,7 +484,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     # -- poison ---------------------------------------------------------------------------------
     Mutant(
         "poison-lost-on-record-failure",
-        "delivery/poison.py",
+        "delivery/worker/poison.py",
         (
             (
                 '            log.exception("poison_record_failed", message_id=message.message_id)\n'
@@ -498,7 +498,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "poison-never-redriven",
-        "delivery/poison.py",
+        "delivery/worker/poison.py",
         (('if reason.startswith("redelivered past") and await self._redrive(message):',
           "if False:"),),
         "healthy events dead-lettered by connection flaps are recorded as poison, never sent",
@@ -506,7 +506,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "poison-redrive-unbounded",
-        "delivery/poison.py",
+        "delivery/worker/poison.py",
         (("WHERE o.event_id = ANY($1::text[]) AND o.published_at IS NOT NULL AND o.redrives < $2",
           "WHERE o.event_id = ANY($1::text[]) AND o.published_at IS NOT NULL AND $2 > 0"),),
         "a message that really crashes workers is redriven forever, never recorded",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from delivery.provision import ENV_AMQP_URL, ENV_DATABASE_URL, Services
+from delivery.testing.services import ENV_AMQP_URL, ENV_DATABASE_URL, Services
 from tests.mutation import mutate
 from tests.mutation.catalogue import MUTANTS, Mutant
 

@@ -18,7 +18,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
-from delivery.envelope import RoutingFacts, envelope_from_row, render_body, routing_facts
+from delivery.events import RoutingFacts, envelope_from_row, render_body, routing_facts
 
 __all__ = ["Outgoing", "WireEvent", "decode", "event_count", "pack_rows"]
 

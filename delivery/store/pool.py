@@ -15,7 +15,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-log = structlog.get_logger(__name__)
+log = structlog.get_logger("delivery.db")
 
 T = TypeVar("T")
 

@@ -2,7 +2,7 @@
 
 One batch is one transaction: claim rows with ``FOR UPDATE SKIP LOCKED`` (so any number of relays
 share the work), publish them persistent and ``mandatory``, packed several events of one type to
-a message (``delivery.wire``), and mark published only the rows whose message the broker
+a message (``delivery.broker.wire``), and mark published only the rows whose message the broker
 confirmed. A crash between the confirm and the commit republishes those rows: the
 workers' inbox absorbs the duplicate. Wakes on LISTEN/NOTIFY; polls as a fallback because
 notifications sent while the listener is disconnected are lost.
@@ -22,14 +22,14 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnec
 from aiormq.exceptions import DeliveryError
 from pamqp.commands import Basic
 
-from delivery import metrics
 from delivery.aio import wait_any
-from delivery.amqp import SETUP_TIMEOUT_S, connect, is_connected
-from delivery.db import is_connection_error
-from delivery.health import Health
+from delivery.broker.connection import SETUP_TIMEOUT_S, connect, is_connected
+from delivery.broker.topology import Names, declare
+from delivery.broker.wire import Outgoing, pack_rows
+from delivery.ops import metrics
+from delivery.ops.health import Health
 from delivery.settings import Settings
-from delivery.topology import Names, declare
-from delivery.wire import Outgoing, pack_rows
+from delivery.store.pool import is_connection_error
 
 log = structlog.get_logger("delivery.relay")
 

@@ -9,7 +9,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from delivery.errors import ConfigError
-from delivery.health import Health
+from delivery.ops.health import Health
 
 
 def build_app(health: Health) -> web.Application:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from delivery import metrics
+from delivery.ops import metrics
 
 
 @dataclass

@@ -17,7 +17,7 @@ from delivery.errors import ConfigError
 # Any constant unique to this platform; shared by every process that migrates.
 _ADVISORY_LOCK_KEY = 0x64656C6976657279  # "delivery"
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
-DEFAULT_MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+DEFAULT_MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,14 @@ import orjson
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
-from delivery import metrics
 from delivery.aio import wait_any
-from delivery.amqp import SETUP_TIMEOUT_S, connect, is_connected
-from delivery.db import with_retries
-from delivery.health import Health
+from delivery.broker.connection import SETUP_TIMEOUT_S, connect, is_connected
+from delivery.broker.topology import Names, declare
+from delivery.broker.wire import decode
+from delivery.ops import metrics
+from delivery.ops.health import Health
 from delivery.settings import Settings
-from delivery.topology import Names, declare
-from delivery.wire import decode
+from delivery.store.pool import with_retries
 
 log = structlog.get_logger("delivery.poison")
 

@@ -17,11 +17,11 @@ from typing import Any
 import asyncpg
 import structlog
 
-from delivery import metrics
-from delivery.db import with_retries
-from delivery.retry import Decision, Outcome
-from delivery.sender import AttemptResult
+from delivery.ops import metrics
 from delivery.settings import Settings
+from delivery.store.pool import with_retries
+from delivery.worker.retry import Decision, Outcome
+from delivery.worker.sender import AttemptResult
 
 log = structlog.get_logger("delivery.outcomes")
 

@@ -1,15 +1,17 @@
-"""``delivery status``: is it healthy, what is stuck, since when."""
+"""``delivery status``, the database half: is it healthy, what is stuck, since when.
+
+The queue depths come from the broker (``delivery.broker.depths``); the caller passes them in as
+a function, so this module needs no broker.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aio_pika
 import asyncpg
 
-from delivery.amqp import with_defaults
 from delivery.events import format_timestamp
-from delivery.topology import Names
 
 _OUTBOX = """
 SELECT count(*) AS pending,
@@ -32,27 +34,10 @@ ORDER BY s.created_at, s.id
 """
 
 
-async def queue_depths(amqp_url: str, names: Names) -> dict[str, int | None]:
-    """Message counts by passive declare; ``None`` for a queue that does not exist (yet)."""
-    depths: dict[str, int | None] = {}
-    connection = await aio_pika.connect(with_defaults(amqp_url), timeout=10)
-    try:
-        for name in (names.dispatch_queue, names.dead_queue):
-            channel = await connection.channel()
-            try:
-                queue = await channel.declare_queue(name, passive=True)
-                depths[name] = queue.declaration_result.message_count
-            except aio_pika.exceptions.ChannelClosed:
-                depths[name] = None
-            finally:
-                if not channel.is_closed:
-                    await channel.close()
-    finally:
-        await connection.close()
-    return depths
-
-
-async def collect(conn: asyncpg.Connection, amqp_url: str | None, names: Names) -> dict[str, Any]:
+async def collect(
+    conn: asyncpg.Connection, queues: Callable[[], Awaitable[dict[str, int | None] | str]]
+) -> dict[str, Any]:
+    """The report of ``delivery status``; ``queues`` reads the depths (``queue_report``)."""
     outbox = await conn.fetchrow(_OUTBOX)
     assert outbox is not None
     subs = []
@@ -76,16 +61,12 @@ async def collect(conn: asyncpg.Connection, amqp_url: str | None, names: Names) 
                 "next_attempt_at": _ts(row["next_attempt_at"]),
             }
         )
-    queues: dict[str, int | None] | str
-    try:
-        queues = await queue_depths(amqp_url, names) if amqp_url else "DELIVERY_AMQP_URL not set"
-    except Exception as exc:
-        queues = f"unreachable: {type(exc).__name__}"
+    depths = await queues()
     poison = await conn.fetchval("SELECT count(*) FROM delivery.poison_messages")
     return {
         "outbox": {"pending": outbox["pending"], "oldest_age_s": round(outbox["oldest_s"], 3)},
         "poison_messages": poison,
-        "queues": queues,
+        "queues": depths,
         "subscriptions": subs,
     }
 

@@ -1,5 +1,5 @@
 """One HTTP attempt: POST the signed body, return what happened. No retries here: the caller
-turns the result into an outcome with the pure policy in ``delivery.retry``."""
+turns the result into an outcome with the pure policy in ``delivery.worker.retry``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from types import TracebackType
 
 import aiohttp
 
-from delivery.retry import parse_retry_after_s
+from delivery.worker.retry import parse_retry_after_s
 
 
 @dataclass(frozen=True, slots=True)

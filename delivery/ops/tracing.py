@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from delivery.errors import ConfigError
-from delivery.retry import Outcome
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
@@ -35,6 +34,9 @@ MISSING_EXTRA = (
 )
 ATTEMPT_SPAN = "webhook.deliver"
 DEFAULT_SERVICE_NAME = "delivery"  # unless OTEL_SERVICE_NAME (or OTEL_RESOURCE_ATTRIBUTES) says
+# The outcome of a successful attempt: ``Outcome.DELIVERED`` of delivery.worker.retry, as the
+# plain string it is (ops imports no pipeline stage; tests/test_layout.py checks they agree).
+DELIVERED = "delivered"
 
 #: This process's tracer while tracing runs; ``None`` when DELIVERY_OTEL_ENABLED is off. The
 #: hot path checks only this.
@@ -170,6 +172,6 @@ def end_attempt(span: Span, *, outcome: str, status: int | None, error: str | No
     if status is not None:
         span.set_attribute("http.response.status_code", status)
     span.set_attribute("webhook.outcome", outcome)
-    if outcome != Outcome.DELIVERED.value:
+    if outcome != DELIVERED:
         span.set_status(_state.error_status, error or (f"HTTP {status}" if status else outcome))
     span.end()

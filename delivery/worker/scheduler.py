@@ -15,14 +15,15 @@ import asyncio
 import asyncpg
 import structlog
 
-from delivery import metrics
 from delivery.aio import wait_any
-from delivery.db import is_connection_error, with_retries
-from delivery.deliverer import Deliverer, Job, lease_per_timeout
-from delivery.envelope import envelope_from_row, render_body
-from delivery.health import Health
+from delivery.events import envelope_from_row, render_body
+from delivery.ops import metrics
+from delivery.ops.health import Health
 from delivery.settings import Settings
-from delivery.subscriptions import Subscription, select_list
+from delivery.store.pool import is_connection_error, with_retries
+from delivery.store.subscriptions import Subscription, select_list
+from delivery.worker.deliverer import Deliverer
+from delivery.worker.jobs import Job, lease_per_timeout
 
 log = structlog.get_logger("delivery.scheduler")
 

@@ -19,17 +19,18 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from aio_pika.exceptions import ChannelInvalidStateError
 
-from delivery import metrics
 from delivery.aio import wait_any
-from delivery.amqp import SETUP_TIMEOUT_S, connect, is_connected
-from delivery.db import is_connection_error, with_retries
-from delivery.deliverer import Deliverer, Job, lease_for
-from delivery.health import Health
-from delivery.scheduler import Scheduler
+from delivery.broker.connection import SETUP_TIMEOUT_S, connect, is_connected
+from delivery.broker.topology import Names, declare
+from delivery.broker.wire import WireEvent, decode, event_count
+from delivery.ops import metrics
+from delivery.ops.health import Health
 from delivery.settings import Settings
-from delivery.subscriptions import Subscription, select_list
-from delivery.topology import Names, declare
-from delivery.wire import WireEvent, decode, event_count
+from delivery.store.pool import is_connection_error, with_retries
+from delivery.store.subscriptions import Subscription, select_list
+from delivery.worker.deliverer import Deliverer
+from delivery.worker.jobs import Job, lease_for
+from delivery.worker.scheduler import Scheduler
 
 log = structlog.get_logger("delivery.dispatch")
 

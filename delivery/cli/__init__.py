@@ -1,0 +1,55 @@
+"""The ``delivery`` command line. Exit codes: 0 success, 2 bad input or usage, 1 anything else.
+Errors are one readable line on stderr (a traceback only with ``--debug``).
+
+``parser`` builds the arguments, ``commands`` and ``operations`` hold the commands, ``output``
+the exit codes and printing; ``main`` (the ``delivery`` entry point) ties them together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable
+
+from delivery.cli.commands import _COMMANDS, _REQUIRES
+from delivery.cli.output import EXIT_FAILURE, EXIT_USAGE
+from delivery.cli.parser import build_parser
+from delivery.errors import ConfigError, InputError
+from delivery.settings import Settings, load_settings
+
+
+def _run_loop(main: Awaitable[int]) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported OS
+        return int(asyncio.run(main))  # type: ignore[arg-type]
+    return int(uvloop.run(main))  # type: ignore[arg-type]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings: Settings | None = None
+        if args.command != "demo":
+            settings = load_settings(
+                require=_REQUIRES.get(args.command, ("database_url",)),
+                admin_port=getattr(args, "admin_port", None),
+            )
+        return _run_loop(_COMMANDS[args.command](args, settings))
+    except KeyboardInterrupt:
+        return 130
+    except (InputError, ConfigError) as exc:
+        if args.debug:
+            raise
+        sys.stderr.write(f"delivery {args.command}: {exc}\n")
+        return EXIT_USAGE
+    except Exception as exc:
+        if args.debug:
+            raise
+        sys.stderr.write(f"delivery {args.command}: {_describe(exc)}\n")
+        return EXIT_FAILURE
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

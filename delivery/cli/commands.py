@@ -1,0 +1,121 @@
+"""The commands that run the platform or feed it: migrate, publish, run / relay / worker, demo;
+and the table of every command (the operator's commands are in ``operations``)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+
+from delivery.cli.operations import cmd_dlq, cmd_status, cmd_subscriptions
+from delivery.cli.output import EXIT_OK, EXIT_USAGE, _emit, _progress
+from delivery.errors import InputError
+from delivery.settings import Settings
+
+
+async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from delivery.store.migrations import DEFAULT_MIGRATIONS_DIR, migrate
+
+    chosen = args.dir or settings.migrations_dir
+    directory = Path(chosen) if chosen else DEFAULT_MIGRATIONS_DIR
+    applied = await migrate(settings.database_url, directory)
+    _emit({"applied": [f"{m.version:04d}_{m.name}" for m in applied]})
+    return EXIT_OK
+
+
+def _read_lines(stream: TextIO) -> Iterator[tuple[int, str]]:
+    for number, line in enumerate(stream, start=1):
+        if line.strip():
+            yield number, line
+
+
+async def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncpg
+
+    from delivery.events import NewEvent, parse_event
+    from delivery.outbox import publish_many
+
+    events: list[NewEvent] = []
+    problems: list[str] = []
+    with contextlib.ExitStack() as stack:
+        if args.file in (None, "-"):
+            stream: TextIO = sys.stdin
+        else:
+            try:
+                # A local file read before any network I/O: blocking here is harmless.
+                stream = stack.enter_context(open(args.file, encoding="utf-8"))  # noqa: ASYNC230
+            except OSError as exc:
+                raise InputError(f"{args.file}: {exc.strerror}") from None
+        for number, line in _read_lines(stream):
+            try:
+                raw = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                problems.append(f"line {number}: invalid JSON: {exc}")
+                continue
+            try:
+                events.append(parse_event(raw))
+            except InputError as exc:
+                problems.append(f"line {number}: {exc}")
+    if problems:
+        for problem in problems:
+            sys.stderr.write(f"delivery publish: {problem}\n")
+        sys.stderr.write(f"delivery publish: {len(problems)} bad line(s); nothing was written\n")
+        return EXIT_USAGE
+    conn = await asyncpg.connect(settings.database_url)
+    published = duplicates = 0
+    report = _progress("published")
+    try:
+        # One transaction for the whole input: all lines are written, or none.
+        async with conn.transaction():
+            for start in range(0, len(events), 1000):
+                result = await publish_many(conn, events[start : start + 1000])
+                published += len(result.published)
+                duplicates += len(result.duplicates)
+                report(published + duplicates)
+    finally:
+        await conn.close()
+    if sys.stderr.isatty() and len(events) > 1000:
+        sys.stderr.write("\n")
+    _emit({"published": published, "duplicates": duplicates})
+    return EXIT_OK
+
+
+async def cmd_process(args: argparse.Namespace, settings: Settings) -> int:
+    from delivery.ops.logs import configure_logging
+    from workers.process import run_process
+
+    configure_logging(settings.log_format, settings.log_level)
+    role = args.command
+    await run_process(settings, relay=role in ("run", "relay"), worker=role in ("run", "worker"))
+    return EXIT_OK
+
+
+async def cmd_demo(args: argparse.Namespace, settings: Settings | None) -> int:
+    from delivery.demo.run import run_demo
+
+    return await run_demo(events=args.events, keep=args.keep)
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace, Any], Awaitable[int]]] = {
+    "migrate": cmd_migrate,
+    "run": cmd_process,
+    "relay": cmd_process,
+    "worker": cmd_process,
+    "publish": cmd_publish,
+    "subscriptions": cmd_subscriptions,
+    "dlq": cmd_dlq,
+    "status": cmd_status,
+    "demo": cmd_demo,
+}
+# What each command cannot run without.
+_REQUIRES: dict[str, tuple[str, ...]] = {
+    "run": ("database_url", "amqp_url"),
+    "relay": ("database_url", "amqp_url"),
+    "worker": ("database_url", "amqp_url"),
+    "demo": (),
+}

@@ -1,0 +1,186 @@
+"""The operator's commands, each on one database connection: subscriptions, dlq, status."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from delivery.cli.output import EXIT_OK, _emit, _progress
+from delivery.errors import InputError
+from delivery.settings import Settings
+
+
+async def _with_conn(settings: Settings, work: Callable[[Any], Awaitable[int]]) -> int:
+    import asyncpg
+
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        return await work(conn)
+    finally:
+        await conn.close()
+
+
+def _print_subscription(sub: Any, as_json: bool, *, with_secret: bool = False) -> None:
+    data = sub.public_dict(with_secret=with_secret)
+    if as_json or with_secret:
+        _emit(data)
+        return
+    for key, value in data.items():
+        sys.stdout.write(f"{key:>28}: {value}\n")
+
+
+async def cmd_subscriptions(args: argparse.Namespace, settings: Settings) -> int:
+    from delivery.durations import parse_schedule_s
+    from delivery.store import subscriptions as subs
+
+    async def work(conn: Any) -> int:
+        action = args.action
+        if action == "add":
+            schedule = None
+            if args.retry_schedule:
+                try:
+                    schedule = parse_schedule_s(args.retry_schedule)
+                except ValueError as exc:
+                    raise InputError(f"--retry-schedule: {exc}") from None
+            sub = await subs.add(
+                conn,
+                url=args.url,
+                patterns=args.events,
+                account_id=args.account,
+                secret=args.secret,
+                retry_schedule_s=schedule,
+                timeout_s=args.timeout,
+            )
+            _print_subscription(sub, True, with_secret=True)
+        elif action == "list":
+            items = await subs.list_all(conn)
+            if args.json:
+                _emit([s.public_dict() for s in items])
+            else:
+                sys.stdout.write(f"{'ID':<21} {'STATE':<9} {'EVENTS':<30} {'ACCOUNT':<12} URL\n")
+                for s in items:
+                    events = ",".join(s.event_patterns)
+                    sys.stdout.write(
+                        f"{s.id:<21} {s.state:<9} {events:<30} {s.account_id or '*':<12} {s.url}\n"
+                    )
+        elif action == "show":
+            _print_subscription(await subs.get(conn, args.id), args.json)
+        elif action in ("disable", "enable"):
+            state = "disabled" if action == "disable" else "active"
+            async with conn.transaction():
+                sub = await subs.set_state(conn, args.id, state, reason="disabled by operator")
+                if state == "disabled":
+                    await conn.execute(
+                        """UPDATE delivery.deliveries SET state = 'dead', dead_at = now(),
+                           dead_reason = 'subscription disabled by operator', lease_until = NULL
+                           WHERE subscription_id = $1 AND state = 'pending'""",
+                        args.id,
+                    )
+            _print_subscription(sub, args.json)
+        elif action == "rotate-secret":
+            sub = await subs.rotate_secret(conn, args.id, grace_s=settings.secret_rotation_grace_s)
+            _print_subscription(sub, True, with_secret=True)
+        elif action == "remove":
+            await subs.remove(conn, args.id)
+            _emit({"removed": args.id}) if args.json else sys.stdout.write(f"removed {args.id}\n")
+        return EXIT_OK
+
+    return await _with_conn(settings, work)
+
+
+async def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
+    from delivery.events import format_timestamp
+    from delivery.store import dead_letters as dlq
+    from delivery.store.pool import create_pool
+
+    if args.action == "list":
+
+        async def work(conn: Any) -> int:
+            if args.poison:
+                rows = await dlq.list_poison(conn, limit=args.limit)
+                if args.json:
+                    _emit(rows)
+                else:
+                    for row in rows:
+                        sys.stdout.write(
+                            f"{row['id']:<8} {row['received_at']}  {row['message_id'] or '-'}  "
+                            f"{row['reason']}\n"
+                        )
+                return EXIT_OK
+            items = await dlq.list_dead(conn, subscription_id=args.subscription, limit=args.limit)
+            if args.json:
+                _emit(
+                    [
+                        {
+                            **item.__dict__,
+                            **{
+                                k: format_timestamp(v) if v is not None else None
+                                for k, v in item.__dict__.items()
+                                if k.endswith("_at")
+                            },
+                        }
+                        for item in items
+                    ]
+                )
+            else:
+                sys.stdout.write(
+                    f"{'ID':<8} {'SUBSCRIPTION':<21} {'EVENT':<34} {'ATTEMPTS':>8}  REASON\n"
+                )
+                for item in items:
+                    sys.stdout.write(
+                        f"{item.id:<8} {item.subscription_id:<21} {item.event_id:<34} "
+                        f"{item.attempts:>8}  {item.reason}\n"
+                    )
+            return EXIT_OK
+
+        return await _with_conn(settings, work)
+
+    selector = dlq.Selector(
+        ids=dlq.ids_from_args(args.ids), subscription_id=args.subscription, everything=args.all
+    )
+    pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+    try:
+        if args.action == "replay":
+            replayed, skipped = await dlq.replay(pool, selector, progress=_progress("replayed"))
+            _emit({"replayed": replayed, "skipped_disabled_subscription": skipped})
+        else:
+            purged = await dlq.purge(pool, selector, progress=_progress("purged"))
+            _emit({"purged": purged})
+    finally:
+        await pool.close()
+    return EXIT_OK
+
+
+async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from delivery.broker.depths import queue_report
+    from delivery.broker.topology import Names
+    from delivery.store.status import collect
+
+    async def work(conn: Any) -> int:
+        names = Names(settings.amqp_prefix)
+        report = await collect(conn, lambda: queue_report(settings.amqp_url or None, names))
+        if args.json:
+            _emit(report)
+            return EXIT_OK
+        out = report["outbox"]
+        sys.stdout.write(f"outbox: {out['pending']} pending, oldest {out['oldest_age_s']}s\n")
+        queues = report["queues"]
+        if isinstance(queues, dict):
+            for name, depth in queues.items():
+                sys.stdout.write(f"queue {name}: {'missing' if depth is None else depth}\n")
+        else:
+            sys.stdout.write(f"queues: {queues}\n")
+        sys.stdout.write(
+            f"{'SUBSCRIPTION':<21} {'STATE':<9} {'PENDING':>8} {'RETRYING':>8} {'DEAD':>6} "
+            f"{'DELIVERED':>9}  LAST SUCCESS\n"
+        )
+        for s in report["subscriptions"]:
+            sys.stdout.write(
+                f"{s['id']:<21} {s['state']:<9} {s['pending']:>8} {s['retrying']:>8} "
+                f"{s['dead']:>6} {s['delivered']:>9}  {s['last_success'] or '-'}\n"
+            )
+        return EXIT_OK
+
+    return await _with_conn(settings, work)

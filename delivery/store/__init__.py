@@ -1,0 +1,2 @@
+"""PostgreSQL: pools and retries, migrations, subscriptions, dead letters, and the
+database half of ``delivery status``."""
