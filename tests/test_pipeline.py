@@ -363,9 +363,12 @@ async def test_copies_of_an_event_in_one_batch_count_as_redeliveries(settings):
         counts = dict(await conn.fetch("SELECT event_id, redeliveries FROM delivery.inbox"))
         assert counts == {"evt_twice": 1, "evt_once": 0}
         await dispatcher.dispatch_batch([later_copy], asyncio.Event())
-        assert await conn.fetchval(
-            "SELECT redeliveries FROM delivery.inbox WHERE event_id = 'evt_twice'"
-        ) == 2
+        assert (
+            await conn.fetchval(
+                "SELECT redeliveries FROM delivery.inbox WHERE event_id = 'evt_twice'"
+            )
+            == 2
+        )
     await pool.close()
     await connection.close()
     await conn.close()
