@@ -12,17 +12,24 @@ the broker hold after the run settled, and when the faults were, and returns a `
 * inconsistent  arrivals of one webhook-id with different bodies, or a body whose ``id`` is not
               the webhook-id (the contract: the same bytes on every attempt and replay);
 * ordering    per-account out-of-order first deliveries, and sequence gaps in the outbox
-              (facts, not failures).
+              (facts, not failures);
+* redrives    events put back in the relay's path (outbox.redrive_log), by whom (the relay's
+              sweep, the poison recorder), near which fault. Self-healing must not hide a
+              loss: a redrive whose event's message never reached a worker ("healed") needs a
+              scenario whose faults can lose a confirmed message, and that message's publish in
+              or near a fault window; a redrive whose event arrived by its own message too
+              ("spare": the sweep took a message held too long for a lost one) needs a scenario
+              whose faults can hold one. Any other redrive is unexplained.
 
-Valid iff lost = unexpected = stuck = inconsistent = bad signatures = 0.
+Valid iff lost = unexpected = stuck = inconsistent = bad signatures = unexplained redrives = 0.
 """
 
 from __future__ import annotations
 
 import bisect
 import fnmatch
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,9 +38,25 @@ import orjson
 from chaos.context import FaultWindow
 from chaos.producer import EventSpec
 
-__all__ = ["Arrival", "SettledState", "Slack", "SubscriptionSpec", "Verdict", "check"]
+__all__ = [
+    "HEALED",
+    "SPARE",
+    "Arrival",
+    "Redrive",
+    "SettledState",
+    "Slack",
+    "SubscriptionSpec",
+    "Verdict",
+    "check",
+]
 
 _SAMPLE = 10
+
+# What a scenario's faults can make a redrive (Scenario.redrives; see _redrives). HEALED: a
+# confirmed message was lost (the queue deleted, dead-lettered) and the redrive delivered its
+# event. SPARE: a worker held the message longer than the redrive age; the inbox absorbed the copy.
+HEALED = "healed"
+SPARE = "spare"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +87,18 @@ class SubscriptionSpec:
         return any(fnmatch.fnmatchcase(event.type, p) for p in self.patterns)
 
 
+@dataclass(frozen=True, slots=True)
+class Redrive:
+    """One entry of outbox.redrive_log: ``event_id`` put back in the relay's path by ``by``
+    ("sweep": the relay; "poison": the dead-letter recorder; "?": not logged) at ``at``, which
+    gave up for lost its publish at ``published_at`` (wall clock; None: not logged)."""
+
+    event_id: str
+    by: str
+    published_at: float | None
+    at: float | None = None
+
+
 @dataclass(frozen=True)
 class SettledState:
     """The database and the broker after the settle wait."""
@@ -82,6 +117,10 @@ class SettledState:
     sequence_gaps: int  # accounts whose sequences are not exactly 1..n
     # Rows the poison recorder kept, by message id ("" when it had none); None: not read.
     poison_by_id: dict[str, int] | None = None
+    # Every redrive; and the inbox's redeliveries of each redriven event (copies that reached a
+    # worker after the first; absent: the event has no inbox row).
+    redrives: tuple[Redrive, ...] = ()
+    redeliveries: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -124,6 +163,17 @@ class Verdict:
     out_of_order_by_path: dict[str, int] = field(default_factory=dict)
     sequence_gaps: int = 0
     poison_of_delivered: int = 0
+    redrives: int = 0
+    redriven_events: int = 0
+    redrives_by: dict[str, int] = field(default_factory=dict)  # sweep / poison
+    redrives_healed: int = 0
+    redrives_spare: int = 0
+    redrives_by_fault: dict[str, int] = field(default_factory=dict)  # kind (or "none") -> n
+    redrives_by_window: dict[str, int] = field(default_factory=dict)  # "index kind target" -> n
+    redrives_declared: list[str] = field(default_factory=list)
+    redrives_unexplained: int = 0
+    redrives_unexplained_why: dict[str, int] = field(default_factory=dict)
+    redrives_unexplained_sample: list[dict[str, Any]] = field(default_factory=list)
     lag_max_s: float = 0.0
     lag_p50_s: float = 0.0
     lag_p99_s: float = 0.0
@@ -144,7 +194,10 @@ def check(
     faults: Sequence[FaultWindow],
     slack: Slack | None = None,
     allowed_dead: int = 0,
+    redrives_explained: Collection[str] = frozenset(),
 ) -> Verdict:
+    """``redrives_explained``: what the scenario's faults can make a redrive (HEALED, SPARE);
+    any redrive of another kind is unexplained."""
     v = Verdict(events_attempted=len(attempted))
     # An id the producer never heard back about is still committed if the outbox has it.
     uncertain = set(attempted) - set(committed_at)
@@ -169,6 +222,7 @@ def check(
     v.delivered = len(expected) - v.lost
 
     _duplicates(ok_by_pair, faults, slack or Slack(), v)
+    _redrives(state, faults, slack or Slack(), redrives_explained, v)
     _ordering(ok_by_pair, v)
     _lag_and_recovery(ok_by_pair, committed_at, faults, v)
     _stuck(state, allowed_dead, {e for e, _p in lost_pairs}, v)
@@ -246,6 +300,9 @@ def _judge(state: SettledState, v: Verdict) -> None:
         v.reasons.append(f"{v.inconsistent} arrivals with a different body for one webhook-id")
     if v.bad_signatures:
         v.reasons.append(f"{v.bad_signatures} arrivals with a bad signature")
+    if v.redrives_unexplained:
+        why = ", ".join(f"{n} {k}" for k, n in v.redrives_unexplained_why.items())
+        v.reasons.append(f"{v.redrives_unexplained} unexplained redrives ({why})")
     v.valid = not v.reasons
 
 
@@ -273,6 +330,87 @@ def _explained(at: float, faults: Sequence[FaultWindow], slack: Slack) -> bool:
         if w.start - slack.before_s <= at <= end + slack.after_s:
             return True
     return False
+
+
+def _window_of(at: float | None, faults: Sequence[FaultWindow], slack: Slack) -> int | None:
+    """The index of the fault window ``at`` falls in (the nearest, if it is only near some),
+    None when it is outside every window and its slack."""
+    best: int | None = None
+    best_distance = float("inf")
+    for i, w in enumerate(faults):
+        end = w.end if w.end is not None else float("inf")
+        if at is None or not w.start - slack.before_s <= at <= end + slack.after_s:
+            continue
+        distance = max(w.start - at, at - end, 0.0)
+        if distance < best_distance:
+            best, best_distance = i, distance
+    return best
+
+
+def _redrives(
+    state: SettledState,
+    faults: Sequence[FaultWindow],
+    slack: Slack,
+    declared: Collection[str],
+    v: Verdict,
+) -> None:
+    """Count the redrives, attribute each to the fault window its undone publish falls in, and
+    judge them event by event. An event's published copies are its original message and one
+    per redrive; the copies that reached a worker are the first and one per inbox redelivery.
+    The missing ones were lost, so that many of its redrives healed a loss (at least: a
+    redelivery of a copy after a crash between commit and ack counts as arrived too); the
+    rest were spare copies of a message a worker still held."""
+    by_event: dict[str, list[Redrive]] = defaultdict(list)
+    for r in state.redrives:
+        by_event[r.event_id].append(r)
+    v.redrives = len(state.redrives)
+    v.redriven_events = len(by_event)
+    v.redrives_by = dict(sorted(Counter(r.by for r in state.redrives).items()))
+    v.redrives_declared = sorted(declared)
+    by_fault: Counter[str] = Counter()
+    by_window: Counter[str] = Counter()
+    why: Counter[str] = Counter()
+    for event_id, entries in sorted(by_event.items()):
+        arrived_again = state.redeliveries.get(event_id, 0)
+        healed = len(entries) - min(len(entries), arrived_again)
+        spare = len(entries) - healed
+        v.redrives_healed += healed
+        v.redrives_spare += spare
+        windows = [_window_of(r.published_at, faults, slack) for r in entries]
+        for i in windows:
+            if i is None:
+                by_fault["none"] += 1
+            else:
+                w = faults[i]
+                by_fault[w.kind] += 1
+                by_window[f"{i} {w.kind} {w.target}"] += 1
+        near = sum(i is not None for i in windows)
+        bad: list[str] = []
+        if healed and HEALED not in declared:
+            bad += ["healed, no fault here loses a message"] * healed
+        elif healed > near:
+            bad += ["healed a message lost away from every fault"] * (healed - near)
+        if spare and SPARE not in declared:
+            bad += ["spare, no fault here holds a message"] * spare
+        if not bad:
+            continue
+        v.redrives_unexplained += len(bad)
+        why.update(bad)
+        _sample(
+            v.redrives_unexplained_sample,
+            {
+                "id": event_id,
+                "by": [r.by for r in entries],
+                "published_at": [r.published_at for r in entries],
+                "redriven_at": [r.at for r in entries],
+                "healed": healed,
+                "spare": spare,
+                "why": sorted(set(bad)),
+            },
+        )
+    v.redrives_by_fault = dict(sorted(by_fault.items()))
+    v.redrives_by_window = dict(sorted(by_window.items(), key=lambda kv: int(kv[0].split()[0])))
+    v.redrives_unexplained_why = dict(sorted(why.items()))
 
 
 def _duplicates(

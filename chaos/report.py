@@ -84,13 +84,23 @@ def write_arrivals(
 
 _HEADER = (
     "| scenario | events | faults injected | lost | duplicates (count, ratio) | unexplained dup. "
+    "| redrives (by; healed / spare) | unexplained redrives "
     "| unexpected | stuck | max lag | time to recover | wall time | verdict |\n"
-    "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---|\n"
+    "|---|---:|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---|\n"
 )
 
 
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} s"
+
+
+def _redrives_cell(v: dict[str, Any]) -> str:
+    """``12 (sweep 10, poison 2; 11 / 1)``: how many, by whom; healed a loss / spare copies."""
+    total = v.get("redrives", 0)
+    if not total:
+        return "0"
+    by = ", ".join(f"{k} {n}" for k, n in v.get("redrives_by", {}).items())
+    return f"{total} ({by}; {v.get('redrives_healed', 0)} / {v.get('redrives_spare', 0)})"
 
 
 def _row(r: RunReport) -> str:
@@ -102,7 +112,8 @@ def _row(r: RunReport) -> str:
     return (
         f"| {r.scenario} | {v['events_committed']} | {r.faults_injected}: {r.fault_kinds()} "
         f"| {v['lost']} | {v['duplicates']} ({v['duplicate_ratio']:.4%}) "
-        f"| {v['duplicates_unexplained']} | {v['unexpected']} | {v['stuck']} "
+        f"| {v['duplicates_unexplained']} | {_redrives_cell(v)} "
+        f"| {v.get('redrives_unexplained', 0)} | {v['unexpected']} | {v['stuck']} "
         f"| {_seconds(v['lag_max_s'])} | {_seconds(v['recovery_s'])} | {_seconds(r.wall_s)} "
         f"| {verdict} |\n"
     )

@@ -58,8 +58,8 @@ def _configure_logging(stream: TextIO) -> logging.Handler:
 
 
 def _slack() -> Slack:
-    """Explained-duplicate window: one HTTP timeout before a fault, a lease plus a few retry
-    steps after it (the platform's own timers, as the processes were configured)."""
+    """Explained-duplicate (and explained-redrive) window: one HTTP timeout before a fault, a
+    lease plus a few retry steps after it (the platform's own timers, as configured)."""
     http_s = float(PLATFORM_ENV["DELIVERY_HTTP_TIMEOUT_S"])
     lease_s = float(PLATFORM_ENV["DELIVERY_DELIVERY_LEASE_S"])
     return Slack(before_s=http_s + 3.0, after_s=lease_s + 10.0)
@@ -301,6 +301,7 @@ async def _drive(ctx: RunContext, scenario: Scenario, problems: list[str]) -> Ve
         state=state,
         faults=ctx.faults.windows,
         slack=_slack(),
+        redrives_explained=scenario.redrives,
     )
     if scenario.expect is not None:
         problems += scenario.expect(ctx, verdict)

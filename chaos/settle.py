@@ -9,7 +9,7 @@ import time
 
 import asyncpg
 
-from chaos.checker import SettledState
+from chaos.checker import Redrive, SettledState
 from chaos.cluster import Cluster
 from delivery.broker.depths import queue_depths
 
@@ -36,6 +36,17 @@ SELECT count(*) FROM (
            count(DISTINCT sequence) AS distinct_n
     FROM delivery.outbox GROUP BY account_id
 ) t WHERE NOT (lo = 1 AND hi = n AND distinct_n = n)
+"""
+# Every redrive of every event (a row of NULLs where outbox.redrives counts one the log lacks),
+# and the inbox's redeliveries of the event (NULL: never dispatched).
+_REDRIVES = """
+SELECT o.event_id, o.redrives, i.redeliveries, e->>'by' AS by,
+       extract(epoch FROM (e->>'published_at')::timestamptz)::float8 AS published_s,
+       extract(epoch FROM (e->>'at')::timestamptz)::float8 AS at_s
+FROM delivery.outbox o
+LEFT JOIN delivery.inbox i ON i.event_id = o.event_id
+LEFT JOIN LATERAL jsonb_array_elements(o.redrive_log) AS e ON true
+WHERE o.redrives > 0
 """
 _POLL_S = 0.25
 
@@ -114,6 +125,7 @@ async def read_state(cluster: Cluster, *, settled: bool, waited_s: float) -> Set
             "SELECT coalesce(message_id, '') AS id, count(*) AS n "
             "FROM delivery.poison_messages GROUP BY 1"
         )
+        redrives, redeliveries = _redrives(await conn.fetch(_REDRIVES))
     finally:
         await conn.close()
     ready, dead_ready = await _queues(cluster)
@@ -131,4 +143,26 @@ async def read_state(cluster: Cluster, *, settled: bool, waited_s: float) -> Set
         poison_messages=row["poison"],
         sequence_gaps=int(gaps or 0),
         poison_by_id={r["id"]: r["n"] for r in poison},
+        redrives=redrives,
+        redeliveries=redeliveries,
     )
+
+
+def _redrives(rows: list[asyncpg.Record]) -> tuple[tuple[Redrive, ...], dict[str, int]]:
+    entries: dict[str, list[Redrive]] = {}
+    counts: dict[str, int] = {}
+    redeliveries: dict[str, int] = {}
+    for r in rows:
+        event_id = r["event_id"]
+        counts[event_id] = r["redrives"]
+        if r["redeliveries"] is not None:
+            redeliveries[event_id] = r["redeliveries"]
+        logged = entries.setdefault(event_id, [])
+        if r["by"] is not None:
+            logged.append(Redrive(event_id, r["by"], r["published_s"], r["at_s"]))
+    redrives: list[Redrive] = []
+    for event_id, logged in entries.items():
+        # Redrives from before the log existed (migration 0009): counted, not attributable.
+        missing = max(0, counts[event_id] - len(logged))
+        redrives += logged + [Redrive(event_id, "?", None)] * missing
+    return tuple(redrives), redeliveries

@@ -310,6 +310,12 @@ async def test_events_lost_by_the_broker_after_their_confirm_are_redriven(settin
                 lambda r: len(r.unique_ids()) == 20, timeout_s=90, what="every event redriven"
             )
         assert await conn.fetchval("SELECT min(redrives) FROM delivery.outbox") == 1
+        # Each redrive is logged: by the relay's sweep, with the publish it gave up for lost
+        log = await conn.fetch(
+            "SELECT e->>'by' AS by, (e->>'published_at')::timestamptz < (e->>'at')::timestamptz"
+            " AS ordered FROM delivery.outbox, jsonb_array_elements(redrive_log) e"
+        )
+        assert [tuple(r) for r in log] == [("sweep", True)] * 20
     await conn.close()
 
 
@@ -414,5 +420,12 @@ async def test_a_pack_dead_lettered_past_the_delivery_limit_is_redriven_event_by
         assert await conn.fetchval("SELECT count(*) FROM delivery.poison_messages") == 0
         redrives = dict(await conn.fetch("SELECT event_id, redrives FROM delivery.outbox"))
         assert redrives == {ids[0]: 0} | {i: 1 for i in ids[1:]}
+        by = dict(
+            await conn.fetch(
+                "SELECT event_id, redrive_log->0->>'by' FROM delivery.outbox"
+                " WHERE redrive_log IS NOT NULL"
+            )
+        )
+        assert by == {i: "poison" for i in ids[1:]}  # the dead-letter recorder's, not the sweep's
         assert receiver.duplicates() == {}
     await conn.close()

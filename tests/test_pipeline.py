@@ -334,3 +334,43 @@ async def test_a_dispatch_cancelled_mid_batch_gives_its_capacity_back(settings):
     await pool.close()
     await connection.close()
     await conn.close()
+
+
+async def test_copies_of_an_event_in_one_batch_count_as_redeliveries(settings):
+    # A redriven copy can reach a worker in the same batch as its original (both held, then
+    # handed back by a crash): the inbox absorbs it and counts it, as it counts a copy that
+    # comes in a later batch. The chaos checker tells a redrive that healed a lost message
+    # from a spare copy by this count.
+    conn = await asyncpg.connect(settings.database_url)
+    await publish_many(conn, [trade(1, id="evt_twice"), trade(2, id="evt_once")])
+    rows = await conn.fetch(relay_module._CLAIM, 100)
+    connection = await aio_pika.connect(settings.amqp_url)
+    channel = await connection.channel()
+    topology = await declare(channel, Names(settings.amqp_prefix), delivery_limit=20)
+    # The original pack of both events, and a copy of one of them alone (as a redrive sends it)
+    for out in pack_rows(rows, 50) + pack_rows([rows[0]], 1) * 3:
+        await topology.events.publish(out.message, routing_key=out.routing_key)
+    pack, copy, *later = [await topology.dispatch.get(timeout=5) for _ in range(4)]
+    pool = await create_pool(settings.database_url, min_size=1, max_size=4)
+    async with Sender(
+        max_connections=8, connect_timeout_s=1, timeout_s=1, excerpt_bytes=100
+    ) as sender:
+        deliverer = Deliverer(settings, pool, sender)
+        health = Health()
+        dispatcher = Dispatcher(
+            settings, pool, deliverer, Scheduler(settings, pool, deliverer, health), health
+        )
+        await dispatcher.dispatch_batch([pack, copy], asyncio.Event())
+        counts = dict(await conn.fetch("SELECT event_id, redeliveries FROM delivery.inbox"))
+        assert counts == {"evt_twice": 1, "evt_once": 0}
+        # Two more copies in a later batch: both counted
+        await dispatcher.dispatch_batch(later, asyncio.Event())
+        assert (
+            await conn.fetchval(
+                "SELECT redeliveries FROM delivery.inbox WHERE event_id = 'evt_twice'"
+            )
+            == 3
+        )
+    await pool.close()
+    await connection.close()
+    await conn.close()

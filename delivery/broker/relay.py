@@ -65,9 +65,12 @@ _REDRIVE_EVERY_S = 15.0
 _NOT_READY_AFTER_BATCHES = 2
 # Only rows published within this window are considered: the sweep stays an index range scan.
 _REDRIVE_WINDOW_S = 86_400.0
+# The log entry records the publish given up for lost (SET reads the row as it was).
 REDRIVE = """
 UPDATE delivery.outbox o
-SET published_at = NULL, redrives = o.redrives + 1
+SET published_at = NULL, redrives = o.redrives + 1,
+    redrive_log = coalesce(o.redrive_log, '[]') || jsonb_build_array(jsonb_build_object(
+        'by', 'sweep', 'at', clock_timestamp(), 'published_at', o.published_at))
 WHERE o.published_at < clock_timestamp() - make_interval(secs => $1)
   AND o.published_at > clock_timestamp() - make_interval(secs => $2)
   AND o.redrives < $3

@@ -41,11 +41,14 @@ _DEPTHS_EVERY_S = 5.0
 _SUBSCRIPTIONS = f"SELECT {select_list('s', '')} FROM delivery.subscriptions s"
 # The inbox rows and the deliveries of the events that were new to it, in one statement (atomic
 # on its own: no BEGIN and COMMIT round trips). A redelivered event finds its inbox row, counts
-# the redelivery and creates nothing.
+# the redelivery and creates nothing. $7: each event's further copies in this very batch (a
+# redriven copy next to its original), redeliveries as well.
 _RECORD = """
 WITH inbox AS (
-    INSERT INTO delivery.inbox (event_id) SELECT unnest($1::text[])
-    ON CONFLICT (event_id) DO UPDATE SET redeliveries = delivery.inbox.redeliveries + 1
+    INSERT INTO delivery.inbox (event_id, redeliveries)
+    SELECT * FROM unnest($1::text[], $7::int[])
+    ON CONFLICT (event_id)
+    DO UPDATE SET redeliveries = delivery.inbox.redeliveries + 1 + excluded.redeliveries
     RETURNING event_id, (xmax = 0) AS fresh
 ),
 created AS (
@@ -213,7 +216,7 @@ class Dispatcher:
             pairs.clear()
             raise
         metrics.EVENTS_DISPATCHED.inc(fresh)
-        metrics.DUPLICATES_ABSORBED.inc(len({e.facts.id for e in parsed}) - fresh)
+        metrics.DUPLICATES_ABSORBED.inc(len(parsed) - fresh)
         self._start_attempts(pairs, created)
 
     async def _commit(
@@ -292,8 +295,10 @@ class Dispatcher:
         pairs.clear()
         subscriptions = [Subscription.from_row(r) for r in await conn.fetch(_SUBSCRIPTIONS)]
         first: dict[str, WireEvent] = {}
+        copies: dict[str, int] = {}
         for event in parsed:  # a repeat inside the batch is the same event
             first.setdefault(event.facts.id, event)
+            copies[event.facts.id] = copies.get(event.facts.id, 0) + 1
         events = list(first.values())
         for event in events:
             facts = event.facts
@@ -314,6 +319,7 @@ class Dispatcher:
             [p.leased for p in pairs],
             [p.dead for p in pairs],
             [lease_for(self._settings, p.subscription) for p in pairs],
+            [copies[e.facts.id] - 1 for e in events],
         )
         fresh = sum(1 for r in rows if r["fresh"])
         created = {

@@ -49,7 +49,9 @@ def describe(message: AbstractIncomingMessage) -> tuple[str, int | None]:
 
 _REDRIVE_SOME = """
 UPDATE delivery.outbox o
-SET published_at = NULL, redrives = o.redrives + 1
+SET published_at = NULL, redrives = o.redrives + 1,
+    redrive_log = coalesce(o.redrive_log, '[]') || jsonb_build_array(jsonb_build_object(
+        'by', 'poison', 'at', clock_timestamp(), 'published_at', o.published_at))
 WHERE o.event_id = ANY($1::text[]) AND o.published_at IS NOT NULL AND o.redrives < $2
   AND NOT EXISTS (SELECT 1 FROM delivery.inbox i WHERE i.event_id = o.event_id)
 RETURNING o.event_id
