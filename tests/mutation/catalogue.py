@@ -125,6 +125,14 @@ _MUTANTS: tuple[Mutant, ...] = (
         "an unparseable message is requeued instead of dead-lettered",
         guarantee=POISON,
     ),
+    Mutant(
+        "dispatch-batch-copies-uncounted",
+        "delivery/worker/dispatch.py",
+        (("redeliveries = delivery.inbox.redeliveries + 1 + excluded.redeliveries",
+          "redeliveries = delivery.inbox.redeliveries + 1"),),
+        "copies of an event inside one batch are absorbed without being counted, so the "
+        "inbox no longer explains every duplicate (the chaos checker reads it)",
+    ),
     # -- relay --------------------------------------------------------------------------------
     Mutant(
         "relay-marks-unconfirmed",
@@ -497,6 +505,13 @@ _MUTANTS: tuple[Mutant, ...] = (
         guarantee=POISON,
     ),
     Mutant(
+        "poison-redrive-logged-as-sweep",
+        "delivery/worker/poison.py",
+        (("'by', 'poison', 'at', clock_timestamp()", "'by', 'sweep', 'at', clock_timestamp()"),),
+        "a redrive by the poison recorder is logged as the sweep's, so the chaos checker "
+        "blames the wrong healer",
+    ),
+    Mutant(
         "poison-never-redriven",
         "delivery/worker/poison.py",
         (('if reason.startswith("redelivered past") and await self._redrive(message):',
@@ -522,6 +537,13 @@ _F = "tests/test_fault_paths.py::"
 _G = "tests/test_guarantees.py::"
 _D = "tests/test_drain.py::"
 KILLS: dict[str, tuple[str, ...]] = {
+    "dispatch-batch-copies-uncounted": (
+        "tests/test_pipeline.py::test_copies_of_an_event_in_one_batch_count_as_redeliveries",
+    ),
+    "poison-redrive-logged-as-sweep": (
+        "tests/test_failures.py::"
+        "test_a_pack_dead_lettered_past_the_delivery_limit_is_redriven_event_by_event",
+    ),
     "dispatch-ack-before-commit": (
         _G + "test_a_message_is_acked_only_after_its_batch_commits_so_a_crash_in_between_loses_nothing",
     ),
