@@ -20,7 +20,8 @@ from delivery.testing.services import ENV_AMQP_URL, ENV_DATABASE_URL, Services
 from tests.mutation import mutate
 from tests.mutation.catalogue import MUTANTS, Mutant
 
-pytestmark = [pytest.mark.integration, pytest.mark.mutation]
+# The first case runs every mutant (a few minutes), well past the suite's per-test timeout.
+pytestmark = [pytest.mark.integration, pytest.mark.mutation, pytest.mark.timeout(1800)]
 
 RUN = [m for m in MUTANTS if m.equivalent is None]
 JOBS = int(os.environ.get("MUTATION_JOBS", "2"))
