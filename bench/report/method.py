@@ -39,9 +39,10 @@ def method(meta: dict[str, Any]) -> list[str]:
         "latency from the publish call returning. Nearest-rank percentiles over all events.",
         "* **Measured from outside**, via /proc: CPU = utime+stime (plus reaped children's) summed "
         "over the whole process tree of the system (Celery's and Dramatiq's children included); "
-        "RSS = each process's VmHWM. The subscriber is `bench/receiver.py` (aiohttp + uvloop) in "
-        "its own process: answers 200, records arrival times, verifies every signature; its CPU "
-        "is not counted. PostgreSQL's and RabbitMQ's CPU are not counted for anyone.",
+        "RSS = each process's VmHWM. The subscriber is the project's receiver "
+        "(`delivery.receiver`, aiohttp) run by `bench/receiver.py` on uvloop in its own process: "
+        "answers 200, records arrival times, verifies every signature; its CPU is not counted. "
+        "PostgreSQL's and RabbitMQ's CPU are not counted for anyone.",
         "* **Shared machine.** Before each session the bench waits (bounded) for the 1-minute load "
         "to drop; the load seen is in the table at the end. Systems are interleaved run by run "
         "(ours, asyncio, Dramatiq, Celery, then again) so a load change hits all of them.",

@@ -108,7 +108,7 @@ def relay(results: dict[str, Any]) -> list[str]:
     return [
         "## Relay drain",
         "",
-        f"`bench/relay_drain.py`: {relay['rows']:,} rows prepared in the outbox, one relay "
+        f"`bench/scenarios/relay.py`: {relay['rows']:,} rows prepared in the outbox, one relay "
         f"(batch {relay['batch']}, default settings, in the bench process), timed by the rows' "
         "own `published_at` marks from the first batch's commit to the last one's (the bench "
         "polls lightly, every 100 ms, so it does not compete for PostgreSQL): "

@@ -1,0 +1,39 @@
+"""The scenario catalogue: each ``--only`` name, what it measures, and the function that runs
+it (one function may measure two names: ``flat`` and ``paced`` share their sessions). The
+default run is every scenario but the opt-in ones, in this order."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from bench.scenarios.backlog import backlog
+from bench.scenarios.compare import compare, fanout, live, processes, tuned
+from bench.scenarios.profile import profile
+from bench.scenarios.relay import relay
+from bench.sessions import Run
+
+Scenario = Callable[[Run], Awaitable[None]]
+
+# name: (what it measures, the function, part of the default run)
+CATALOGUE: dict[str, tuple[str, Scenario, bool]] = {
+    "flat": ("every system: --events staged at its entry point, drained flat out", compare, True),
+    "paced": ("every system: --rate events/s for --paced-s, latency percentiles", compare, True),
+    "live": ("ours: flat out with the producer publishing while it runs", live, True),
+    "tuned": ("ours with a per-subscriber cap of 128: flat out and paced", tuned, True),
+    "processes": ("ours on N x delivery run, N in --process-counts", processes, True),
+    "fanout": ("ours with N subscriptions, N in --fanouts", fanout, True),
+    "relay": ("one relay draining --relay-rows rows from the outbox", relay, True),
+    "profile": ("py-spy on ours during a flat-out run (needs py-spy)", profile, True),
+    "backlog": ("ours draining --backlog events already in the outbox", backlog, True),
+}
+
+DEFAULT = [name for name, (_about, _run, default) in CATALOGUE.items() if default]
+
+
+def selected(only: list[str]) -> list[Scenario]:
+    """The functions to run for the names in ``only``, each once, in the catalogue's order."""
+    out: list[Scenario] = []
+    for name, (_about, scenario, _default) in CATALOGUE.items():
+        if name in only and scenario not in out:
+            out.append(scenario)
+    return out
