@@ -3,13 +3,15 @@
     python -m bench run                 # everything, 3 runs each (about 25 minutes)
     python -m bench run --quick         # a few hundred events per system, 1 run (a smoke)
     python -m bench run --only flat,paced --systems ours,asyncio
+    python -m bench run --only e2e,failures --merge   # the opt-in scenarios, kept beside the rest
     python -m bench render              # RESULTS.md again from bench/results.json
 
 Scenarios (``bench/scenarios/``, listed with ``--help``): ``flat`` and ``paced`` for every
 system; ``live`` (ours with the producer publishing while it runs); ``tuned`` (one setting
 changed); ``processes`` and ``fanout`` (ours scaling); ``relay`` (relay drain rate); ``backlog``
 (a large backlog drained, memory sampled every second); ``profile`` (py-spy on our worker during
-a flat-out run).
+a flat-out run); opt-in: ``e2e`` (a live producer in batches, at a chosen rate) and ``failures``
+(a failing and a hanging subscriber).
 
 Services: DELIVERY_DATABASE_URL / DELIVERY_AMQP_URL when set (each system in its own database
 and queue names, all removed afterwards), otherwise throwaway local servers.
@@ -121,7 +123,7 @@ def parser() -> argparse.ArgumentParser:
         "--events",
         type=int,
         default=10_000,
-        help="events per session of flat, live, tuned, processes and profile",
+        help="events per session of flat, live, tuned, processes, profile and e2e",
     )
     add("--rate", type=float, default=500.0, help="events/s of a paced run")
     add("--paced-s", type=float, default=10.0, help="seconds of a paced run")
@@ -135,7 +137,7 @@ def parser() -> argparse.ArgumentParser:
         "--only",
         type=_scenarios,
         default=DEFAULT,
-        help="comma-separated scenarios to run (below)",
+        help="comma-separated scenarios to run (below); the default is all but the opt-in ones",
     )
     add(
         "--process-counts",
@@ -169,6 +171,20 @@ def parser() -> argparse.ArgumentParser:
         help="seconds after which 'backlog' stops, drained or not",
     )
     add(
+        "--e2e-subscriptions",
+        type=int,
+        default=1,
+        help="subscriptions every event goes to in 'e2e'",
+    )
+    add("--e2e-processes", type=int, default=1, help="'delivery run' processes in 'e2e'")
+    add(
+        "--e2e-rate",
+        type=float,
+        default=0.0,
+        help="events/s the 'e2e' producer publishes at, in batches of 100 (0: flat out)",
+    )
+    add("--failure-events", type=int, default=2000, help="events per session of 'failures'")
+    add(
         "--max-busy",
         type=float,
         default=0.25,
@@ -194,7 +210,7 @@ def parser() -> argparse.ArgumentParser:
     add(
         "--quick",
         action="store_true",
-        help="a smoke: 300 events, 1 run, 2 s paced, 1,000 fan-out deliveries, "
+        help="a smoke: 300 events (failures too), 1 run, 2 s paced, 1,000 fan-out deliveries, "
         "2,000 relay rows and backlog events, no wait for a quiet machine (no figures worth "
         "quoting)",
     )
@@ -206,6 +222,7 @@ def main() -> None:
     if args.quick:
         args.runs, args.events, args.paced_s = 1, 300, 2.0
         args.fanout_deliveries, args.relay_rows, args.backlog = 1000, 2000, 2000
+        args.failure_events = 300
         args.max_wait_s = 0
     if args.command == "run":
         with contextlib.ExitStack() as stack:

@@ -10,7 +10,7 @@ from typing import Any
 from bench.report.backlog import backlog
 from bench.report.headline import stages, summary, targets
 from bench.report.method import load, machine, method
-from bench.report.ours import fanout, live, processes, relay, tuned
+from bench.report.ours import e2e, failures, fanout, live, processes, relay, tuned
 from bench.report.profile import profile
 
 # A person's summary of the figures, shown after the targets.
@@ -21,8 +21,10 @@ HOW_TO_RUN = """\
 pip install -e '.[bench]'          # the peers: Celery, Dramatiq, psycopg, requests
 pip install py-spy                 # only for the profile scenario (--only profile)
 python -m bench run                # everything, 3 runs each; writes bench/results.json and this file
-python -m bench run --quick        # a smoke of every scenario (a few hundred events, no figures)
+python -m bench run --quick        # a smoke of every default scenario (a few hundred events, no figures)
 python -m bench run --only flat,paced --systems ours,asyncio --merge   # a subset, kept beside the rest
+python -m bench run --only e2e,failures --merge   # the opt-in scenarios (failures: minutes), beside the rest
+python -m bench run --help         # every option and scenario
 python -m bench render             # this file again from bench/results.json
 ```
 Services: `DELIVERY_DATABASE_URL` / `DELIVERY_AMQP_URL` when set (every system in its own
@@ -66,6 +68,8 @@ def render(results: dict[str, Any]) -> str:
     out += processes(results)
     out += fanout(results)
     out += relay(results)
+    out += e2e(results)
+    out += failures(results)
     out += backlog(results)
     out += profile(results)
     out += machine(meta, compare)

@@ -1,6 +1,6 @@
 # ruff: noqa: RUF001, E501  (markdown: typographic signs meant, table rows read better unwrapped)
 """The sections on ours alone: a live producer, one setting changed, scaling with processes
-and with fan-out, the relay's drain rate."""
+and with fan-out, the relay's drain rate; the opt-in end-to-end and failure-handling runs."""
 
 from __future__ import annotations
 
@@ -115,3 +115,67 @@ def relay(results: dict[str, Any]) -> list[str]:
         f"**{summarize(relay['rates']).fmt(0)} rows/s** ({len(relay['rates'])} runs).",
         "",
     ]
+
+
+def e2e(results: dict[str, Any]) -> list[str]:
+    runs = results.get("e2e")
+    if not runs:
+        return []
+    first = runs[0]
+    pace = f"at {first['rate']:,.0f} events/s" if first["rate"] else "flat out"
+    out = [
+        "## Ours end to end, producer in batches (opt-in `e2e`)",
+        "",
+        f"{first['events']:,} events committed in batches of 100 {pace} while "
+        f"{first['processes']} × `delivery run` delivers each to {_count(first['subscriptions'], 'subscription')}; "
+        "latency from each batch's commit to each arrival (nearest rank), CPU and peak RSS of "
+        "the system's processes from the end of the warm-up.",
+        "",
+        "| runs | events/s | deliveries/s | p50 ms | p95 ms | p99 ms | CPU ms/event | peak RSS MB | bad signatures, duplicates |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    row = [
+        str(len(runs)),
+        summarize([r["events_per_s"] for r in runs]).fmt(0),
+        summarize([r["deliveries_per_s"] for r in runs]).fmt(0),
+        *(summarize([r[key] for r in runs]).fmt(1) for key in ("p50_ms", "p95_ms", "p99_ms")),
+        summarize([r["cpu_ms_per_event"] for r in runs]).fmt(2),
+        summarize([r["peak_rss_mb"] for r in runs]).fmt(0),
+        f"{sum(r['bad_signatures'] for r in runs)}, {sum(r['duplicates'] for r in runs)}",
+    ]
+    out += ["| " + " | ".join(row) + " |", ""]
+    return out
+
+
+def failures(results: dict[str, Any]) -> list[str]:
+    f = results.get("failures")
+    if not f:
+        return []
+    flaky = f["flaky"]
+    out = [
+        "## Failure handling (opt-in `failures`)",
+        "",
+        f"One `delivery run`, {f['events']:,} events, started once the subscriptions exist "
+        "(start-up included).",
+        "",
+        f"* **A subscriber failing 50 % of requests** (HTTP 500) next to a healthy one, retry "
+        f"schedule `{f['schedule']}` (±20 % jitter), circuit breaker out of the way: "
+        f"{flaky['attempts_per_event']:.2f} attempts per event (ideal for p = 0.5: 2.00), "
+        f"{flaky['failed_attempts']:,} failed, {_count(flaky['dead'], 'dead letter')} once the schedule was "
+        f"used up. Latency from commit to the first 2xx: healthy p50 {flaky['healthy_p50_ms']:,.0f} "
+        f"ms, p99 {flaky['healthy_p99_ms']:,.0f} ms; failing p50 {flaky['flaky_p50_ms']:,.0f} ms, "
+        f"p99 {flaky['flaky_p99_ms']:,.0f} ms (the extra scales with the schedule).",
+    ]
+    hang = f.get("hang")
+    if hang:
+        out.append(
+            "* **A hanging subscriber** (never answers; `DELIVERY_HTTP_TIMEOUT_S=30`) next to a "
+            f"healthy one: the healthy one got {hang['with_hang_per_s']:,.0f} deliveries/s, "
+            f"against {hang['alone_per_s']:,.0f} alone ({hang['change_pct']:+.0f} %)."
+        )
+    out.append("")
+    return out
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")

@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable
 
 from bench.scenarios.backlog import backlog
 from bench.scenarios.compare import compare, fanout, live, processes, tuned
+from bench.scenarios.e2e import e2e
+from bench.scenarios.failures import failures
 from bench.scenarios.profile import profile
 from bench.scenarios.relay import relay
 from bench.sessions import Run
@@ -25,6 +27,8 @@ CATALOGUE: dict[str, tuple[str, Scenario, bool]] = {
     "relay": ("one relay draining --relay-rows rows from the outbox", relay, True),
     "profile": ("py-spy on ours during a flat-out run (needs py-spy)", profile, True),
     "backlog": ("ours draining --backlog events already in the outbox", backlog, True),
+    "e2e": ("opt-in: ours with a live producer in batches of 100, see --e2e-*", e2e, False),
+    "failures": ("opt-in: a 50%-failing and a hanging subscriber (minutes)", failures, False),
 }
 
 DEFAULT = [name for name, (_about, _run, default) in CATALOGUE.items() if default]
