@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (a table: one scenario a row)
 """The scenario catalogue: each ``--only`` name, what it measures, and the function that runs
 it (one function may measure two names: ``flat`` and ``paced`` share their sessions). The
 default run is every scenario but the opt-in ones, in this order."""
@@ -6,30 +7,27 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from bench.scenarios.backlog import backlog
-from bench.scenarios.compare import compare, fanout, live, processes, tuned
-from bench.scenarios.e2e import e2e
-from bench.scenarios.failures import failures
-from bench.scenarios.profile import profile
-from bench.scenarios.relay import relay
+from bench.scenarios import backlog, compare, e2e, failures, profile, relay
 from bench.sessions import Run
 
 Scenario = Callable[[Run], Awaitable[None]]
 
 # name: (what it measures, the function, part of the default run)
+# fmt: off
 CATALOGUE: dict[str, tuple[str, Scenario, bool]] = {
-    "flat": ("every system: --events staged at its entry point, drained flat out", compare, True),
-    "paced": ("every system: --rate events/s for --paced-s, latency percentiles", compare, True),
-    "live": ("ours: flat out with the producer publishing while it runs", live, True),
-    "tuned": ("ours with a per-subscriber cap of 128: flat out and paced", tuned, True),
-    "processes": ("ours on N x delivery run, N in --process-counts", processes, True),
-    "fanout": ("ours with N subscriptions, N in --fanouts", fanout, True),
-    "relay": ("one relay draining --relay-rows rows from the outbox", relay, True),
-    "profile": ("py-spy on ours during a flat-out run (needs py-spy)", profile, True),
-    "backlog": ("ours draining --backlog events already in the outbox", backlog, True),
-    "e2e": ("opt-in: ours with a live producer in batches of 100, see --e2e-*", e2e, False),
-    "failures": ("opt-in: a 50%-failing and a hanging subscriber (minutes)", failures, False),
+    "flat": ("every system: --events staged at its entry point, drained flat out", compare.compare, True),
+    "paced": ("every system: --rate events/s for --paced-s, latency percentiles", compare.compare, True),
+    "live": ("ours: flat out with the producer publishing while it runs", compare.live, True),
+    "tuned": ("ours with a per-subscriber cap of 128: flat out and paced", compare.tuned, True),
+    "processes": ("ours on N x delivery run, N in --process-counts", compare.processes, True),
+    "fanout": ("ours with N subscriptions, N in --fanouts", compare.fanout, True),
+    "relay": ("one relay draining --relay-rows rows from the outbox", relay.relay, True),
+    "profile": ("py-spy on ours during a flat-out run (needs py-spy)", profile.profile, True),
+    "backlog": ("ours draining --backlog events already in the outbox", backlog.backlog, True),
+    "e2e": ("opt-in: ours with a live producer in batches of 100, see --e2e-*", e2e.e2e, False),
+    "failures": ("opt-in: a 50%-failing and a hanging subscriber (minutes)", failures.failures, False),
 }
+# fmt: on
 
 DEFAULT = [name for name, (_about, _run, default) in CATALOGUE.items() if default]
 
