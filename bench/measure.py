@@ -1,6 +1,7 @@
 """Measuring from outside, through /proc: CPU of a whole process tree (children included), peak
 and current RSS per process, how busy the whole machine is; percentiles and summaries of the
-figures. Every /proc reader and percentile of the bench lives here."""
+figures; the machine's facts. Every /proc reading and percentile of the figures lives here
+(bench.receiver only lists its own file descriptors there)."""
 
 from __future__ import annotations
 
