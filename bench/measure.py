@@ -1,5 +1,7 @@
-"""Measuring the systems under test from outside, through /proc: CPU of a whole process tree
-(children included), peak RSS per process, RSS sampled over time; plus the machine's facts."""
+"""Measuring from outside, through /proc: CPU of a whole process tree (children included), peak
+and current RSS per process, how busy the whole machine is; percentiles and summaries of the
+figures; the machine's facts. Every /proc reading and percentile of the figures lives here
+(bench.receiver only lists its own file descriptors there)."""
 
 from __future__ import annotations
 
@@ -130,7 +132,11 @@ def summarize(values: Sequence[float]) -> Summary:
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending sequence."""
+    """Nearest-rank percentile of an ascending sequence: the one percentile of every scenario.
+
+    The rank is ``round(q * n + 0.5)``; where ``q * n`` is an odd whole number Python's
+    round-half-to-even picks the next value up (kept as it is, so the figures stay comparable
+    with earlier runs)."""
     if not sorted_values:
         return float("nan")
     rank = max(0, min(len(sorted_values) - 1, round(q * len(sorted_values) + 0.5) - 1))
@@ -164,3 +170,11 @@ def machine_facts() -> dict[str, str]:
 
 def loadavg() -> tuple[float, float, float]:
     return os.getloadavg()
+
+
+def machine_cpu_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine since boot, from /proc/stat; the busy share
+    between two readings is how busy it was meanwhile (idle and iowait count as not busy)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)

@@ -10,7 +10,7 @@ import importlib.util
 
 import pytest
 
-from bench.run import flat_out, paced
+from bench.sessions import flat_out, paced
 from bench.systems import SYSTEMS
 from delivery.testing.services import Services
 

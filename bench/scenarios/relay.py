@@ -1,25 +1,24 @@
-"""Relay drain rate: prepare a backlog in the outbox, run one relay, time until it is empty.
-
-python bench/relay_drain.py --rows 20000   (uses DELIVERY_DATABASE_URL / DELIVERY_AMQP_URL,
-or throwaway local services)
-"""
+"""``relay``: the relay's drain rate. A backlog is prepared in the outbox, one relay (default
+settings, in the bench process) drains it, timed by the rows' own ``published_at`` marks."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import secrets
 
+import aio_pika
 import asyncpg
-import uvloop
 
+from bench.sessions import Run, say
 from delivery.broker.relay import Relay
 from delivery.ops.health import Health
 from delivery.outbox import publish_many
 from delivery.settings import Settings
 from delivery.store.migrations import migrate
-from delivery.testing.services import create_database, drop_database, provision_services
+from delivery.testing.services import create_database, drop_database
+
+BATCH = 500
 
 
 async def drain(database_url: str, amqp_url: str, rows: int, batch: int) -> float:
@@ -76,8 +75,6 @@ async def drain(database_url: str, amqp_url: str, rows: int, batch: int) -> floa
         with contextlib.suppress(Exception):
             await drop_database(database_url, name)
         # queues and exchanges are left under the unique prefix; remove them
-        import aio_pika
-
         with contextlib.suppress(Exception):
             connection = await aio_pika.connect(amqp_url)
             async with connection:
@@ -88,15 +85,12 @@ async def drain(database_url: str, amqp_url: str, rows: int, batch: int) -> floa
                     await channel.exchange_delete(exchange)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=20000)
-    parser.add_argument("--batch", type=int, default=500)
-    args = parser.parse_args()
-    with provision_services() as services:
-        rate = uvloop.run(drain(services.database_url, services.amqp_url, args.rows, args.batch))
-    print(f"relay drain: {rate:,.0f} rows/s ({args.rows} rows, batch {args.batch})")
-
-
-if __name__ == "__main__":
-    main()
+async def relay(run: Run) -> None:
+    args = run.args
+    run.results["relay"] = {"rows": args.relay_rows, "batch": BATCH, "rates": []}
+    for i in range(args.runs):
+        await run.quiet()
+        rate = await drain(run.db, run.amqp, args.relay_rows, BATCH)
+        say(f"run {i + 1}/{args.runs}: relay drain {rate:,.0f} rows/s")
+        run.results["relay"]["rates"].append(rate)
+        run.save()
