@@ -310,7 +310,9 @@ async def test_the_circuit_opens_at_exactly_the_threshold_and_a_new_event_waits_
     settings = settings.model_copy(
         update={
             "circuit_failure_threshold": 3,
-            "circuit_cooldown_s": 2.0,
+            # Long enough that a dispatch ignoring the open circuit POSTs well before the probe
+            # even on a loaded machine (the mutant is caught by how early it came).
+            "circuit_cooldown_s": 5.0,
             "retry_schedule_s": (60.0,),  # each failed event waits out of the way
         }
     )
