@@ -1,12 +1,18 @@
-"""Rules that live in memory, tested without I/O: who a subscription matches."""
+"""Rules that live in memory, tested without I/O: who a subscription matches, why a
+message was dead-lettered."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from datetime import UTC, datetime
+from types import SimpleNamespace
+from typing import Any
 
+from delivery.broker.wire import SINGLE
+from delivery.events import Envelope, render_body
 from delivery.signing import generate_secret
 from delivery.store.subscriptions import Subscription
+from delivery.worker.poison import Cause, describe
 
 _NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -53,3 +59,24 @@ def test_account_and_pattern_must_both_match():
     assert not sub.matches("account.balance_changed", "acc_1")  # right account, wrong type
     assert not sub.matches("trade.executed", "acc_9")  # right type, wrong account
     assert replace(sub, account_id="acc_9").matches("trade.executed", "acc_9")
+
+
+def _dead_lettered(body: bytes, broker_reason: str) -> Any:
+    death = {"reason": broker_reason, "count": 3, "queue": "q"}
+    return SimpleNamespace(body=body, content_type=SINGLE, headers={"x-death": [death]})
+
+
+def test_a_dead_letter_is_told_apart_by_its_cause_not_by_the_words_of_its_reason():
+    ours = render_body(
+        Envelope("evt_1", "account.closed", "a", 1, datetime(2026, 1, 1, tzinfo=UTC), {})
+    )
+    crash_loop = describe(_dead_lettered(ours, "delivery_limit"))
+    assert (crash_loop.cause, crash_loop.count) == (Cause.DELIVERY_LIMIT, 3)
+    assert crash_loop.reason == "redelivered past x-delivery-limit (crash loop?)"
+    rejected = describe(_dead_lettered(ours, "expired"))
+    assert rejected.cause is Cause.BROKER
+    assert rejected.reason == "dead-lettered by the broker: expired"
+    # Not ours: whatever the broker says, it is poison (never redriven).
+    garbage = describe(_dead_lettered(b"not json", "delivery_limit"))
+    assert garbage.cause is Cause.UNPROCESSABLE
+    assert garbage.reason.startswith("unprocessable: body is not JSON")

@@ -14,6 +14,7 @@ from aio_pika.abc import AbstractRobustConnection
 from aiormq.exceptions import AMQPConnectionError
 
 from delivery.aio import wait_any
+from delivery.errors import StoppedBeforeConnected
 
 log = structlog.get_logger("delivery.amqp")
 
@@ -44,10 +45,6 @@ def is_connected(connection: AbstractRobustConnection | None) -> bool:
     return connection is not None and connection.connected.is_set()
 
 
-class Stopped(Exception):
-    """Shutdown began before the first connection succeeded."""
-
-
 async def connect(url: str, *, name: str, stop: asyncio.Event) -> AbstractRobustConnection:
     """Connect, retrying the first connection with backoff until it succeeds or ``stop`` is
     set (a robust connection reconnects by itself only once it has connected once): a worker
@@ -68,4 +65,4 @@ async def connect(url: str, *, name: str, stop: asyncio.Event) -> AbstractRobust
             )
             await wait_any(stop, timeout_s=delay_s * random.uniform(0.8, 1.2))
         if stop.is_set():
-            raise Stopped(name)
+            raise StoppedBeforeConnected(name)

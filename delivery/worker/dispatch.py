@@ -23,6 +23,7 @@ from delivery.aio import wait_any
 from delivery.broker.connection import SETUP_TIMEOUT_S, connect, is_connected
 from delivery.broker.topology import Names, declare
 from delivery.broker.wire import WireEvent, decode, event_count
+from delivery.errors import PoisonMessageError, QueueMissingError
 from delivery.ops import metrics
 from delivery.ops.health import Health
 from delivery.settings import Settings
@@ -65,10 +66,6 @@ SELECT event_id, fresh, NULL::bigint AS id, NULL::text AS subscription_id FROM i
 UNION ALL
 SELECT event_id, NULL, id, subscription_id FROM created
 """
-
-
-class QueueMissingError(RuntimeError):
-    """A queue we consume from was deleted while we ran."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +181,7 @@ class Dispatcher:
         for message in messages:
             try:
                 parsed.extend(decode(message))
-            except ValueError as exc:
+            except PoisonMessageError as exc:
                 await self._reject_poison(message, str(exc))
             else:
                 accepted.append(message)

@@ -499,7 +499,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "poison-never-redriven",
         "delivery/worker/poison.py",
-        (('if reason.startswith("redelivered past") and await self._redrive(message):',
+        (("if death.cause is Cause.DELIVERY_LIMIT and await self._redrive(message):",
           "if False:"),),
         "healthy events dead-lettered by connection flaps are recorded as poison, never sent",
         guarantee=POISON,
