@@ -11,6 +11,7 @@ from typing import Any
 from delivery.broker.wire import SINGLE
 from delivery.events import Envelope, render_body
 from delivery.signing import generate_secret
+from delivery.store.states import CircuitState, SubscriptionState
 from delivery.store.subscriptions import Subscription
 from delivery.worker.poison import Cause, describe
 
@@ -23,14 +24,14 @@ def _subscription(*, account_id: str | None, patterns: tuple[str, ...]) -> Subsc
         url="http://127.0.0.1:9/h",
         event_patterns=patterns,
         account_id=account_id,
-        state="active",
+        state=SubscriptionState.ACTIVE,
         disabled_reason=None,
         secret=generate_secret(),
         previous_secret=None,
         previous_secret_expires_at=None,
         retry_schedule_s=None,
         timeout_s=None,
-        circuit_state="closed",
+        circuit_state=CircuitState.CLOSED,
         circuit_retry_at=None,
         consecutive_failures=0,
         failing_since=None,

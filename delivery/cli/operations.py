@@ -34,6 +34,7 @@ def _print_subscription(sub: Any, as_json: bool, *, with_secret: bool = False) -
 async def cmd_subscriptions(args: argparse.Namespace, settings: Settings) -> int:
     from delivery.durations import parse_schedule_s
     from delivery.store import subscriptions as subs
+    from delivery.store.states import SubscriptionState
 
     async def work(conn: Any) -> int:
         action = args.action
@@ -68,10 +69,11 @@ async def cmd_subscriptions(args: argparse.Namespace, settings: Settings) -> int
         elif action == "show":
             _print_subscription(await subs.get(conn, args.id), args.json)
         elif action in ("disable", "enable"):
-            state = "disabled" if action == "disable" else "active"
+            disable = action == "disable"
+            state = SubscriptionState.DISABLED if disable else SubscriptionState.ACTIVE
             async with conn.transaction():
                 sub = await subs.set_state(conn, args.id, state, reason="disabled by operator")
-                if state == "disabled":
+                if disable:
                     await conn.execute(
                         """UPDATE delivery.deliveries SET state = 'dead', dead_at = now(),
                            dead_reason = 'subscription disabled by operator', lease_until = NULL

@@ -28,6 +28,7 @@ from delivery.ops import metrics
 from delivery.ops.health import Health
 from delivery.settings import Settings
 from delivery.store.pool import is_connection_error, with_retries
+from delivery.store.states import SubscriptionState
 from delivery.store.subscriptions import Subscription, select_list
 from delivery.worker.deliverer import Deliverer
 from delivery.worker.jobs import Job, lease_for
@@ -297,7 +298,7 @@ class Dispatcher:
             for sub in subscriptions:
                 if not sub.matches(facts.type, facts.account_id):
                     continue
-                active = sub.state == "active"
+                active = sub.state == SubscriptionState.ACTIVE
                 # An open circuit's deliveries wait in PostgreSQL for the scheduler's probe.
                 leased = active and not sub.circuit_open and self._deliverer.try_reserve(sub.id)
                 pairs.append(_Pair(event, sub, leased, dead=not active))

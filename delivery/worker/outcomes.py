@@ -20,6 +20,7 @@ import structlog
 from delivery.ops import metrics
 from delivery.settings import Settings
 from delivery.store.pool import with_retries
+from delivery.store.states import CircuitState, DeliveryState
 from delivery.worker.retry import Decision, Outcome
 from delivery.worker.sender import AttemptResult
 
@@ -128,11 +129,11 @@ WHERE subscription_id = $1 AND state = 'pending'
 """
 
 _STATE = {
-    Outcome.DELIVERED: "delivered",
-    Outcome.RETRY: "pending",
-    Outcome.EXHAUSTED: "dead",
-    Outcome.PERMANENT: "dead",
-    Outcome.GONE: "dead",
+    Outcome.DELIVERED: DeliveryState.DELIVERED,
+    Outcome.RETRY: DeliveryState.PENDING,
+    Outcome.EXHAUSTED: DeliveryState.DEAD,
+    Outcome.PERMANENT: DeliveryState.DEAD,
+    Outcome.GONE: DeliveryState.DEAD,
 }
 
 
@@ -272,6 +273,6 @@ def _note_transition(subscription_id: str, old_state: str, new_state: str) -> No
     if old_state != new_state:
         metrics.CIRCUIT_TRANSITIONS.labels(new_state).inc()
         log.warning(
-            "circuit_opened" if new_state == "open" else "circuit_closed",
+            "circuit_opened" if new_state == CircuitState.OPEN else "circuit_closed",
             subscription_id=subscription_id,
         )

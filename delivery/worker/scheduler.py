@@ -21,6 +21,7 @@ from delivery.ops import metrics
 from delivery.ops.health import Health
 from delivery.settings import Settings
 from delivery.store.pool import is_connection_error, with_retries
+from delivery.store.states import SubscriptionState
 from delivery.store.subscriptions import Subscription, select_list
 from delivery.worker.deliverer import Deliverer
 from delivery.worker.jobs import Job, lease_per_timeout
@@ -250,7 +251,7 @@ class Scheduler:
             subs.append(sub)
         probes = await self._take_probes([s.id for s in subs if s.circuit_open])
         for row, sub in zip(rows, subs, strict=True):
-            if sub.state != "active":
+            if sub.state != SubscriptionState.ACTIVE:
                 disabled.append(row["delivery_id"])
                 continue
             if sub.circuit_open and sub.id not in probes:
