@@ -7,7 +7,7 @@ import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -249,7 +249,3 @@ async def remove(conn: asyncpg.Connection, subscription_id: str) -> None:
     result = await conn.execute("DELETE FROM delivery.subscriptions WHERE id = $1", subscription_id)
     if result.endswith(" 0"):
         raise NotFoundError(f"subscription {subscription_id!r} does not exist")
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)
