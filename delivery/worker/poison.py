@@ -16,6 +16,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from delivery.aio import wait_any
 from delivery.broker.connection import SETUP_TIMEOUT_S, connect, is_connected
+from delivery.broker.redrive import redrive_events
 from delivery.broker.topology import Names, declare
 from delivery.broker.wire import decode
 from delivery.errors import PoisonMessageError
@@ -63,15 +64,6 @@ def describe(message: AbstractIncomingMessage) -> Death:
     if broker_reason == "delivery_limit":
         return Death(Cause.DELIVERY_LIMIT, "redelivered past x-delivery-limit (crash loop?)", count)
     return Death(Cause.BROKER, f"dead-lettered by the broker: {broker_reason}", count)
-
-
-_REDRIVE_SOME = """
-UPDATE delivery.outbox o
-SET published_at = NULL, redrives = o.redrives + 1
-WHERE o.event_id = ANY($1::text[]) AND o.published_at IS NOT NULL AND o.redrives < $2
-  AND NOT EXISTS (SELECT 1 FROM delivery.inbox i WHERE i.event_id = o.event_id)
-RETURNING o.event_id
-"""
 
 
 # Events of a dead-lettered pack that reached the inbox anyway need nothing more.
@@ -125,7 +117,9 @@ class PoisonRecorder:
         recording it would only be noise for on-call)."""
         try:
             event_ids = [e.facts.id for e in decode(message)]
-            redriven = await self._pool.fetch(_REDRIVE_SOME, event_ids, self._settings.max_redrives)
+            redriven = await redrive_events(
+                self._pool, event_ids, max_redrives=self._settings.max_redrives
+            )
             dispatched = int(await self._pool.fetchval(_DISPATCHED, event_ids))
         except Exception as exc:
             log.warning("redrive_failed", error=repr(exc)[:200])
@@ -135,7 +129,7 @@ class PoisonRecorder:
             log.warning(
                 "events_redriven_from_dead_letters",
                 count=len(redriven),
-                example=redriven[0]["event_id"],
+                example=redriven[0],
             )
         elif dispatched:
             log.info("dead_letter_already_dispatched", events=len(event_ids))

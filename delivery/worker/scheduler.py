@@ -20,6 +20,7 @@ from delivery.events import envelope_from_row, render_body
 from delivery.ops import metrics
 from delivery.ops.health import Health
 from delivery.settings import Settings
+from delivery.store.dead_letters import park
 from delivery.store.pool import is_connection_error, with_retries
 from delivery.store.states import SubscriptionState
 from delivery.store.subscriptions import Subscription, select_list
@@ -75,13 +76,6 @@ SELECT c.id AS delivery_id, c.attempts,
 FROM claimed c
 JOIN delivery.outbox o ON o.event_id = c.event_id
 JOIN delivery.subscriptions s ON s.id = c.subscription_id
-"""
-# A subscription disabled while its delivery waited: keep the event as a dead letter.
-PARK_DISABLED = """
-UPDATE delivery.deliveries
-SET state = 'dead', dead_at = clock_timestamp(), dead_reason = 'subscription disabled',
-    lease_until = NULL
-WHERE id = ANY($1::bigint[]) AND state = 'pending'
 """
 _SATURATED_DUE = """
 SELECT EXISTS (
@@ -274,5 +268,6 @@ class Scheduler:
         if over_capacity:
             await self._pool.execute(_UNLEASE, over_capacity)
         if disabled:
-            await self._pool.execute(PARK_DISABLED, disabled)
+            # A subscription disabled while its delivery waited: keep it as a dead letter.
+            await park(self._pool, disabled, "subscription disabled")
         return len(rows)

@@ -158,12 +158,12 @@ _MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "redrive-takes-dispatched",
-        "delivery/broker/relay.py",
+        "delivery/broker/redrive.py",
         (
             (
-                "  AND o.redrives < $3\n"
+                "  AND o.redrives < $1\n"
                 "  AND NOT EXISTS (SELECT 1 FROM delivery.inbox i WHERE i.event_id = o.event_id)",
-                "  AND o.redrives < $3",
+                "  AND o.redrives < $1",
             ),
         ),
         "the redrive sweep re-publishes events that were dispatched already",
@@ -171,8 +171,8 @@ _MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "redrive-unbounded",
-        "delivery/broker/relay.py",
-        (("  AND o.redrives < $3\n", "  AND $3::int >= 0\n"),),
+        "delivery/broker/redrive.py",
+        (("  AND o.redrives < $1\n", "  AND $1::int >= 0\n"),),
         "the redrive sweep re-publishes the same lost event forever",
         guarantee=REDRIVE,
     ),
@@ -470,7 +470,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "disable-keeps-pending",
         "delivery/worker/outcomes.py",
-        (("        await conn.execute(_PARK_PENDING, subscription_id, reason)\n", ""),),
+        (("        await park_pending(conn, subscription_id, reason)\n", ""),),
         "a disabled subscription's waiting deliveries stay pending instead of dead letters",
         guarantee=DEAD_LETTERS,
     ),
@@ -507,8 +507,8 @@ _MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "poison-redrive-unbounded",
         "delivery/worker/poison.py",
-        (("WHERE o.event_id = ANY($1::text[]) AND o.published_at IS NOT NULL AND o.redrives < $2",
-          "WHERE o.event_id = ANY($1::text[]) AND o.published_at IS NOT NULL AND $2 > 0"),),
+        (("self._pool, event_ids, max_redrives=self._settings.max_redrives",
+          "self._pool, event_ids, max_redrives=2**31 - 1"),),
         "a message that really crashes workers is redriven forever, never recorded",
         guarantee=POISON,
     ),
