@@ -1,5 +1,5 @@
-"""Rules that live in memory, tested without I/O: who a subscription matches, why a
-message was dead-lettered."""
+"""Rules that live in memory, tested without I/O: who a subscription matches, how long a
+failing loop waits, why a message was dead-lettered."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
+from delivery.aio import backoff_s
 from delivery.broker.wire import SINGLE
 from delivery.events import Envelope, render_body
 from delivery.signing import generate_secret
@@ -60,6 +63,14 @@ def test_account_and_pattern_must_both_match():
     assert not sub.matches("account.balance_changed", "acc_1")  # right account, wrong type
     assert not sub.matches("trade.executed", "acc_9")  # right type, wrong account
     assert replace(sub, account_id="acc_9").matches("trade.executed", "acc_9")
+
+
+def test_backoff_doubles_per_failure_up_to_its_cap():
+    assert [backoff_s(n) for n in range(1, 8)] == pytest.approx([0.2, 0.4, 0.8, 1.6, 3.2, 5, 5])
+    assert backoff_s(3, base_s=0.5, max_s=10.0) == pytest.approx(4.0)
+    assert backoff_s(5, base_s=0.5, max_s=10.0) == 10.0
+    # A loop failing for hours never turns its wait into an OverflowError.
+    assert backoff_s(100_000) == 5.0
 
 
 def _dead_lettered(body: bytes, broker_reason: str) -> Any:

@@ -13,7 +13,7 @@ import structlog
 from aio_pika.abc import AbstractRobustConnection
 from aiormq.exceptions import AMQPConnectionError
 
-from delivery.aio import wait_any
+from delivery.aio import backoff_s, wait_any
 from delivery.errors import StoppedBeforeConnected
 
 log = structlog.get_logger("delivery.amqp")
@@ -59,7 +59,7 @@ async def connect(url: str, *, name: str, stop: asyncio.Event) -> AbstractRobust
             )
         except (ConnectionError, OSError, AMQPConnectionError, TimeoutError) as exc:
             failures += 1
-            delay_s = min(0.2 * 2 ** min(failures, 5), _CONNECT_BACKOFF_MAX_S)
+            delay_s = backoff_s(failures, base_s=0.2, max_s=_CONNECT_BACKOFF_MAX_S)
             log.warning(
                 "amqp_connect_retry", connection=name, error=repr(exc)[:200], retry_in_s=delay_s
             )

@@ -22,7 +22,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnec
 from aiormq.exceptions import DeliveryError
 from pamqp.commands import Basic
 
-from delivery.aio import wait_any
+from delivery.aio import backoff_s, wait_any
 from delivery.broker.connection import SETUP_TIMEOUT_S, connect, is_connected
 from delivery.broker.redrive import redrive_lost
 from delivery.broker.topology import Names, declare
@@ -123,7 +123,7 @@ class Relay:
                 # The backlog gauges matter most while publishing fails: keep them fresh.
                 with contextlib.suppress(Exception):
                     await self._maybe_update_backlog()
-                delay = min(0.1 * 2**failures, 5.0)
+                delay = backoff_s(failures)
                 log.warning("relay_backoff", error=repr(exc)[:300], delay_s=round(delay, 2))
                 await wait_any(stop, timeout_s=delay)
                 continue

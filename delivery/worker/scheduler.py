@@ -15,7 +15,7 @@ import asyncio
 import asyncpg
 import structlog
 
-from delivery.aio import wait_any
+from delivery.aio import backoff_s, wait_any
 from delivery.events import envelope_from_row, render_body
 from delivery.ops import metrics
 from delivery.ops.health import Health
@@ -176,7 +176,7 @@ class Scheduler:
                     log.exception("scheduler_claim_failed")
                 failures += 1
                 self._health.set("scheduler", False)
-                await wait_any(stop, timeout_s=min(0.1 * 2**failures, 5.0))
+                await wait_any(stop, timeout_s=backoff_s(failures))
                 continue
             failures = 0
             self._health.set("scheduler", True)

@@ -240,7 +240,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "scheduler-no-backoff",
         "delivery/worker/scheduler.py",
-        (("await wait_any(stop, timeout_s=min(0.1 * 2**failures, 5.0))", "continue"),),
+        (("await wait_any(stop, timeout_s=backoff_s(failures))", "continue"),),
         "a failing claim is retried at once, in a tight loop",
     ),
     # -- deliverer ----------------------------------------------------------------------------
