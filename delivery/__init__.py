@@ -9,9 +9,10 @@ The producer API::
 
 from delivery.errors import (
     ConfigError,
+    DeliveryPlatformError,
     InputError,
-    PermanentDeliveryError,
-    RetryableDeliveryError,
+    PublishConflictError,
+    SignatureError,
 )
 from delivery.events import EVENT_TYPES, NewEvent, parse_event
 from delivery.outbox import PublishResult, publish, publish_many
@@ -19,11 +20,12 @@ from delivery.outbox import PublishResult, publish, publish_many
 __all__ = [
     "EVENT_TYPES",
     "ConfigError",
+    "DeliveryPlatformError",
     "InputError",
     "NewEvent",
-    "PermanentDeliveryError",
+    "PublishConflictError",
     "PublishResult",
-    "RetryableDeliveryError",
+    "SignatureError",
     "parse_event",
     "publish",
     "publish_many",

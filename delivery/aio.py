@@ -1,4 +1,4 @@
-"""Small asyncio helpers shared by the long-running loops."""
+"""Small helpers shared by the long-running loops: waiting on events, backing off."""
 
 from __future__ import annotations
 
@@ -19,3 +19,10 @@ async def wait_any(*events: asyncio.Event, timeout_s: float) -> None:
             await done.wait()
             for waiter in waiters:
                 waiter.cancel()
+
+
+def backoff_s(failures: int, *, base_s: float = 0.1, max_s: float = 5.0) -> float:
+    """The wait after ``failures`` failures in a row: ``base_s`` doubled per failure
+    (``2 * base_s`` after the first), never more than ``max_s``. Pure; any count is safe (the
+    exponent stops growing long before a float would overflow)."""
+    return min(base_s * 2.0 ** min(failures, 64), max_s)

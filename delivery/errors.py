@@ -1,4 +1,32 @@
-"""Every error the platform raises on purpose, named for what the caller does next."""
+"""Every error the platform raises on purpose, named for what the caller does next.
+
+Hierarchy::
+
+    DeliveryPlatformError
+    ├── ConfigError ................ fix the environment and start again (CLI exit 2)
+    ├── InputError ................. fix the input; nothing was written (CLI exit 2)
+    │   └── NotFoundError .......... name an object that exists
+    ├── PublishConflictError ....... publish the same events again (CLI exit 1)
+    ├── PoisonMessageError ......... dead-letter the message; it can never be processed
+    ├── SignatureError ............. reject the webhook (a receiver's answer, 401)
+    ├── QueueMissingError .......... start the consumer again; it declares its queue anew
+    └── StoppedBeforeConnected ..... nothing: shutdown began before the broker answered
+
+Raised where: ``ConfigError`` by settings, migrations, tracing and the admin server;
+``InputError`` by event, subscription and dead-letter validation and the CLI;
+``PublishConflictError`` by ``delivery.outbox``; ``PoisonMessageError`` by the wire decoder
+(``delivery.broker.wire``, through ``delivery.events.routing_facts``);
+``SignatureError`` by ``delivery.signing.verify``; ``QueueMissingError`` by dispatch;
+``StoppedBeforeConnected`` by ``delivery.broker.connection.connect``.
+
+Two kinds of error live elsewhere, on purpose. The dev tooling's ``ProvisionError`` (a
+throwaway server could not be found or started) is in ``delivery.testing.processes``: the
+tooling is a room of its own that production never imports (as asyncpg keeps its
+``cluster.py`` errors with the cluster helpers), so its errors live with it. And the pure
+parsers (``delivery.durations``) raise ``ValueError`` as ``int()`` does, because pydantic turns
+only that into a validation error; their callers say which setting or option it was, as a
+``ConfigError`` or an ``InputError``.
+"""
 
 from __future__ import annotations
 
@@ -23,30 +51,25 @@ class NotFoundError(InputError):
     """The named object (subscription, dead letter) does not exist."""
 
 
-class RetryableDeliveryError(DeliveryPlatformError):
-    """The attempt failed in a way that may succeed later: schedule another attempt."""
-
-    def __init__(
-        self, reason: str, *, status: int | None = None, retry_after_s: float | None = None
-    ) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
-        self.retry_after_s = retry_after_s
+class PublishConflictError(DeliveryPlatformError):
+    """Concurrent producers kept publishing the same event ids: nothing was written by this
+    call; publish the same events again (the ids that made it in are then duplicates)."""
 
 
-class PermanentDeliveryError(DeliveryPlatformError):
-    """The subscriber refused the event for good: dead-letter it with the reason."""
-
-    def __init__(self, reason: str, *, status: int | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
+class PoisonMessageError(DeliveryPlatformError):
+    """A broker message is not one of ours (not our envelope, a pack whose headers do not match
+    its lines): no retry can help, so dead-letter it and keep the reason."""
 
 
-class SubscriptionGoneError(PermanentDeliveryError):
-    """The subscriber answered 410 Gone: disable the subscription, keep its events."""
+class SignatureError(DeliveryPlatformError):
+    """A webhook failed verification: a receiver rejects it (ours, the demo's, the tests')."""
 
 
-class PublishError(DeliveryPlatformError):
-    """The broker did not confirm a publish (nack, return, timeout): leave the row, retry."""
+class QueueMissingError(DeliveryPlatformError):
+    """A queue we consume from was deleted while we ran: start the consumer again, which
+    declares the topology anew (the supervisor does)."""
+
+
+class StoppedBeforeConnected(DeliveryPlatformError):
+    """Shutdown began before the first broker connection succeeded: there is nothing to
+    close or hand back; the component just ends."""

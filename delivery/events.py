@@ -29,7 +29,7 @@ from pydantic import (
     ValidationError,
 )
 
-from delivery.errors import InputError
+from delivery.errors import InputError, PoisonMessageError
 
 EventId = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
@@ -266,14 +266,14 @@ class RoutingFacts:
 
 
 def routing_facts(body: bytes) -> RoutingFacts:
-    """Parse a message body; ``ValueError`` if it is not one of our envelopes (poison)."""
+    """Parse a message body; ``PoisonMessageError`` if it is not one of our envelopes."""
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise ValueError(f"body is not JSON: {exc}") from None
+        raise PoisonMessageError(f"body is not JSON: {exc}") from None
     if not isinstance(obj, dict):
-        raise ValueError("body is not a JSON object")
+        raise PoisonMessageError("body is not a JSON object")
     facts = (obj.get("id"), obj.get("type"), obj.get("account_id"))
     if not all(isinstance(f, str) and f for f in facts) or not isinstance(obj.get("sequence"), int):
-        raise ValueError("body lacks id, type, account_id or sequence")
+        raise PoisonMessageError("body lacks id, type, account_id or sequence")
     return RoutingFacts(id=obj["id"], type=obj["type"], account_id=obj["account_id"])

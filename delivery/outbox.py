@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from delivery.errors import InputError
+from delivery.errors import InputError, PublishConflictError
 from delivery.events import NewEvent, parse_event
 from delivery.ops import tracing
 
@@ -109,7 +109,9 @@ async def publish_many(
             else:
                 duplicates.append(event.id)
         return PublishResult(published=published, duplicates=duplicates)
-    raise InputError("could not publish: the same event ids are being published concurrently")
+    raise PublishConflictError(
+        "could not publish: the same event ids are being published concurrently"
+    )
 
 
 class _RaceLost(Exception):

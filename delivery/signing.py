@@ -14,7 +14,7 @@ import hmac
 import secrets
 from collections.abc import Iterable, Mapping
 
-from delivery.errors import InputError
+from delivery.errors import InputError, SignatureError
 
 SECRET_PREFIX = "whsec_"
 SECRET_BYTES = 32
@@ -57,10 +57,6 @@ def webhook_headers(
         "webhook-timestamp": str(timestamp),
         "webhook-signature": sign(keys, msg_id, timestamp, body),
     }
-
-
-class SignatureError(Exception):
-    """A webhook failed verification (for receivers: ours, the demo's, the tests')."""
 
 
 def verify(

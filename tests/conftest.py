@@ -25,6 +25,7 @@ from delivery.broker.topology import Names, delete
 from delivery.ops.health import Health
 from delivery.settings import Settings
 from delivery.store.migrations import migrate
+from delivery.testing.processes import environment_without_settings
 from delivery.testing.services import Services, create_database, drop_database, provision_services
 from workers.process import run_process
 
@@ -92,7 +93,7 @@ async def delete_broker_objects(amqp_url: str, names: Names) -> None:
 
 def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment a `delivery` subprocess needs to act on this test's isolated services."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DELIVERY_")}
+    env = environment_without_settings()
     env.update(
         DELIVERY_DATABASE_URL=settings.database_url,
         DELIVERY_AMQP_URL=settings.amqp_url,

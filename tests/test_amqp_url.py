@@ -8,6 +8,7 @@ from structlog.testing import capture_logs
 
 from delivery.broker import connection as amqp
 from delivery.broker.connection import with_defaults
+from delivery.errors import StoppedBeforeConnected
 
 from .conftest import wait_until
 
@@ -50,7 +51,7 @@ async def test_a_broker_that_accepts_and_never_answers_does_not_hang_the_connect
             for writer in held:
                 writer.close()
             server.close()
-            with contextlib.suppress(amqp.Stopped, TimeoutError):
+            with contextlib.suppress(StoppedBeforeConnected, TimeoutError):
                 await asyncio.wait_for(task, 10)
     retries = [e for e in logs if e["event"] == "amqp_connect_retry"]
     assert "TimeoutError" in retries[0]["error"]

@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from delivery.errors import InputError
+from delivery.errors import InputError, PoisonMessageError
 from delivery.events import EVENT_TYPES, Envelope, parse_event, render_body, routing_facts
 
 TRADE = {
@@ -88,7 +88,7 @@ def test_body_rendering_is_deterministic_and_parseable():
     )
     facts = routing_facts(body)
     assert (facts.id, facts.type, facts.account_id) == ("evt_1", "account.closed", "a")
-    with pytest.raises(ValueError):
+    with pytest.raises(PoisonMessageError, match="not JSON"):
         routing_facts(b"not json")
-    with pytest.raises(ValueError):
+    with pytest.raises(PoisonMessageError, match="lacks id"):
         routing_facts(b'{"id": "x"}')

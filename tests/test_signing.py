@@ -6,9 +6,8 @@ from datetime import UTC, datetime
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from delivery.errors import InputError
+from delivery.errors import InputError, SignatureError
 from delivery.signing import (
-    SignatureError,
     generate_secret,
     secret_key,
     sign,

@@ -5,7 +5,6 @@ imports, and turning tracing on fails at start-up with one line."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,7 @@ from delivery.errors import ConfigError
 from delivery.ops import tracing
 from delivery.settings import Settings
 from delivery.store import subscriptions
+from delivery.testing.processes import environment_without_settings
 from delivery.testing.receiver import Behaviour, Receiver
 
 from .conftest import running, wait_until
@@ -68,7 +68,7 @@ def ids(traceparent: str | None) -> tuple[int, int]:
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DELIVERY_", "OTEL_"))}
+    clean = environment_without_settings("OTEL_")
     return subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

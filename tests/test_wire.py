@@ -12,6 +12,7 @@ import pytest
 
 from delivery.broker.topology import Names, declare
 from delivery.broker.wire import PACK, decode, event_count, pack_rows
+from delivery.errors import PoisonMessageError
 from delivery.events import envelope_from_row, render_body
 
 
@@ -77,12 +78,12 @@ def test_a_bad_line_in_a_pack_is_named():
         content_type=PACK,
         headers=out.message.headers,
     )
-    with pytest.raises(ValueError, match="pack line 1: body lacks id"):
+    with pytest.raises(PoisonMessageError, match="pack line 1: body lacks id"):
         decode(broken)
     mismatched = SimpleNamespace(
         body=out.message.body, content_type=PACK, headers={"x-created-at-us": [1]}
     )
-    with pytest.raises(ValueError, match="pack headers do not match"):
+    with pytest.raises(PoisonMessageError, match="pack headers do not match"):
         decode(mismatched)
 
 

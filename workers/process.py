@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from delivery.aio import wait_any
+from delivery.aio import backoff_s, wait_any
 from delivery.broker.relay import Relay
 from delivery.ops import tracing
 from delivery.ops.admin import serve_admin
@@ -46,7 +46,7 @@ async def supervise(
             if stop.is_set():
                 return  # failing because shutdown began (e.g. the broker never came): done
             failures += 1
-            delay = min(0.5 * 2 ** min(failures, 5), _RESTART_BACKOFF_MAX_S)
+            delay = backoff_s(failures, base_s=0.5, max_s=_RESTART_BACKOFF_MAX_S)
             log.exception(
                 "component_failed", component=name, error=repr(exc)[:300], restart_in_s=delay
             )

@@ -13,7 +13,8 @@ import structlog
 from aio_pika.abc import AbstractRobustConnection
 from aiormq.exceptions import AMQPConnectionError
 
-from delivery.aio import wait_any
+from delivery.aio import backoff_s, wait_any
+from delivery.errors import StoppedBeforeConnected
 
 log = structlog.get_logger("delivery.amqp")
 
@@ -44,10 +45,6 @@ def is_connected(connection: AbstractRobustConnection | None) -> bool:
     return connection is not None and connection.connected.is_set()
 
 
-class Stopped(Exception):
-    """Shutdown began before the first connection succeeded."""
-
-
 async def connect(url: str, *, name: str, stop: asyncio.Event) -> AbstractRobustConnection:
     """Connect, retrying the first connection with backoff until it succeeds or ``stop`` is
     set (a robust connection reconnects by itself only once it has connected once): a worker
@@ -62,10 +59,10 @@ async def connect(url: str, *, name: str, stop: asyncio.Event) -> AbstractRobust
             )
         except (ConnectionError, OSError, AMQPConnectionError, TimeoutError) as exc:
             failures += 1
-            delay_s = min(0.2 * 2 ** min(failures, 5), _CONNECT_BACKOFF_MAX_S)
+            delay_s = backoff_s(failures, base_s=0.2, max_s=_CONNECT_BACKOFF_MAX_S)
             log.warning(
                 "amqp_connect_retry", connection=name, error=repr(exc)[:200], retry_in_s=delay_s
             )
             await wait_any(stop, timeout_s=delay_s * random.uniform(0.8, 1.2))
         if stop.is_set():
-            raise Stopped(name)
+            raise StoppedBeforeConnected(name)

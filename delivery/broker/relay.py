@@ -22,14 +22,16 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnec
 from aiormq.exceptions import DeliveryError
 from pamqp.commands import Basic
 
-from delivery.aio import wait_any
+from delivery.aio import backoff_s, wait_any
 from delivery.broker.connection import SETUP_TIMEOUT_S, connect, is_connected
+from delivery.broker.redrive import redrive_lost
 from delivery.broker.topology import Names, declare
 from delivery.broker.wire import Outgoing, pack_rows
 from delivery.ops import metrics
 from delivery.ops.health import Health
 from delivery.settings import Settings
 from delivery.store.pool import is_connection_error
+from delivery.store.status import outbox_backlog
 
 log = structlog.get_logger("delivery.relay")
 
@@ -53,11 +55,6 @@ UPDATE delivery.outbox SET published_at = clock_timestamp()
 FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
 WHERE pk = ANY($1::bigint[])
 """
-_BACKLOG = """
-SELECT count(*) AS pending,
-       coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8 AS oldest_s
-FROM delivery.outbox WHERE published_at IS NULL
-"""
 _BACKLOG_EVERY_S = 5.0
 _REDRIVE_EVERY_S = 15.0
 # Batches in a row with rows to publish and not one confirm (a blocked broker, a queue without
@@ -65,18 +62,6 @@ _REDRIVE_EVERY_S = 15.0
 _NOT_READY_AFTER_BATCHES = 2
 # Only rows published within this window are considered: the sweep stays an index range scan.
 _REDRIVE_WINDOW_S = 86_400.0
-# The log entry records the publish given up for lost (SET reads the row as it was).
-REDRIVE = """
-UPDATE delivery.outbox o
-SET published_at = NULL, redrives = o.redrives + 1,
-    redrive_log = coalesce(o.redrive_log, '[]') || jsonb_build_array(jsonb_build_object(
-        'by', 'sweep', 'at', clock_timestamp(), 'published_at', o.published_at))
-WHERE o.published_at < clock_timestamp() - make_interval(secs => $1)
-  AND o.published_at > clock_timestamp() - make_interval(secs => $2)
-  AND o.redrives < $3
-  AND NOT EXISTS (SELECT 1 FROM delivery.inbox i WHERE i.event_id = o.event_id)
-RETURNING o.event_id
-"""
 
 
 class Relay:
@@ -138,7 +123,7 @@ class Relay:
                 # The backlog gauges matter most while publishing fails: keep them fresh.
                 with contextlib.suppress(Exception):
                     await self._maybe_update_backlog()
-                delay = min(0.1 * 2**failures, 5.0)
+                delay = backoff_s(failures)
                 log.warning("relay_backoff", error=repr(exc)[:300], delay_s=round(delay, 2))
                 await wait_any(stop, timeout_s=delay)
                 continue
@@ -205,15 +190,15 @@ class Relay:
                 await channel.close()
         if ready:
             return
-        rows = await self._pool.fetch(
-            REDRIVE,
-            self._settings.redrive_after_s,
-            _REDRIVE_WINDOW_S,
-            self._settings.max_redrives,
+        redriven = await redrive_lost(
+            self._pool,
+            published_before_s=self._settings.redrive_after_s,
+            window_s=_REDRIVE_WINDOW_S,
+            max_redrives=self._settings.max_redrives,
         )
-        if rows:
-            metrics.EVENTS_REDRIVEN.inc(len(rows))
-            log.warning("events_redriven", count=len(rows), example=rows[0]["event_id"])
+        if redriven:
+            metrics.EVENTS_REDRIVEN.inc(len(redriven))
+            log.warning("events_redriven", count=len(redriven), example=redriven[0])
             self._wake.set()
 
     def _connection_broken(self) -> bool:
@@ -276,10 +261,9 @@ class Relay:
         if now - self._last_backlog_s < _BACKLOG_EVERY_S:
             return
         self._last_backlog_s = now
-        row = await self._pool.fetchrow(_BACKLOG)
-        if row is not None:
-            metrics.OUTBOX_PENDING.set(row["pending"])
-            metrics.OUTBOX_OLDEST_AGE.set(row["oldest_s"])
+        backlog = await outbox_backlog(self._pool)
+        metrics.OUTBOX_PENDING.set(backlog.pending)
+        metrics.OUTBOX_OLDEST_AGE.set(backlog.oldest_s)
 
     async def _listen(self, stop: asyncio.Event) -> None:
         """Keep one dedicated LISTEN connection (pooled ones run ``UNLISTEN *`` on release)."""

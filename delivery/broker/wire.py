@@ -18,6 +18,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
+from delivery.errors import PoisonMessageError
 from delivery.events import RoutingFacts, envelope_from_row, render_body, routing_facts
 
 __all__ = ["Outgoing", "WireEvent", "decode", "event_count", "pack_rows"]
@@ -116,7 +117,7 @@ def event_count(message: AbstractIncomingMessage) -> int:
 
 
 def decode(message: AbstractIncomingMessage) -> list[WireEvent]:
-    """The events a message carries; ``ValueError`` if any of it is not ours (poison)."""
+    """The events a message carries; ``PoisonMessageError`` if any of it is not ours."""
     headers = message.headers or {}
     if message.content_type != PACK:
         created = headers.get("x-created-at-us", headers.get("x-created-at"))
@@ -129,18 +130,18 @@ def decode(message: AbstractIncomingMessage) -> list[WireEvent]:
         and isinstance(traceparents, list)
         and len(created_list) == len(traceparents) == len(bodies)
     ):
-        raise ValueError("pack headers do not match its lines")
+        raise PoisonMessageError("pack headers do not match its lines")
     events = []
     for line, parts in enumerate(zip(bodies, created_list, traceparents, strict=True), start=1):
         try:
             events.append(_event(*parts))
-        except ValueError as exc:
-            raise ValueError(f"pack line {line}: {exc}") from None
+        except PoisonMessageError as exc:
+            raise PoisonMessageError(f"pack line {line}: {exc}") from None
     return events
 
 
 def _event(body: bytes, created: object, traceparent: object) -> WireEvent:
-    """One event from its body and its two header values (``ValueError`` if not ours)."""
+    """One event from its body and its two header values (``PoisonMessageError`` if not ours)."""
     return WireEvent(
         routing_facts(body),
         body,

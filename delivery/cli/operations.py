@@ -34,6 +34,8 @@ def _print_subscription(sub: Any, as_json: bool, *, with_secret: bool = False) -
 async def cmd_subscriptions(args: argparse.Namespace, settings: Settings) -> int:
     from delivery.durations import parse_schedule_s
     from delivery.store import subscriptions as subs
+    from delivery.store.dead_letters import park_pending
+    from delivery.store.states import SubscriptionState
 
     async def work(conn: Any) -> int:
         action = args.action
@@ -68,16 +70,12 @@ async def cmd_subscriptions(args: argparse.Namespace, settings: Settings) -> int
         elif action == "show":
             _print_subscription(await subs.get(conn, args.id), args.json)
         elif action in ("disable", "enable"):
-            state = "disabled" if action == "disable" else "active"
+            disable = action == "disable"
+            state = SubscriptionState.DISABLED if disable else SubscriptionState.ACTIVE
             async with conn.transaction():
                 sub = await subs.set_state(conn, args.id, state, reason="disabled by operator")
-                if state == "disabled":
-                    await conn.execute(
-                        """UPDATE delivery.deliveries SET state = 'dead', dead_at = now(),
-                           dead_reason = 'subscription disabled by operator', lease_until = NULL
-                           WHERE subscription_id = $1 AND state = 'pending'""",
-                        args.id,
-                    )
+                if disable:
+                    await park_pending(conn, args.id, "subscription disabled by operator")
             _print_subscription(sub, args.json)
         elif action == "rotate-secret":
             sub = await subs.rotate_secret(conn, args.id, grace_s=settings.secret_rotation_grace_s)

@@ -14,6 +14,17 @@ from delivery.events import format_timestamp
 
 _BATCH = 1000
 
+# Parking: pending deliveries become dead letters with a reason, never attempted until an
+# operator replays them (a disabled subscription's backlog; after `subscriptions enable`,
+# `dlq replay` delivers it).
+_PARK = """
+UPDATE delivery.deliveries
+SET state = 'dead', dead_at = clock_timestamp(), dead_reason = $2, lease_until = NULL
+WHERE {which} AND state = 'pending'
+"""
+_PARK_SUBSCRIPTION = _PARK.format(which="subscription_id = $1")
+_PARK_DELIVERIES = _PARK.format(which="id = ANY($1::bigint[])")
+
 
 @dataclass(frozen=True)
 class Selector:
@@ -150,6 +161,18 @@ async def purge(
     return await _batched(
         pool, selector, "DELETE FROM delivery.deliveries WHERE id = ANY($1::bigint[])", progress
     )
+
+
+async def park_pending(
+    db: asyncpg.Pool | asyncpg.Connection, subscription_id: str, reason: str
+) -> None:
+    """Every pending delivery of the subscription, as a dead letter with ``reason``."""
+    await db.execute(_PARK_SUBSCRIPTION, subscription_id, reason)
+
+
+async def park(db: asyncpg.Pool | asyncpg.Connection, delivery_ids: list[int], reason: str) -> None:
+    """These deliveries, those still pending, as dead letters with ``reason``."""
+    await db.execute(_PARK_DELIVERIES, delivery_ids, reason)
 
 
 def ids_from_args(values: Sequence[str]) -> tuple[int, ...]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -131,19 +130,3 @@ def _lost_connection(exc: BaseException) -> bool:
         state = getattr(exc, "sqlstate", None) or ""
         return state.startswith(("08", "57P"))
     return True
-
-
-async def wait_for_database(url: str, *, timeout_s: float = 30.0) -> None:
-    """Block until PostgreSQL accepts a connection (start-up ordering in demos and tests)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        try:
-            conn = await asyncpg.connect(url, timeout=5)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-            if loop.time() > deadline:
-                raise
-            await asyncio.sleep(0.2)
-        else:
-            await conn.close()
-            return

@@ -7,13 +7,15 @@ a function, so this module needs no broker.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
 from delivery.events import format_timestamp
 
-_OUTBOX = """
+# How far behind the relay is: read by ``delivery status`` and by the relay for its gauges.
+_OUTBOX_BACKLOG = """
 SELECT count(*) AS pending,
        coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8 AS oldest_s
 FROM delivery.outbox WHERE published_at IS NULL
@@ -34,12 +36,23 @@ ORDER BY s.created_at, s.id
 """
 
 
+@dataclass(frozen=True, slots=True)
+class OutboxBacklog:
+    pending: int  # events not published yet
+    oldest_s: float  # the age of the oldest of them (0 when there is none)
+
+
+async def outbox_backlog(db: asyncpg.Pool | asyncpg.Connection) -> OutboxBacklog:
+    row = await db.fetchrow(_OUTBOX_BACKLOG)
+    assert row is not None  # an aggregate without GROUP BY: always one row
+    return OutboxBacklog(pending=row["pending"], oldest_s=row["oldest_s"])
+
+
 async def collect(
     conn: asyncpg.Connection, queues: Callable[[], Awaitable[dict[str, int | None] | str]]
 ) -> dict[str, Any]:
     """The report of ``delivery status``; ``queues`` reads the depths (``queue_report``)."""
-    outbox = await conn.fetchrow(_OUTBOX)
-    assert outbox is not None
+    outbox = await outbox_backlog(conn)
     subs = []
     for row in await conn.fetch(_PER_SUBSCRIPTION):
         subs.append(
@@ -64,7 +77,7 @@ async def collect(
     depths = await queues()
     poison = await conn.fetchval("SELECT count(*) FROM delivery.poison_messages")
     return {
-        "outbox": {"pending": outbox["pending"], "oldest_age_s": round(outbox["oldest_s"], 3)},
+        "outbox": {"pending": outbox.pending, "oldest_age_s": round(outbox.oldest_s, 3)},
         "poison_messages": poison,
         "queues": depths,
         "subscriptions": subs,

@@ -7,7 +7,7 @@ import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -16,6 +16,7 @@ import asyncpg
 from delivery.errors import InputError, NotFoundError
 from delivery.events import EVENT_TYPES, format_timestamp
 from delivery.signing import generate_secret, secret_key
+from delivery.store.states import CircuitState, SubscriptionState
 
 _PATTERN = re.compile(r"^[a-z0-9_.*?\[\]-]+$")
 FIELDS = (
@@ -51,14 +52,14 @@ class Subscription:
     url: str
     event_patterns: tuple[str, ...]
     account_id: str | None
-    state: str
+    state: SubscriptionState
     disabled_reason: str | None
     secret: str
     previous_secret: str | None
     previous_secret_expires_at: datetime | None
     retry_schedule_s: tuple[float, ...] | None
     timeout_s: float | None
-    circuit_state: str
+    circuit_state: CircuitState
     circuit_retry_at: datetime | None
     consecutive_failures: int
     failing_since: datetime | None
@@ -71,11 +72,13 @@ class Subscription:
         schedule = values["retry_schedule_s"]
         values["retry_schedule_s"] = tuple(schedule) if schedule is not None else None
         values["event_patterns"] = tuple(values["event_patterns"])
+        values["state"] = SubscriptionState(values["state"])
+        values["circuit_state"] = CircuitState(values["circuit_state"])
         return cls(**values)
 
     @property
     def circuit_open(self) -> bool:
-        return self.circuit_state == "open"
+        return self.circuit_state == CircuitState.OPEN
 
     def matches(self, event_type: str, account_id: str) -> bool:
         if self.account_id is not None and self.account_id != account_id:
@@ -196,7 +199,11 @@ async def get(conn: asyncpg.Connection, subscription_id: str) -> Subscription:
 
 
 async def set_state(
-    conn: asyncpg.Connection, subscription_id: str, state: str, *, reason: str | None = None
+    conn: asyncpg.Connection,
+    subscription_id: str,
+    state: SubscriptionState,
+    *,
+    reason: str | None = None,
 ) -> Subscription:
     row = await conn.fetchrow(
         f"""
@@ -242,7 +249,3 @@ async def remove(conn: asyncpg.Connection, subscription_id: str) -> None:
     result = await conn.execute("DELETE FROM delivery.subscriptions WHERE id = $1", subscription_id)
     if result.endswith(" 0"):
         raise NotFoundError(f"subscription {subscription_id!r} does not exist")
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)

@@ -27,7 +27,8 @@ from types import TracebackType
 
 from aiohttp import web
 
-from delivery.signing import SignatureError, secret_key, verify
+from delivery.errors import SignatureError
+from delivery.signing import secret_key, verify
 
 __all__ = ["Arrival", "Behaviour", "Receiver"]
 

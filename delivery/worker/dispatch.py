@@ -23,10 +23,12 @@ from delivery.aio import wait_any
 from delivery.broker.connection import SETUP_TIMEOUT_S, connect, is_connected
 from delivery.broker.topology import Names, declare
 from delivery.broker.wire import WireEvent, decode, event_count
+from delivery.errors import PoisonMessageError, QueueMissingError
 from delivery.ops import metrics
 from delivery.ops.health import Health
 from delivery.settings import Settings
 from delivery.store.pool import is_connection_error, with_retries
+from delivery.store.states import SubscriptionState
 from delivery.store.subscriptions import Subscription, select_list
 from delivery.worker.deliverer import Deliverer
 from delivery.worker.jobs import Job, lease_for
@@ -68,10 +70,6 @@ SELECT event_id, fresh, NULL::bigint AS id, NULL::text AS subscription_id FROM i
 UNION ALL
 SELECT event_id, NULL, id, subscription_id FROM created
 """
-
-
-class QueueMissingError(RuntimeError):
-    """A queue we consume from was deleted while we ran."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +185,7 @@ class Dispatcher:
         for message in messages:
             try:
                 parsed.extend(decode(message))
-            except ValueError as exc:
+            except PoisonMessageError as exc:
                 await self._reject_poison(message, str(exc))
             else:
                 accepted.append(message)
@@ -305,7 +303,7 @@ class Dispatcher:
             for sub in subscriptions:
                 if not sub.matches(facts.type, facts.account_id):
                     continue
-                active = sub.state == "active"
+                active = sub.state == SubscriptionState.ACTIVE
                 # An open circuit's deliveries wait in PostgreSQL for the scheduler's probe.
                 leased = active and not sub.circuit_open and self._deliverer.try_reserve(sub.id)
                 pairs.append(_Pair(event, sub, leased, dead=not active))

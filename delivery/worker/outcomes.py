@@ -19,7 +19,9 @@ import structlog
 
 from delivery.ops import metrics
 from delivery.settings import Settings
+from delivery.store.dead_letters import park_pending
 from delivery.store.pool import with_retries
+from delivery.store.states import CircuitState, DeliveryState
 from delivery.worker.retry import Decision, Outcome
 from delivery.worker.sender import AttemptResult
 
@@ -59,41 +61,31 @@ deliveries AS (
     WHERE d.id = v.id AND d.state = 'pending'
 )"""
 _RECORD = f"WITH {_OUTCOMES} SELECT"
-# When every outcome is a success (the common case), the same plus the circuit reset of their
-# subscriptions: a statement on its own, without BEGIN and COMMIT round trips. Subscriptions
-# are locked in id order, as in the general path.
-_RECORD_ALL_DELIVERED = f"""
-WITH {_OUTCOMES},
-circuits AS (
-    UPDATE delivery.subscriptions s
-    SET consecutive_failures = 0, circuit_state = 'closed', circuit_retry_at = NULL,
-        failing_since = NULL
-    FROM (
-        SELECT id, circuit_state AS old_state FROM delivery.subscriptions
-        WHERE id = ANY($12::text[]) AND (consecutive_failures <> 0 OR circuit_state <> 'closed')
-        ORDER BY id
-        FOR NO KEY UPDATE
-    ) o
-    WHERE s.id = o.id
-    RETURNING s.id, o.old_state, s.circuit_state AS new_state
-)
-SELECT id, old_state, new_state FROM circuits
-"""
 # Circuit bookkeeping; each returns the state before the change, so transitions log once.
 # NO KEY UPDATE: it does not conflict with the key-share lock that inserting a delivery row
-# (foreign key to its subscription) takes, so dispatch and outcomes never deadlock. A success on
-# a healthy subscription (the common case) locks nothing.
-_CIRCUIT_SUCCESS = """
+# (foreign key to its subscription) takes, so dispatch and outcomes never deadlock. Locked in id
+# order, so concurrent batches never deadlock on each other. A success on a healthy subscription
+# (the common case) locks nothing.
+_RESET_CIRCUITS = """
 UPDATE delivery.subscriptions s
 SET consecutive_failures = 0, circuit_state = 'closed', circuit_retry_at = NULL,
     failing_since = NULL
 FROM (
     SELECT id, circuit_state AS old_state FROM delivery.subscriptions
-    WHERE id = $1 AND (consecutive_failures <> 0 OR circuit_state <> 'closed')
+    WHERE id = ANY({ids}::text[]) AND (consecutive_failures <> 0 OR circuit_state <> 'closed')
+    ORDER BY id
     FOR NO KEY UPDATE
 ) o
 WHERE s.id = o.id
-RETURNING o.old_state, s.circuit_state AS new_state, false AS too_long
+RETURNING s.id, o.old_state, s.circuit_state AS new_state, false AS too_long
+"""
+_CIRCUIT_SUCCESS = _RESET_CIRCUITS.format(ids="$1")
+# When every outcome is a success (the common case), the outcomes plus the circuit reset of
+# their subscriptions: a statement on its own, without BEGIN and COMMIT round trips.
+_RECORD_ALL_DELIVERED = f"""
+WITH {_OUTCOMES},
+circuits AS ({_RESET_CIRCUITS.format(ids="$12")})
+SELECT id, old_state, new_state FROM circuits
 """
 _CIRCUIT_FAILURES = """
 UPDATE delivery.subscriptions s
@@ -119,20 +111,13 @@ SET state = 'disabled', disabled_reason = $2, updated_at = now()
 WHERE id = $1 AND state = 'active'
 RETURNING true
 """
-# The disabled subscription's waiting deliveries are kept as dead letters: after
-# `subscriptions enable`, `dlq replay` delivers them.
-_PARK_PENDING = """
-UPDATE delivery.deliveries
-SET state = 'dead', dead_at = clock_timestamp(), dead_reason = $2, lease_until = NULL
-WHERE subscription_id = $1 AND state = 'pending'
-"""
 
 _STATE = {
-    Outcome.DELIVERED: "delivered",
-    Outcome.RETRY: "pending",
-    Outcome.EXHAUSTED: "dead",
-    Outcome.PERMANENT: "dead",
-    Outcome.GONE: "dead",
+    Outcome.DELIVERED: DeliveryState.DELIVERED,
+    Outcome.RETRY: DeliveryState.PENDING,
+    Outcome.EXHAUSTED: DeliveryState.DEAD,
+    Outcome.PERMANENT: DeliveryState.DEAD,
+    Outcome.GONE: DeliveryState.DEAD,
 }
 
 
@@ -234,7 +219,7 @@ class OutcomeRecorder:
                 continue
             rows = []
             if Outcome.DELIVERED in outcomes:
-                rows.append(await conn.fetchrow(_CIRCUIT_SUCCESS, sub_id))
+                rows.append(await conn.fetchrow(_CIRCUIT_SUCCESS, [sub_id]))
                 last = len(outcomes) - 1 - outcomes[::-1].index(Outcome.DELIVERED)
                 outcomes = outcomes[last + 1 :]
             failures = sum(o in (Outcome.RETRY, Outcome.EXHAUSTED) for o in outcomes)
@@ -265,13 +250,14 @@ class OutcomeRecorder:
         if await conn.fetchval(_DISABLE_SUBSCRIPTION, subscription_id, reason):
             metrics.SUBSCRIPTIONS_DISABLED.labels(kind).inc()
             log.warning("subscription_disabled", subscription_id=subscription_id, reason=reason)
-        await conn.execute(_PARK_PENDING, subscription_id, reason)
+        # Its waiting deliveries are kept as dead letters (replayed once it is enabled again).
+        await park_pending(conn, subscription_id, reason)
 
 
 def _note_transition(subscription_id: str, old_state: str, new_state: str) -> None:
     if old_state != new_state:
         metrics.CIRCUIT_TRANSITIONS.labels(new_state).inc()
         log.warning(
-            "circuit_opened" if new_state == "open" else "circuit_closed",
+            "circuit_opened" if new_state == CircuitState.OPEN else "circuit_closed",
             subscription_id=subscription_id,
         )

@@ -5,6 +5,8 @@ reason, then acked, so they never block the dispatch queue and never vanish."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import asyncpg
@@ -14,8 +16,10 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from delivery.aio import wait_any
 from delivery.broker.connection import SETUP_TIMEOUT_S, connect, is_connected
+from delivery.broker.redrive import redrive_events
 from delivery.broker.topology import Names, declare
 from delivery.broker.wire import decode
+from delivery.errors import PoisonMessageError
 from delivery.ops import metrics
 from delivery.ops.health import Health
 from delivery.settings import Settings
@@ -30,32 +34,37 @@ VALUES ($1, $2, $3, $4, $5::jsonb, $6)
 """
 
 
-def describe(message: AbstractIncomingMessage) -> tuple[str, int | None]:
-    """Why the broker dead-lettered it, in words an operator can act on."""
+class Cause(Enum):
+    """Why a message reached the dead-letter queue; it decides what the recorder does."""
+
+    UNPROCESSABLE = "unprocessable"  # not ours: recorded as poison
+    DELIVERY_LIMIT = "delivery_limit"  # ours, redelivered past the limit: redriven if it can be
+    BROKER = "broker"  # ours, dead-lettered by the broker for another reason: recorded
+
+
+@dataclass(frozen=True, slots=True)
+class Death:
+    cause: Cause
+    reason: str  # in words an operator can act on, recorded with the message
+    count: int | None  # the broker's count of deaths, if it gave one
+
+
+def describe(message: AbstractIncomingMessage) -> Death:
+    """Why the broker dead-lettered it."""
     deaths = (message.headers or {}).get("x-death")
     first = deaths[0] if isinstance(deaths, list) and deaths else None
-    death: dict[str, Any] = first if isinstance(first, dict) else {}
-    broker_reason = str(death.get("reason", "unknown"))
-    raw_count = death.get("count")
+    latest: dict[str, Any] = first if isinstance(first, dict) else {}
+    broker_reason = str(latest.get("reason", "unknown"))
+    raw_count = latest.get("count")
     count = raw_count if isinstance(raw_count, int) else None
     try:
         decode(message)
-    except ValueError as exc:
-        return f"unprocessable: {exc}", count
+    except PoisonMessageError as exc:
+        return Death(Cause.UNPROCESSABLE, f"unprocessable: {exc}", count)
     if broker_reason == "delivery_limit":
-        return "redelivered past x-delivery-limit (crash loop?)", count
-    return f"dead-lettered by the broker: {broker_reason}", count
+        return Death(Cause.DELIVERY_LIMIT, "redelivered past x-delivery-limit (crash loop?)", count)
+    return Death(Cause.BROKER, f"dead-lettered by the broker: {broker_reason}", count)
 
-
-_REDRIVE_SOME = """
-UPDATE delivery.outbox o
-SET published_at = NULL, redrives = o.redrives + 1,
-    redrive_log = coalesce(o.redrive_log, '[]') || jsonb_build_array(jsonb_build_object(
-        'by', 'poison', 'at', clock_timestamp(), 'published_at', o.published_at))
-WHERE o.event_id = ANY($1::text[]) AND o.published_at IS NOT NULL AND o.redrives < $2
-  AND NOT EXISTS (SELECT 1 FROM delivery.inbox i WHERE i.event_id = o.event_id)
-RETURNING o.event_id
-"""
 
 # Events of a dead-lettered pack that reached the inbox anyway need nothing more.
 _DISPATCHED = "SELECT count(*) FROM delivery.inbox WHERE event_id = ANY($1::text[])"
@@ -108,7 +117,9 @@ class PoisonRecorder:
         recording it would only be noise for on-call)."""
         try:
             event_ids = [e.facts.id for e in decode(message)]
-            redriven = await self._pool.fetch(_REDRIVE_SOME, event_ids, self._settings.max_redrives)
+            redriven = await redrive_events(
+                self._pool, event_ids, max_redrives=self._settings.max_redrives
+            )
             dispatched = int(await self._pool.fetchval(_DISPATCHED, event_ids))
         except Exception as exc:
             log.warning("redrive_failed", error=repr(exc)[:200])
@@ -118,15 +129,15 @@ class PoisonRecorder:
             log.warning(
                 "events_redriven_from_dead_letters",
                 count=len(redriven),
-                example=redriven[0]["event_id"],
+                example=redriven[0],
             )
         elif dispatched:
             log.info("dead_letter_already_dispatched", events=len(event_ids))
         return len(redriven) + dispatched >= len(event_ids)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        reason, count = describe(message)
-        if reason.startswith("redelivered past") and await self._redrive(message):
+        death = describe(message)
+        if death.cause is Cause.DELIVERY_LIMIT and await self._redrive(message):
             await message.ack()
             return
         headers = orjson.dumps(_jsonable(dict(message.headers or {}))).decode()
@@ -137,8 +148,8 @@ class PoisonRecorder:
                     _RECORD,
                     message.message_id,
                     message.routing_key,
-                    reason,
-                    count,
+                    death.reason,
+                    death.count,
                     headers,
                     message.body,
                 ),
@@ -152,5 +163,5 @@ class PoisonRecorder:
         metrics.POISON_MESSAGES.labels("recorded").inc()
         # (a healthy event redelivered past the limit by connection flaps never gets here:
         # _redrive sends it through the outbox again, up to DELIVERY_MAX_REDRIVES times)
-        log.warning("poison_recorded", message_id=message.message_id, reason=reason)
+        log.warning("poison_recorded", message_id=message.message_id, reason=death.reason)
         await message.ack()

@@ -15,12 +15,14 @@ import asyncio
 import asyncpg
 import structlog
 
-from delivery.aio import wait_any
+from delivery.aio import backoff_s, wait_any
 from delivery.events import envelope_from_row, render_body
 from delivery.ops import metrics
 from delivery.ops.health import Health
 from delivery.settings import Settings
+from delivery.store.dead_letters import park
 from delivery.store.pool import is_connection_error, with_retries
+from delivery.store.states import SubscriptionState
 from delivery.store.subscriptions import Subscription, select_list
 from delivery.worker.deliverer import Deliverer
 from delivery.worker.jobs import Job, lease_per_timeout
@@ -74,13 +76,6 @@ SELECT c.id AS delivery_id, c.attempts,
 FROM claimed c
 JOIN delivery.outbox o ON o.event_id = c.event_id
 JOIN delivery.subscriptions s ON s.id = c.subscription_id
-"""
-# A subscription disabled while its delivery waited: keep the event as a dead letter.
-PARK_DISABLED = """
-UPDATE delivery.deliveries
-SET state = 'dead', dead_at = clock_timestamp(), dead_reason = 'subscription disabled',
-    lease_until = NULL
-WHERE id = ANY($1::bigint[]) AND state = 'pending'
 """
 _SATURATED_DUE = """
 SELECT EXISTS (
@@ -181,7 +176,7 @@ class Scheduler:
                     log.exception("scheduler_claim_failed")
                 failures += 1
                 self._health.set("scheduler", False)
-                await wait_any(stop, timeout_s=min(0.1 * 2**failures, 5.0))
+                await wait_any(stop, timeout_s=backoff_s(failures))
                 continue
             failures = 0
             self._health.set("scheduler", True)
@@ -250,7 +245,7 @@ class Scheduler:
             subs.append(sub)
         probes = await self._take_probes([s.id for s in subs if s.circuit_open])
         for row, sub in zip(rows, subs, strict=True):
-            if sub.state != "active":
+            if sub.state != SubscriptionState.ACTIVE:
                 disabled.append(row["delivery_id"])
                 continue
             if sub.circuit_open and sub.id not in probes:
@@ -273,5 +268,6 @@ class Scheduler:
         if over_capacity:
             await self._pool.execute(_UNLEASE, over_capacity)
         if disabled:
-            await self._pool.execute(PARK_DISABLED, disabled)
+            # A subscription disabled while its delivery waited: keep it as a dead letter.
+            await park(self._pool, disabled, "subscription disabled")
         return len(rows)

@@ -166,12 +166,12 @@ _MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "redrive-takes-dispatched",
-        "delivery/broker/relay.py",
+        "delivery/broker/redrive.py",
         (
             (
-                "  AND o.redrives < $3\n"
+                "  AND o.redrives < $1\n"
                 "  AND NOT EXISTS (SELECT 1 FROM delivery.inbox i WHERE i.event_id = o.event_id)",
-                "  AND o.redrives < $3",
+                "  AND o.redrives < $1",
             ),
         ),
         "the redrive sweep re-publishes events that were dispatched already",
@@ -179,8 +179,8 @@ _MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "redrive-unbounded",
-        "delivery/broker/relay.py",
-        (("  AND o.redrives < $3\n", "  AND $3::int >= 0\n"),),
+        "delivery/broker/redrive.py",
+        (("  AND o.redrives < $1\n", "  AND $1::int >= 0\n"),),
         "the redrive sweep re-publishes the same lost event forever",
         guarantee=REDRIVE,
     ),
@@ -248,7 +248,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "scheduler-no-backoff",
         "delivery/worker/scheduler.py",
-        (("await wait_any(stop, timeout_s=min(0.1 * 2**failures, 5.0))", "continue"),),
+        (("await wait_any(stop, timeout_s=backoff_s(failures))", "continue"),),
         "a failing claim is retried at once, in a tight loop",
     ),
     # -- deliverer ----------------------------------------------------------------------------
@@ -478,7 +478,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "disable-keeps-pending",
         "delivery/worker/outcomes.py",
-        (("        await conn.execute(_PARK_PENDING, subscription_id, reason)\n", ""),),
+        (("        await park_pending(conn, subscription_id, reason)\n", ""),),
         "a disabled subscription's waiting deliveries stay pending instead of dead letters",
         guarantee=DEAD_LETTERS,
     ),
@@ -506,15 +506,15 @@ _MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "poison-redrive-logged-as-sweep",
-        "delivery/worker/poison.py",
-        (("'by', 'poison', 'at', clock_timestamp()", "'by', 'sweep', 'at', clock_timestamp()"),),
+        "delivery/broker/redrive.py",
+        (('    by="poison", which=', '    by="sweep", which='),),
         "a redrive by the poison recorder is logged as the sweep's, so the chaos checker "
         "blames the wrong healer",
     ),
     Mutant(
         "poison-never-redriven",
         "delivery/worker/poison.py",
-        (('if reason.startswith("redelivered past") and await self._redrive(message):',
+        (("if death.cause is Cause.DELIVERY_LIMIT and await self._redrive(message):",
           "if False:"),),
         "healthy events dead-lettered by connection flaps are recorded as poison, never sent",
         guarantee=POISON,
@@ -522,8 +522,8 @@ _MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "poison-redrive-unbounded",
         "delivery/worker/poison.py",
-        (("WHERE o.event_id = ANY($1::text[]) AND o.published_at IS NOT NULL AND o.redrives < $2",
-          "WHERE o.event_id = ANY($1::text[]) AND o.published_at IS NOT NULL AND $2 > 0"),),
+        (("self._pool, event_ids, max_redrives=self._settings.max_redrives",
+          "self._pool, event_ids, max_redrives=2**31 - 1"),),
         "a message that really crashes workers is redriven forever, never recorded",
         guarantee=POISON,
     ),

@@ -7,7 +7,6 @@ tests start (``python -m delivery worker``) run the mutant too.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -97,7 +96,3 @@ def _first_failure(output: str) -> str:
         if line.startswith(("FAILED ", "ERROR ")):
             return line[:300]
     return "a kill test failed"
-
-
-def scrubbed_environment() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("DELIVERY_", "COV_"))}

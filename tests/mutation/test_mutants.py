@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from delivery.testing.processes import environment_without_settings
 from delivery.testing.services import ENV_AMQP_URL, ENV_DATABASE_URL, Services
 from tests.mutation import mutate
 from tests.mutation.catalogue import MUTANTS, Mutant
@@ -39,7 +40,7 @@ def test_every_edit_applies_once_and_every_mutant_names_its_kill_tests(tmp_path:
 
 @pytest.fixture(scope="module")
 def verdicts(services: Services) -> dict[str, mutate.Verdict]:
-    env = mutate.scrubbed_environment()
+    env = environment_without_settings("COV_")
     env[ENV_DATABASE_URL] = services.database_url
     env[ENV_AMQP_URL] = services.amqp_url
     with (
