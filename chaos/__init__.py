@@ -5,5 +5,7 @@ throwaway servers and writes a JSON record and a Markdown table per run (see ``c
 Modules, each with one job: ``proxy`` (the TCP fault proxy), ``processes`` (one platform process),
 ``cluster`` (servers + proxies + processes), ``producer``, ``metrics`` (scraping /metrics),
 ``context`` (what a fault plan sees, fault windows), ``faults``, ``scenarios``, ``settle``
-(waiting until nothing is left to do), ``checker``, ``report``, ``runner``, ``cli``.
+(waiting until nothing is left to do), ``checker`` (with ``records``, what it reads and returns;
+``slack``, fault-window slack; ``redrives``, redrive classification), ``report``, ``runner``,
+``cli``.
 """

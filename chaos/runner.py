@@ -17,14 +17,16 @@ import aiohttp
 import asyncpg
 import structlog
 
-from chaos.checker import Arrival, Slack, Verdict, check
+from chaos.checker import check
 from chaos.cluster import PLATFORM_ENV, Cluster, Servers
 from chaos.context import FaultLog, RunContext, wait_until
 from chaos.metrics import MetricsSampler
 from chaos.producer import Producer
+from chaos.records import Arrival, Verdict
 from chaos.report import RunReport, write_arrivals
 from chaos.scenarios import SUBSCRIPTIONS, Scenario
 from chaos.settle import read_state, wait_settled
+from chaos.slack import Slack
 from delivery.store import subscriptions
 from delivery.testing.receiver import Behaviour, Receiver
 
