@@ -7,5 +7,6 @@ Modules, each with one job: ``proxy`` (the TCP fault proxy; ``proxy_links``, its
 ``metrics`` (scraping /metrics), ``context`` (what a fault plan sees, fault windows), ``faults``,
 ``scenarios``, ``settle`` (waiting until nothing is left to do), ``checker`` (with ``records``,
 what it reads and returns; ``slack``, fault-window slack; ``redrives``, redrive classification),
-``report``, ``runner``, ``cli``.
+``report``, ``runner`` (one scenario end to end; ``phases``, what it does once the cluster is
+up), ``cli``.
 """
