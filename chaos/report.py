@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from chaos.checker import Arrival
+from chaos.records import Arrival
 
 __all__ = ["RunReport", "markdown_table", "write_arrivals", "write_summary"]
 

@@ -3,7 +3,6 @@ plan; then heal, settle, check, report. Everything it started is torn down, what
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import random
@@ -17,25 +16,21 @@ import aiohttp
 import asyncpg
 import structlog
 
-from chaos.checker import Arrival, Slack, Verdict, check
-from chaos.cluster import PLATFORM_ENV, Cluster, Servers
-from chaos.context import FaultLog, RunContext, wait_until
+from chaos.cluster import Cluster, Servers
+from chaos.context import FaultLog, RunContext
 from chaos.metrics import MetricsSampler
+from chaos.phases import drive
 from chaos.producer import Producer
-from chaos.report import RunReport, write_arrivals
+from chaos.report import RunReport
 from chaos.scenarios import SUBSCRIPTIONS, Scenario
-from chaos.settle import read_state, wait_settled
 from delivery.store import subscriptions
-from delivery.testing.receiver import Behaviour, Receiver
+from delivery.testing.receiver import Receiver
 
 __all__ = ["DEFAULT_RATE", "run_scenario"]
 
 log = structlog.get_logger("chaos.runner")
 
 DEFAULT_RATE = 150.0
-# Production must end by then (a producer blocked for longer than this is itself a finding).
-_PRODUCE_GRACE_S = 300.0
-_DRAIN_METRICS_TIMEOUT_S = 30.0
 
 
 def _configure_logging(stream: TextIO) -> logging.Handler:
@@ -55,28 +50,6 @@ def _configure_logging(stream: TextIO) -> logging.Handler:
         cache_logger_on_first_use=False,
     )
     return handler
-
-
-def _slack() -> Slack:
-    """Explained-duplicate (and explained-redrive) window: one HTTP timeout before a fault, a
-    lease plus a few retry steps after it (the platform's own timers, as configured)."""
-    http_s = float(PLATFORM_ENV["DELIVERY_HTTP_TIMEOUT_S"])
-    lease_s = float(PLATFORM_ENV["DELIVERY_DELIVERY_LEASE_S"])
-    return Slack(before_s=http_s + 3.0, after_s=lease_s + 10.0)
-
-
-def _arrivals(receiver: Receiver) -> list[Arrival]:
-    return [
-        Arrival(
-            path=a.path,
-            webhook_id=a.webhook_id or "",
-            body=a.body,
-            status=a.status if a.status is not None else 0,  # None: left hanging
-            at=a.arrived_at,
-            signature_ok=a.signature_ok,
-        )
-        for a in receiver.arrivals
-    ]
 
 
 @contextlib.asynccontextmanager
@@ -105,42 +78,6 @@ async def _subscribe(cluster: Cluster, receiver: Receiver) -> None:
             receiver.expect_secret(spec.path, sub.secret)
     finally:
         await conn.close()
-
-
-async def _heal(ctx: RunContext) -> None:
-    """Lift whatever a plan left behind (it may have failed half-way): links, alarm, processes."""
-    cluster = ctx.cluster
-    for proxy in cluster.proxies.values():
-        proxy.heal()
-        await proxy.accept()
-    await cluster.servers.heal()
-
-    for spec in SUBSCRIPTIONS:
-        ctx.receiver.set_behaviour(spec.path, Behaviour())
-    for proc in cluster.processes:
-        if not proc.alive:
-            await proc.start()
-    await asyncio.gather(*(p.wait_ready(ctx.session, 120) for p in cluster.processes))
-
-
-async def _drain_metrics(ctx: RunContext) -> list[str]:
-    """The relays' own gauges must come back to 0 once the backlog drained."""
-
-    async def drained() -> bool:
-        sample = await ctx.sampler.sample_once(ctx.session)
-        values = sample.values
-        return (
-            values.get("delivery_outbox_pending", 1) == 0
-            and values.get("delivery_outbox_oldest_age_seconds", 1) == 0
-        )
-
-    try:
-        await wait_until(
-            drained, timeout_s=_DRAIN_METRICS_TIMEOUT_S, what="backlog gauges at 0", interval_s=0.5
-        )
-    except TimeoutError as exc:
-        return [str(exc)]
-    return []
 
 
 async def run_scenario(
@@ -209,7 +146,7 @@ async def _run(
             )
             ctx.ready_at = time.monotonic()
             log.info("scenario_started", scenario=scenario.name, events=events, rate=rate)
-            verdict = await _drive(ctx, scenario, problems)
+            verdict = await drive(ctx, scenario, problems)
             state_codes = await cluster.stop()
         except BaseException:
             log.exception("scenario_crashed", scenario=scenario.name)
@@ -257,55 +194,6 @@ async def _run(
     report.write(run_dir)
     log.info("scenario_finished", scenario=scenario.name, passed=passed, problems=problems)
     return report
-
-
-async def _drive(ctx: RunContext, scenario: Scenario, problems: list[str]) -> Verdict:
-    stop_sampling = asyncio.Event()
-    give_up_at = time.time() + ctx.production_s * 3 + _PRODUCE_GRACE_S
-    async with asyncio.TaskGroup() as tg:
-        sampling = tg.create_task(ctx.sampler.run(ctx.session, stop_sampling))
-        production = tg.create_task(ctx.producer.run(give_up_at))
-        try:
-            await scenario.plan(ctx)
-        except Exception as exc:
-            log.exception("plan_failed")
-            problems.append(f"fault plan failed: {exc!r}"[:300])
-        await production
-        log.info("phase", phase="produced", committed=len(ctx.producer.record.committed_at))
-        ctx.faults.close_open()
-        await _heal(ctx)
-        log.info("phase", phase="healed")
-        # The cap grows with the run (a 100k-event run can end with a backlog that takes
-        # minutes to drain); a stall is still caught by no_progress_s.
-        settle_cap_s = scenario.settle_timeout_s * max(
-            1.0, len(ctx.producer.record.committed_at) / 10_000
-        )
-        settled, waited_s = await wait_settled(
-            ctx.cluster, timeout_s=settle_cap_s, no_progress_s=scenario.no_progress_s
-        )
-        log.info("phase", phase="settled", settled=settled, waited_s=round(waited_s, 2))
-        if scenario.drain_metrics:
-            problems += await _drain_metrics(ctx)
-        stop_sampling.set()
-        await sampling
-    state = await read_state(ctx.cluster, settled=settled, waited_s=waited_s)
-    arrivals = _arrivals(ctx.receiver)
-    write_arrivals(
-        ctx.cluster.out_dir / "arrivals.csv.gz", arrivals, ctx.producer.record.committed_at
-    )
-    verdict = check(
-        attempted=ctx.producer.record.attempted,
-        committed_at=ctx.producer.record.committed_at,
-        arrivals=arrivals,
-        subscriptions=SUBSCRIPTIONS,
-        state=state,
-        faults=ctx.faults.windows,
-        slack=_slack(),
-        redrives_explained=scenario.redrives,
-    )
-    if scenario.expect is not None:
-        problems += scenario.expect(ctx, verdict)
-    return verdict
 
 
 def _keep_server_logs(servers: Servers, run_dir: Path) -> None:

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chaos import faults
-from chaos.checker import HEALED, SPARE, SubscriptionSpec, Verdict
 from chaos.cluster import AlarmKind, Layout
 from chaos.context import RunContext, wait_until
+from chaos.records import SubscriptionSpec, Verdict
+from chaos.redrives import HEALED, SPARE
 from delivery.testing.postgres import StopMode
 from delivery.testing.receiver import Behaviour
 
@@ -51,7 +52,7 @@ class Scenario:
     settle_timeout_s: float = 120.0
     # Settling gives up early when nothing at all moved for this long.
     no_progress_s: float = 20.0
-    # What its faults can make a redrive (chaos/checker.py: any other redrive fails the run).
+    # What its faults can make a redrive (chaos/redrives.py: any other redrive fails the run).
     # HEALED: they can lose a message the broker confirmed before a worker records it (the
     # queue deleted, dead-lettered past x-delivery-limit by returns), so a redrive delivers
     # the event; its publish must be in or near a fault window. SPARE: they can keep a message

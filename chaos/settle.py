@@ -9,8 +9,8 @@ import time
 
 import asyncpg
 
-from chaos.checker import Redrive, SettledState
 from chaos.cluster import Cluster
+from chaos.records import Redrive, SettledState
 from delivery.broker.depths import queue_depths
 
 __all__ = ["read_state", "wait_settled"]

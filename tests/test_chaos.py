@@ -17,22 +17,15 @@ import orjson
 import pytest
 import pytest_asyncio
 
-from chaos.checker import (
-    HEALED,
-    SPARE,
-    Arrival,
-    Redrive,
-    SettledState,
-    Slack,
-    SubscriptionSpec,
-    Verdict,
-    check,
-)
+from chaos.checker import check
 from chaos.cluster import Servers
 from chaos.context import FaultWindow
 from chaos.producer import EventSpec
 from chaos.proxy import FaultProxy
+from chaos.records import Arrival, Redrive, SettledState, SubscriptionSpec, Verdict
+from chaos.redrives import HEALED, SPARE
 from chaos.scenarios import SCENARIOS
+from chaos.slack import Slack
 
 pytestmark = pytest.mark.chaos
 
