@@ -40,7 +40,7 @@ from delivery.testing.receiver import Receiver
 from delivery.worker import dispatch as dispatch_module
 from delivery.worker.deliverer import Deliverer
 from delivery.worker.dispatch import Dispatcher
-from delivery.worker.outcomes import OutcomeRecorder, Recorded
+from delivery.worker.outcomes import AttemptOutcome, OutcomeRecorder
 from delivery.worker.retry import Decision, Outcome, RetryPolicy, decide
 from delivery.worker.scheduler import Scheduler
 from delivery.worker.sender import AttemptResult, Sender
@@ -395,9 +395,9 @@ async def test_an_outcome_that_cannot_be_committed_is_raised_to_its_attempt(sett
     )
     status = 200 if outcome is Outcome.DELIVERED else 503
 
-    def item(event_id: str) -> Recorded:
+    def item(event_id: str) -> AttemptOutcome:
         result = AttemptResult(status=status, error=None, duration_s=0.01)
-        return Recorded(ids[event_id], sub.id, 1, datetime.now(UTC), result, decision)
+        return AttemptOutcome(ids[event_id], sub.id, 1, datetime.now(UTC), result, decision)
 
     with pytest.raises(asyncpg.RaiseError, match="injected fault attempts"):
         await recorder.record(item("evt_fails"))

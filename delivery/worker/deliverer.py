@@ -25,7 +25,7 @@ from delivery.settings import Settings
 from delivery.signing import webhook_headers
 from delivery.store.pool import with_retries
 from delivery.worker.jobs import Job, lease_for, subscription_hold_cap
-from delivery.worker.outcomes import OutcomeRecorder, Recorded
+from delivery.worker.outcomes import AttemptOutcome, OutcomeRecorder
 from delivery.worker.retry import Outcome, RetryPolicy, decide
 from delivery.worker.sender import Sender
 
@@ -269,7 +269,7 @@ class Deliverer:
                 span, outcome=decision.outcome.value, status=result.status, error=result.error
             )
         await self._outcomes.record(
-            Recorded(job.delivery_id, sub.id, job.attempt, started_at, result, decision)
+            AttemptOutcome(job.delivery_id, sub.id, job.attempt, started_at, result, decision)
         )
         self._crash_if("after_record")
         metrics.ATTEMPTS.labels(decision.outcome.value).inc()
