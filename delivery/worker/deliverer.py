@@ -5,28 +5,30 @@ and per subscriber ``per_subscription_max_in_flight`` concurrent requests plus
 ``per_subscription_max_queued`` deliveries waiting locally for one of them. Work beyond that is
 never taken from PostgreSQL, so a slow subscriber occupies at most its own share and the rest
 keep flowing, while a fast one's request slots are refilled without a claim per finished POST.
+What surrounds an attempt (metrics, the trace span, the log line) is a hook
+(``delivery.worker.hooks``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import asyncpg
 import structlog
 
-from delivery.ops import metrics, tracing
+from delivery.ops import metrics
 from delivery.settings import Settings
 from delivery.signing import webhook_headers
 from delivery.store.pool import with_retries
+from delivery.worker.hooks import Attempt, AttemptHook, Hooks, default_hooks
 from delivery.worker.jobs import Job, lease_for, subscription_hold_cap
 from delivery.worker.outcomes import AttemptOutcome, OutcomeRecorder
-from delivery.worker.retry import Outcome, RetryPolicy, decide
+from delivery.worker.retry import RetryPolicy, decide
 from delivery.worker.sender import Sender
 
 log = structlog.get_logger("delivery.deliverer")
@@ -58,6 +60,7 @@ class Deliverer:
         pool: asyncpg.Pool,
         sender: Sender,
         *,
+        hooks: Sequence[AttemptHook] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._settings = settings
@@ -66,6 +69,7 @@ class Deliverer:
         self._rng = rng or random.Random()
         self._default_policy = RetryPolicy(settings.retry_schedule_s)
         self._outcomes = OutcomeRecorder(settings, pool)
+        self._hooks = Hooks(default_hooks(settings) if hooks is None else hooks)
         self._accepted = 0
         # Per subscriber: deliveries held (queued or requesting) and its request slots.
         self._per_subscription: Counter[str] = Counter()
@@ -230,31 +234,20 @@ class Deliverer:
             log.warning("hand_back_failed", delivery_id=job.delivery_id, error=repr(exc)[:200])
 
     async def _attempt(self, job: Job, request_done: Callable[[], None]) -> None:
+        """Sign, post, decide, record; the hooks see each step."""
         sub = job.subscription
         started_at = datetime.now(UTC)
         headers = webhook_headers(
             sub.signing_keys(started_at), job.event_id, int(time.time()), job.body
         )
-        span = None  # tracing off: the stored traceparent goes to the subscriber as is
-        if tracing.tracer is not None:  # the attempt's span, a child of the producer's
-            span = tracing.start_attempt(
-                headers,
-                traceparent=job.traceparent,
-                body=job.body,
-                subscription_id=sub.id,
-                attempt=job.attempt,
-            )
-        elif job.traceparent:
-            headers["traceparent"] = job.traceparent
+        attempt = Attempt(job, started_at, headers)
+        self._hooks.before_attempt(attempt)
         try:
             result = await self._sender.post(sub.url, headers, job.body, timeout_s=sub.timeout_s)
         except BaseException as exc:  # cancelled at the drain deadline: handed back
-            if span is not None:
-                tracing.end_attempt(span, outcome="handed_back", status=None, error=repr(exc))
+            self._hooks.on_handed_back(attempt, exc)
             raise
         request_done()
-        metrics.ATTEMPT_DURATION.observe(result.duration_s)
-        self._crash_if("after_post")
         policy = RetryPolicy(sub.retry_schedule_s) if sub.retry_schedule_s else self._default_policy
         decision = decide(
             status=result.status,
@@ -264,42 +257,8 @@ class Deliverer:
             policy=policy,
             rng=self._rng,
         )
-        if span is not None:
-            tracing.end_attempt(
-                span, outcome=decision.outcome.value, status=result.status, error=result.error
-            )
+        self._hooks.after_response(attempt, result, decision)
         await self._outcomes.record(
             AttemptOutcome(job.delivery_id, sub.id, job.attempt, started_at, result, decision)
         )
-        self._crash_if("after_record")
-        metrics.ATTEMPTS.labels(decision.outcome.value).inc()
-        if decision.outcome is Outcome.DELIVERED and job.created_at_s is not None:
-            metrics.END_TO_END.observe(max(0.0, time.time() - job.created_at_s))
-        elif decision.outcome is Outcome.RETRY:
-            metrics.RETRIES_SCHEDULED.inc()
-        elif decision.outcome in (Outcome.EXHAUSTED, Outcome.PERMANENT, Outcome.GONE):
-            metrics.DEAD_LETTERS.labels(decision.outcome.value).inc()
-        context = {
-            "event_id": job.event_id,
-            "subscription_id": sub.id,
-            "attempt": job.attempt,
-            "outcome": decision.outcome.value,
-            "status": result.status,
-            "duration_ms": round(result.duration_s * 1000, 1),
-        }
-        if decision.outcome is Outcome.DELIVERED:
-            log.debug("attempt", **context)
-        else:
-            delay_s = decision.delay_s
-            log.info(
-                "attempt_failed",
-                **context,
-                error=result.error,
-                next_attempt_in_s=None if delay_s is None else round(delay_s, 1),
-            )
-
-    def _crash_if(self, point: str) -> None:
-        # Test-only fault injection for the crash-recovery tests; off unless set explicitly.
-        if self._settings.dangerous_crash_point == point:
-            log.warning("dangerous_crash_point_reached", point=point)
-            os._exit(137)
+        self._hooks.after_attempt(attempt, result, decision)
