@@ -206,8 +206,8 @@ async def test_a_batch_whose_commit_fails_is_nacked_with_its_capacity_given_back
             assert await fault_hits(conn, "inbox") == 1
             assert await conn.fetchval("SELECT count(*) FROM delivery.deliveries") == 0
             # and the deliverer has all of its capacity back (the batch had reserved two slots)
-            assert w.deliverer.free_slots() == settings.max_in_flight
-            assert w.deliverer.free_slots_by_subscription() == {}
+            assert w.deliverer.capacity.free_slots() == settings.max_in_flight
+            assert w.deliverer.capacity.free_slots_by_subscription() == {}
             # and the message went back to the broker (nacked: neither acked nor held)
             again = await get_message(topology)
             assert again.redelivered
@@ -221,7 +221,7 @@ async def test_a_batch_whose_commit_fails_is_nacked_with_its_capacity_given_back
                 what="both events delivered",
             )
             await wait_until(
-                lambda: w.deliverer.free_slots() == settings.max_in_flight,
+                lambda: w.deliverer.capacity.free_slots() == settings.max_in_flight,
                 timeout_s=30,
                 what="the slots of the finished attempts",
             )
@@ -335,7 +335,7 @@ async def test_an_attempt_whose_outcome_cannot_be_recorded_is_handed_back_and_se
             await w.dispatcher.dispatch_batch([await get_message(topology)], w.stop)
             await receiver.wait_for(lambda r: len(r.arrivals) == 1, timeout_s=30, what="a POST")
             await wait_until(
-                lambda: w.deliverer.free_slots() == settings.max_in_flight,
+                lambda: w.deliverer.capacity.free_slots() == settings.max_in_flight,
                 timeout_s=30,
                 what="the crashed attempt to finish",
             )

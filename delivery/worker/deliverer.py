@@ -1,12 +1,9 @@
 """Runs webhook attempts with bounded concurrency and records each outcome durably.
 
-Capacity is accounted when work is *accepted*: at most ``max_in_flight`` deliveries per process,
-and per subscriber ``per_subscription_max_in_flight`` concurrent requests plus
-``per_subscription_max_queued`` deliveries waiting locally for one of them. Work beyond that is
-never taken from PostgreSQL, so a slow subscriber occupies at most its own share and the rest
-keep flowing, while a fast one's request slots are refilled without a claim per finished POST.
-What surrounds an attempt (metrics, the trace span, the log line) is a hook
-(``delivery.worker.hooks``).
+A job arrives with its :class:`~delivery.worker.capacity.Reservation` and owns it from then on:
+the subscriber's share and request slot are given back when the POST returns, the process
+share when the outcome is committed (or the delivery handed back). What surrounds an attempt
+(metrics, the trace span, the log line) is a hook (``delivery.worker.hooks``).
 """
 
 from __future__ import annotations
@@ -14,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import asyncpg
@@ -25,8 +21,9 @@ from delivery.ops import metrics
 from delivery.settings import Settings
 from delivery.signing import webhook_headers
 from delivery.store.pool import with_retries
+from delivery.worker.capacity import Capacity, Reservation
 from delivery.worker.hooks import Attempt, AttemptHook, Hooks, default_hooks
-from delivery.worker.jobs import Job, lease_for, subscription_hold_cap
+from delivery.worker.jobs import Job, lease_for
 from delivery.worker.outcomes import AttemptOutcome, OutcomeRecorder
 from delivery.worker.retry import RetryPolicy, decide
 from delivery.worker.sender import Sender
@@ -60,6 +57,7 @@ class Deliverer:
         pool: asyncpg.Pool,
         sender: Sender,
         *,
+        capacity: Capacity | None = None,
         hooks: Sequence[AttemptHook] | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -69,81 +67,22 @@ class Deliverer:
         self._rng = rng or random.Random()
         self._default_policy = RetryPolicy(settings.retry_schedule_s)
         self._outcomes = OutcomeRecorder(settings, pool)
+        #: What this process may hold; dispatch and the scheduler reserve from it.
+        self.capacity = capacity or Capacity.from_settings(settings)
         self._hooks = Hooks(default_hooks(settings) if hooks is None else hooks)
-        self._accepted = 0
-        # Per subscriber: deliveries held (queued or requesting) and its request slots.
-        self._per_subscription: Counter[str] = Counter()
-        self._request_slots: dict[str, asyncio.Semaphore] = {}
-        self._subscription_cap = subscription_hold_cap(settings)
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._leases: dict[int, float] = {}  # delivery id -> lease seconds, while held here
-        self._closed = False
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self.on_slot_freed: Callable[[], None] = lambda: None
 
-    # -- capacity ---------------------------------------------------------------------------
-
-    def free_slots(self) -> int:
-        return 0 if self._closed else max(0, self._settings.max_in_flight - self._accepted)
-
-    def subscription_cap(self) -> int:
-        """Deliveries of one subscription this process may hold (requesting or queued)."""
-        return self._subscription_cap
-
-    def free_slots_by_subscription(self) -> dict[str, int]:
-        """Free slots of each subscription with work held here (others have the full cap)."""
-        cap = self._subscription_cap
-        return {s: max(0, cap - n) for s, n in self._per_subscription.items()}
-
-    def saturated_subscriptions(self) -> list[str]:
-        cap = self._subscription_cap
-        return [s for s, n in self._per_subscription.items() if n >= cap]
-
-    def try_reserve(self, subscription_id: str) -> bool:
-        if self._closed or self._accepted >= self._settings.max_in_flight:
-            return False
-        if self._per_subscription[subscription_id] >= self._subscription_cap:
-            return False
-        self._accepted += 1
-        self._per_subscription[subscription_id] += 1
-        if subscription_id not in self._request_slots:
-            self._request_slots[subscription_id] = asyncio.Semaphore(
-                self._settings.per_subscription_max_in_flight
-            )
-        self._idle.clear()
-        return True
-
-    def release(self, subscription_id: str) -> None:
-        """Give back both shares of a reservation."""
-        self._release_subscription(subscription_id)
-        self._release_process()
-
-    def _release_subscription(self, subscription_id: str) -> None:
-        self._per_subscription[subscription_id] -= 1
-        if self._per_subscription[subscription_id] <= 0:
-            # Nobody holds or waits for its request slots any more.
-            del self._per_subscription[subscription_id]
-            self._request_slots.pop(subscription_id, None)
-        self.on_slot_freed()
-
-    def _release_process(self) -> None:
-        self._accepted -= 1
-        if self._accepted == 0:
-            self._idle.set()
-        self.on_slot_freed()
-
-    # -- running ----------------------------------------------------------------------------
-
-    def submit(self, job: Job) -> None:
-        """Start a reserved job. After shutdown began, the lease is handed back instead."""
-        if self._tg is None or self._closed:
-            self.release(job.subscription.id)
+    def submit(self, job: Job, reservation: Reservation) -> None:
+        """Start a job with the reservation handed over for it (the deliverer gives it back).
+        After shutdown began, the lease is handed back instead."""
+        if self._tg is None or self.capacity.closed:
+            reservation.release()
             log.info("delivery_handed_back", delivery_id=job.delivery_id)
             return
         self._leases[job.delivery_id] = lease_for(self._settings, job.subscription)
-        task = self._tg.create_task(self._run_job(job))
+        task = self._tg.create_task(self._run_job(job, reservation))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -154,17 +93,17 @@ class Deliverer:
             self._tg = tg
             renewer = tg.create_task(self._renew_leases())
             await stop.wait()
-            self._closed = True
+            self.capacity.close()
             deadline = self._settings.shutdown_timeout_s
-            drained = asyncio.create_task(self._idle.wait())
+            drained = asyncio.create_task(self.capacity.idle.wait())
             forced = asyncio.create_task(force.wait())
             _done, pending = await asyncio.wait(
                 {drained, forced}, timeout=deadline, return_when=asyncio.FIRST_COMPLETED
             )
             for task in pending:
                 task.cancel()
-            if not self._idle.is_set():
-                log.warning("drain_deadline_passed", in_flight=self._accepted)
+            if not self.capacity.idle.is_set():
+                log.warning("drain_deadline_passed", in_flight=self.capacity.held)
                 for job_task in list(self._tasks):
                     job_task.cancel()
             renewer.cancel()
@@ -182,34 +121,21 @@ class Deliverer:
             except Exception as exc:  # PostgreSQL away: the leases may lapse, as after a crash
                 log.warning("lease_renewal_failed", held=len(ids), error=repr(exc)[:200])
 
-    async def _run_job(self, job: Job) -> None:
+    async def _run_job(self, job: Job, reservation: Reservation) -> None:
         # The subscriber's share (a request slot, and its place among the work held for it) is
         # given back as soon as the POST returns; the process share (and the lease) are held
         # until the outcome is committed, so nothing is attempted twice and memory stays bounded.
-        sub_id = job.subscription.id
-        slots = self._request_slots[sub_id]
-        holding = [True, False]  # [subscription share, request slot]
-
-        def request_done() -> None:
-            if holding[1]:
-                holding[1] = False
-                slots.release()
-            if holding[0]:
-                holding[0] = False
-                self._release_subscription(sub_id)
-
         metrics.IN_FLIGHT.inc()
         try:
-            await slots.acquire()
-            holding[1] = True
-            if self._closed:
+            await reservation.request_slot()
+            if self.capacity.closed:
                 # Draining: queued work goes back to PostgreSQL for another worker instead of
                 # starting a request the deadline may cut.
-                request_done()
+                reservation.end_request()
                 await self._hand_back(job)
                 log.info("delivery_handed_back", delivery_id=job.delivery_id)
                 return
-            await self._attempt(job, request_done)
+            await self._attempt(job, reservation)
         except asyncio.CancelledError:
             # Shutdown deadline: give the delivery back so another worker retries it now.
             # The subscriber may have received it; the retry carries the same webhook-id.
@@ -221,8 +147,7 @@ class Deliverer:
         finally:
             self._leases.pop(job.delivery_id, None)
             metrics.IN_FLIGHT.dec()
-            request_done()
-            self._release_process()
+            reservation.release()
 
     async def _hand_back(self, job: Job) -> None:
         self._leases.pop(job.delivery_id, None)  # never renewed again once given back
@@ -233,7 +158,7 @@ class Deliverer:
         except Exception as exc:  # the lease then simply expires
             log.warning("hand_back_failed", delivery_id=job.delivery_id, error=repr(exc)[:200])
 
-    async def _attempt(self, job: Job, request_done: Callable[[], None]) -> None:
+    async def _attempt(self, job: Job, reservation: Reservation) -> None:
         """Sign, post, decide, record; the hooks see each step."""
         sub = job.subscription
         started_at = datetime.now(UTC)
@@ -247,7 +172,7 @@ class Deliverer:
         except BaseException as exc:  # cancelled at the drain deadline: handed back
             self._hooks.on_handed_back(attempt, exc)
             raise
-        request_done()
+        reservation.end_request()
         policy = RetryPolicy(sub.retry_schedule_s) if sub.retry_schedule_s else self._default_policy
         decision = decide(
             status=result.status,

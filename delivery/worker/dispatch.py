@@ -4,7 +4,8 @@ A batch of messages is one statement: the inbox row (idempotency: a redelivered 
 row and creates nothing), and one delivery row per (event, subscription). Messages are acked only
 after it commits, so the outcome is durable first. Deliveries this process has capacity
 for are leased to it in the same insert and attempted at once; the rest wait in PostgreSQL for
-the scheduler.
+the scheduler. The capacity is reserved before the statement (whose retries keep it) and given
+back by the reservations' ``with`` block unless the deliverer took it over.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from delivery.ops.health import Health
 from delivery.settings import Settings
 from delivery.store.pool import is_connection_error, with_retries
 from delivery.store.subscriptions import Subscription, select_list
+from delivery.worker.capacity import Reservation, Reservations
 from delivery.worker.deliverer import Deliverer
 from delivery.worker.jobs import Job, lease_for
 from delivery.worker.scheduler import Scheduler
@@ -75,7 +77,7 @@ class QueueMissingError(RuntimeError):
 class _Pair:
     event: WireEvent
     subscription: Subscription
-    leased: bool
+    reservation: Reservation | None  # attempted at once: leased to this process
     dead: bool  # the subscription is disabled: kept as a dead letter, never attempted
 
 
@@ -91,6 +93,7 @@ class Dispatcher:
         self._settings = settings
         self._pool = pool
         self._deliverer = deliverer
+        self._capacity = deliverer.capacity
         self._scheduler = scheduler
         self._health = health
         self._names = Names(settings.amqp_prefix)
@@ -190,111 +193,71 @@ class Dispatcher:
                 accepted.append(message)
         if not parsed:
             return
-        pairs: list[_Pair] = []
         if self._settings.dangerous_ack_before_commit:
             for message in accepted:
                 await _settle(message.ack())
-        try:
-            committed = await self._commit(parsed, accepted, pairs, stop)
-            if committed is None:
-                return
-            created, fresh = committed
-            if not self._settings.dangerous_ack_before_commit:
-                for message in accepted:
-                    await _settle(message.ack())
-        except BaseException:
-            # Cancelled between reserving the deliverer's capacity and handing it the jobs (the
-            # supervisor restarts dispatch when its AMQP connection dies mid-batch): give the
-            # reservations back, or each such restart leaks slots until the process takes no
-            # more work. The rows stay leased until their lease ends; the scheduler takes them.
-            for pair in pairs:
-                if pair.leased:
-                    self._deliverer.release(pair.subscription.id)
-            pairs.clear()
-            raise
-        metrics.EVENTS_DISPATCHED.inc(fresh)
-        metrics.DUPLICATES_ABSORBED.inc(len({e.facts.id for e in parsed}) - fresh)
-        self._start_attempts(pairs, created)
-
-    async def _commit(
-        self,
-        parsed: list[WireEvent],
-        messages: list[AbstractIncomingMessage],
-        pairs: list[_Pair],
-        stop: asyncio.Event,
-    ) -> tuple[dict[tuple[str, str], int], int] | None:
-        """Commit the batch's inbox and delivery rows; ``None`` if it was handed back."""
         while True:
-            try:
-                return await with_retries(
-                    self._pool,
-                    lambda conn: self._record(conn, parsed, pairs),
-                    what="dispatch",
-                    deadline_s=_DB_RETRY_DEADLINE_S,
-                    transaction=False,
-                )
-            except Exception as exc:
-                for pair in pairs:
-                    if pair.leased:
-                        self._deliverer.release(pair.subscription.id)
-                pairs.clear()
-                if not (is_connection_error(exc) and not stop.is_set()):
-                    # Not acked: the broker redelivers them (to us or another worker) later.
-                    log.exception("dispatch_failed", messages=len(messages), events=len(parsed))
+            # Whatever the deliverer did not take over is given back at the end of the block:
+            # after a failed commit, a cancellation (the supervisor restarts dispatch when its
+            # AMQP connection dies mid-batch), or for a pair that created no delivery.
+            with self._capacity.reservations() as held:
+                try:
+                    pairs, created, fresh = await self._commit(parsed, held)
+                except Exception as exc:
+                    if not await self._hold_for_database(exc, parsed, accepted, stop):
+                        return
+                else:
                     if not self._settings.dangerous_ack_before_commit:
-                        for message in messages:
-                            await _settle(message.nack(requeue=True))
-                    return None
-                # PostgreSQL is away: hold the batch (unacked, bounded by the prefetch) and
-                # keep trying. A nack would count toward x-delivery-limit, and a long outage
-                # would turn healthy events into poison messages.
-                self._health.set("dispatch", False)
-                log.warning("dispatch_waiting_for_database", error=repr(exc)[:200])
+                        for message in accepted:
+                            await _settle(message.ack())
+                    metrics.EVENTS_DISPATCHED.inc(fresh)
+                    metrics.DUPLICATES_ABSORBED.inc(len({e.facts.id for e in parsed}) - fresh)
+                    self._start_attempts(pairs, created, held)
+                    return
             await wait_any(stop, timeout_s=_DB_PAUSE_S)
 
-    def _start_attempts(self, pairs: list[_Pair], created: dict[tuple[str, str], int]) -> None:
-        """Attempt the deliveries leased to us now; tell the scheduler about the others."""
-        backlog = False
-        for pair in pairs:
-            delivery_id = created.get((pair.event.facts.id, pair.subscription.id))
-            if pair.dead:
-                continue
-            if not pair.leased:
-                backlog = backlog or delivery_id is not None
-                continue
-            if delivery_id is None:
-                self._deliverer.release(pair.subscription.id)
-                continue
-            self._deliverer.submit(
-                Job(
-                    delivery_id=delivery_id,
-                    event_id=pair.event.facts.id,
-                    subscription=pair.subscription,
-                    body=pair.event.body,
-                    attempt=1,
-                    created_at_s=pair.event.created_at_s,
-                    traceparent=pair.event.traceparent,
-                )
-            )
-        if backlog:
-            self._scheduler.note_backlog()
-
-    async def _record(
+    async def _hold_for_database(
         self,
-        conn: asyncpg.Connection,
+        exc: Exception,
         parsed: list[WireEvent],
-        pairs: list[_Pair],
-    ) -> tuple[dict[tuple[str, str], int], int]:
-        # A retried attempt starts over: give back reservations of the failed try.
-        for pair in pairs:
-            if pair.leased:
-                self._deliverer.release(pair.subscription.id)
-        pairs.clear()
-        subscriptions = [Subscription.from_row(r) for r in await conn.fetch(_SUBSCRIPTIONS)]
+        messages: list[AbstractIncomingMessage],
+        stop: asyncio.Event,
+    ) -> bool:
+        """After a failed commit: ``True`` to hold the batch and try again, ``False`` once it
+        was handed back to the broker."""
+        if not (is_connection_error(exc) and not stop.is_set()):
+            # Not acked: the broker redelivers them (to us or another worker) later.
+            log.exception("dispatch_failed", messages=len(messages), events=len(parsed))
+            if not self._settings.dangerous_ack_before_commit:
+                for message in messages:
+                    await _settle(message.nack(requeue=True))
+            return False
+        # PostgreSQL is away: hold the batch (unacked, bounded by the prefetch) and keep
+        # trying. A nack would count toward x-delivery-limit, and a long outage would turn
+        # healthy events into poison messages.
+        self._health.set("dispatch", False)
+        log.warning("dispatch_waiting_for_database", error=repr(exc)[:200])
+        return True
+
+    async def _commit(
+        self, parsed: list[WireEvent], held: Reservations
+    ) -> tuple[list[_Pair], dict[tuple[str, str], int], int]:
+        """Match the batch's events to the subscriptions, reserve capacity for the deliveries to
+        attempt at once, and commit the inbox and delivery rows (a retry keeps the reservations).
+        Pairs of an event the inbox has seen before create nothing."""
+        rows = await with_retries(
+            self._pool,
+            lambda conn: conn.fetch(_SUBSCRIPTIONS),
+            what="dispatch",
+            deadline_s=_DB_RETRY_DEADLINE_S,
+            transaction=False,
+        )
+        subscriptions = [Subscription.from_row(r) for r in rows]
         first: dict[str, WireEvent] = {}
         for event in parsed:  # a repeat inside the batch is the same event
             first.setdefault(event.facts.id, event)
         events = list(first.values())
+        pairs: list[_Pair] = []
         for event in events:
             facts = event.facts
             for sub in subscriptions:
@@ -302,24 +265,56 @@ class Dispatcher:
                     continue
                 active = sub.state == "active"
                 # An open circuit's deliveries wait in PostgreSQL for the scheduler's probe.
-                leased = active and not sub.circuit_open and self._deliverer.try_reserve(sub.id)
-                pairs.append(_Pair(event, sub, leased, dead=not active))
-        # Pairs of an event the inbox has seen before create nothing: their reservations are
-        # given back by the caller, like any pair without a delivery id.
-        rows = await conn.fetch(
-            _RECORD,
+                attempt_now = active and not sub.circuit_open
+                reservation = held.reserve(sub.id) if attempt_now else None
+                pairs.append(_Pair(event, sub, reservation, dead=not active))
+        arrays = (
             [e.facts.id for e in events],
             [p.event.facts.id for p in pairs],
             [p.subscription.id for p in pairs],
-            [p.leased for p in pairs],
+            [p.reservation is not None for p in pairs],
             [p.dead for p in pairs],
             [lease_for(self._settings, p.subscription) for p in pairs],
+        )
+        rows = await with_retries(
+            self._pool,
+            lambda conn: conn.fetch(_RECORD, *arrays),
+            what="dispatch",
+            deadline_s=_DB_RETRY_DEADLINE_S,
+            transaction=False,
         )
         fresh = sum(1 for r in rows if r["fresh"])
         created = {
             (r["event_id"], r["subscription_id"]): r["id"] for r in rows if r["id"] is not None
         }
-        return created, fresh
+        return pairs, created, fresh
+
+    def _start_attempts(
+        self, pairs: list[_Pair], created: dict[tuple[str, str], int], held: Reservations
+    ) -> None:
+        """Attempt the deliveries leased to us now; tell the scheduler about the others."""
+        backlog = False
+        for pair in pairs:
+            delivery_id = created.get((pair.event.facts.id, pair.subscription.id))
+            if pair.dead:
+                continue
+            if pair.reservation is None:
+                backlog = backlog or delivery_id is not None
+                continue
+            if delivery_id is None:
+                continue  # its reservation is given back with the batch's
+            job = Job(
+                delivery_id=delivery_id,
+                event_id=pair.event.facts.id,
+                subscription=pair.subscription,
+                body=pair.event.body,
+                attempt=1,
+                created_at_s=pair.event.created_at_s,
+                traceparent=pair.event.traceparent,
+            )
+            self._deliverer.submit(job, held.hand_over(pair.reservation))
+        if backlog:
+            self._scheduler.note_backlog()
 
     async def _reject_poison(self, message: AbstractIncomingMessage, reason: str) -> None:
         # Not requeued: the dead-letter exchange routes it to the dead-letter queue, where it is
