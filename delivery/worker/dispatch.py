@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
-import aio_pika
 import asyncpg
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
@@ -22,6 +21,7 @@ from aio_pika.exceptions import ChannelInvalidStateError
 
 from delivery.aio import wait_any
 from delivery.broker.connection import SETUP_TIMEOUT_S, connect, is_connected
+from delivery.broker.depths import watch_depths
 from delivery.broker.topology import Names, declare
 from delivery.broker.wire import WireEvent, decode, event_count
 from delivery.ops import metrics
@@ -38,7 +38,6 @@ log = structlog.get_logger("delivery.dispatch")
 
 _DB_RETRY_DEADLINE_S = 30.0
 _DB_PAUSE_S = 2.0
-_DEPTHS_EVERY_S = 5.0
 
 _SUBSCRIPTIONS = f"SELECT {select_list('s', '')} FROM delivery.subscriptions s"
 # The inbox rows and the deliveries of the events that were new to it, in one statement (atomic
@@ -69,10 +68,6 @@ SELECT event_id, NULL, id, subscription_id FROM created
 """
 
 
-class QueueMissingError(RuntimeError):
-    """A queue we consume from was deleted while we ran."""
-
-
 @dataclass(frozen=True, slots=True)
 class _Pair:
     event: WireEvent
@@ -97,7 +92,7 @@ class Dispatcher:
         self._scheduler = scheduler
         self._health = health
         self._names = Names(settings.amqp_prefix)
-        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._received: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._arrived = asyncio.Event()
         self._connection: AbstractRobustConnection | None = None
         self._queue: AbstractQueue | None = None
@@ -106,8 +101,8 @@ class Dispatcher:
     async def run(self, stop: asyncio.Event) -> None:
         # After a restart by the supervisor, messages of the old channel cannot be acked; the
         # broker has requeued them already.
-        while not self._inbox.empty():
-            self._inbox.get_nowait()
+        while not self._received.empty():
+            self._received.get_nowait()
         self._connection = await connect(self._settings.amqp_url, name="delivery-worker", stop=stop)
         try:
             async with asyncio.timeout(SETUP_TIMEOUT_S):
@@ -120,7 +115,7 @@ class Dispatcher:
                 tag = await topology.dispatch.consume(self._on_message)
             self._health.set("dispatch", True)
             async with asyncio.TaskGroup() as tg:
-                depths = tg.create_task(self._watch_depths(stop))
+                depths = tg.create_task(watch_depths(self._connection, self._names, stop))
                 await self._loop(stop)
                 depths.cancel()
             # Drain: stop taking work, hand back what we hold but have not dispatched.
@@ -131,53 +126,26 @@ class Dispatcher:
             self._health.set("dispatch", False)
             await self._connection.close()
 
-    async def _watch_depths(self, stop: asyncio.Event) -> None:
-        """Queue depths for the dashboard, by passive declare on a channel of their own (a
-        failed passive declare closes its channel)."""
-        assert self._connection is not None
-        names = {"dispatch": self._names.dispatch_queue, "dead": self._names.dead_queue}
-        while not stop.is_set():
-            if is_connected(self._connection):
-                channel = await self._connection.channel()
-                try:
-                    for label, name in names.items():
-                        queue = await channel.declare_queue(name, passive=True)
-                        count = queue.declaration_result.message_count
-                        metrics.QUEUE_DEPTH.labels(label).set(count or 0)
-                except aio_pika.exceptions.ChannelNotFoundEntity:
-                    # Deleted at run time: our consumer went with it. Failing here makes the
-                    # supervisor start the dispatcher again, which declares and consumes anew.
-                    raise QueueMissingError(name) from None
-                except Exception as exc:
-                    log.debug("queue_depth_failed", error=repr(exc)[:200])
-                finally:
-                    with contextlib.suppress(Exception):
-                        await channel.close()
-            await wait_any(stop, timeout_s=_DEPTHS_EVERY_S)
-
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        self._inbox.put_nowait(message)
+        self._received.put_nowait(message)
         self._arrived.set()
 
     async def _loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self._arrived.clear()
-            if self._inbox.empty():
-                self._health.set("dispatch", not self._connection_broken())
+            if self._received.empty():
+                self._health.set("dispatch", is_connected(self._connection))
                 await wait_any(stop, self._arrived, timeout_s=1.0)
                 continue
             # A batch is up to dispatch_batch_size events, whether they came one per message or
             # packed (a pack is never split: it is acked as one).
             batch: list[AbstractIncomingMessage] = []
             events = 0
-            while not self._inbox.empty() and events < self._settings.dispatch_batch_size:
-                message = self._inbox.get_nowait()
+            while not self._received.empty() and events < self._settings.dispatch_batch_size:
+                message = self._received.get_nowait()
                 batch.append(message)
                 events += event_count(message)
             await self.dispatch_batch(batch, stop)
-
-    def _connection_broken(self) -> bool:
-        return not is_connected(self._connection)
 
     async def dispatch_batch(
         self, messages: list[AbstractIncomingMessage], stop: asyncio.Event
@@ -324,8 +292,8 @@ class Dispatcher:
         await _settle(message.reject(requeue=False))
 
     async def _hand_back_unprocessed(self) -> None:
-        while not self._inbox.empty():
-            await _settle(self._inbox.get_nowait().nack(requeue=True))
+        while not self._received.empty():
+            await _settle(self._received.get_nowait().nack(requeue=True))
 
 
 async def _settle(answer: object) -> None:

@@ -230,7 +230,7 @@ class Scheduler:
         return await with_retries(self._pool, due, deadline_s=10, what="saturated_due")
 
     async def claim_once(self, limit: int) -> int:
-        busy = self._capacity.free_slots_by_subscription()
+        free_by_subscription = self._capacity.free_slots_by_subscription()
 
         async def claim(conn: asyncpg.Connection) -> list[asyncpg.Record]:
             await conn.execute(_INDEX_ORDER)
@@ -240,8 +240,8 @@ class Scheduler:
                 self._capacity.saturated_subscriptions(),
                 self._settings.delivery_lease_s,
                 self._capacity.subscription_cap,
-                list(busy),
-                list(busy.values()),
+                list(free_by_subscription),
+                list(free_by_subscription.values()),
                 self._settings.http_timeout_s,
                 lease_per_timeout(self._settings),
             )
