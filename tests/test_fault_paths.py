@@ -309,6 +309,48 @@ async def test_a_batch_is_held_not_nacked_while_the_database_is_unreachable(sett
     await conn.close()
 
 
+async def test_a_batch_committed_after_the_drain_began_hands_its_leases_back(settings):
+    conn = await asyncpg.connect(settings.database_url)
+    blocker = await asyncpg.connect(settings.database_url)
+    async with Receiver() as receiver:
+        await add_subscription(conn, receiver, "/h", patterns="*")
+        await publish_many(conn, [trade(1, id="evt_late")])
+        async with broker(settings) as (_channel, topology), worker(settings) as w:
+            await relay_outbox(conn, topology)
+            message = await get_message(topology)
+            capacity = w.deliverer.capacity
+            # Given a batch that reserved its capacity and waits for its commit (the inbox is
+            # locked)
+            lock = blocker.transaction()
+            await lock.start()
+            await blocker.execute("LOCK TABLE delivery.inbox IN EXCLUSIVE MODE")
+            batch = asyncio.create_task(w.dispatcher.dispatch_batch([message], asyncio.Event()))
+            await wait_until(lambda: capacity.held == 1, timeout_s=30, what="the reservation")
+            # When the drain begins before the commit, and the commit then goes through
+            w.stop.set()
+            await wait_until(lambda: capacity.closed, timeout_s=30, what="the drain")
+            await lock.rollback()
+            await asyncio.wait_for(batch, 30)
+            # Then the leased delivery goes back to PostgreSQL at once, unattempted (not held
+            # until its lease ends)
+            await wait_until(
+                lambda: conn.fetchval(
+                    "SELECT lease_until IS NULL FROM delivery.deliveries"
+                    " WHERE event_id = 'evt_late'"
+                ),
+                timeout_s=30,
+                what="the lease handed back",
+            )
+            row = await conn.fetchrow("SELECT state, attempts FROM delivery.deliveries")
+            assert row is not None and (row["state"], row["attempts"]) == ("pending", 0)
+            await wait_until(capacity.idle.is_set, timeout_s=30, what="drained")
+            # and the message was acked after its commit
+            assert await topology.dispatch.get(timeout=5, fail=False) is None
+        assert receiver.arrivals == []
+    await blocker.close()
+    await conn.close()
+
+
 # -- 2. an attempt whose outcome cannot be recorded ---------------------------------------------
 
 _EVENT_OF_ATTEMPT = (

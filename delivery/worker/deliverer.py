@@ -76,8 +76,8 @@ class Deliverer:
 
     def submit(self, job: Job, reservation: Reservation) -> None:
         """Start a job with the reservation handed over for it (the deliverer gives it back).
-        After shutdown began, the lease is handed back instead."""
-        if self._tg is None or self.capacity.closed:
+        After shutdown began, its task hands the lease back instead."""
+        if self._tg is None:  # not running: nobody could hand it back, its lease ends on its own
             reservation.release()
             log.info("delivery_handed_back", delivery_id=job.delivery_id)
             return
@@ -91,23 +91,25 @@ class Deliverer:
         shutdown timeout (or until ``force``), then cancel the rest, handing their leases back."""
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
-            renewer = tg.create_task(self._renew_leases())
-            await stop.wait()
-            self.capacity.close()
-            deadline = self._settings.shutdown_timeout_s
-            drained = asyncio.create_task(self.capacity.idle.wait())
-            forced = asyncio.create_task(force.wait())
-            _done, pending = await asyncio.wait(
-                {drained, forced}, timeout=deadline, return_when=asyncio.FIRST_COMPLETED
-            )
-            for task in pending:
-                task.cancel()
-            if not self.capacity.idle.is_set():
-                log.warning("drain_deadline_passed", in_flight=self.capacity.held)
-                for job_task in list(self._tasks):
-                    job_task.cancel()
-            renewer.cancel()
-        self._tg = None
+            try:
+                renewer = tg.create_task(self._renew_leases())
+                await stop.wait()
+                self.capacity.close()
+                deadline = self._settings.shutdown_timeout_s
+                drained = asyncio.create_task(self.capacity.idle.wait())
+                forced = asyncio.create_task(force.wait())
+                _done, pending = await asyncio.wait(
+                    {drained, forced}, timeout=deadline, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in pending:
+                    task.cancel()
+                if not self.capacity.idle.is_set():
+                    log.warning("drain_deadline_passed", in_flight=self.capacity.held)
+                    for job_task in list(self._tasks):
+                        job_task.cancel()
+                renewer.cancel()
+            finally:
+                self._tg = None  # the group is closing: submit starts no task in it now
 
     async def _renew_leases(self) -> None:
         every_s = self._settings.delivery_lease_s / _RENEWALS_PER_LEASE
@@ -127,10 +129,11 @@ class Deliverer:
         # until the outcome is committed, so nothing is attempted twice and memory stays bounded.
         metrics.IN_FLIGHT.inc()
         try:
-            await reservation.request_slot()
+            if not self.capacity.closed:  # draining: it goes back without waiting for a slot
+                await reservation.request_slot()
             if self.capacity.closed:
-                # Draining: queued work goes back to PostgreSQL for another worker instead of
-                # starting a request the deadline may cut.
+                # Draining: queued work (and work submitted since) goes back to PostgreSQL for
+                # another worker instead of starting a request the deadline may cut.
                 reservation.end_request()
                 await self._hand_back(job)
                 log.info("delivery_handed_back", delivery_id=job.delivery_id)
