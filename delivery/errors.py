@@ -16,7 +16,8 @@ Raised where: ``ConfigError`` by settings, migrations, tracing and the admin ser
 ``InputError`` by event, subscription and dead-letter validation and the CLI;
 ``PublishConflictError`` by ``delivery.outbox``; ``PoisonMessageError`` by the wire decoder
 (``delivery.broker.wire``, through ``delivery.events.routing_facts``);
-``SignatureError`` by ``delivery.signing.verify``; ``QueueMissingError`` by dispatch;
+``SignatureError`` by ``delivery.signing.verify``; ``QueueMissingError`` by the queue-depth
+watcher (``delivery.broker.depths``) that dispatch runs;
 ``StoppedBeforeConnected`` by ``delivery.broker.connection.connect``.
 
 Two kinds of error live elsewhere, on purpose. The dev tooling's ``ProvisionError`` (a

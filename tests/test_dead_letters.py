@@ -22,7 +22,7 @@ from delivery.settings import Settings
 from delivery.store import subscriptions
 from delivery.store.pool import create_pool
 from delivery.testing.receiver import Receiver
-from delivery.worker.outcomes import OutcomeRecorder, Recorded
+from delivery.worker.outcomes import AttemptOutcome, OutcomeRecorder
 from delivery.worker.retry import RetryPolicy, decide
 from delivery.worker.sender import AttemptResult
 
@@ -45,7 +45,7 @@ async def _deliveries(conn: asyncpg.Connection, sub_id: str, n: int) -> list[int
     return [r["id"] for r in rows]
 
 
-def _outcome(delivery_id: int, sub_id: str, status: int, attempt: int = 1) -> Recorded:
+def _outcome(delivery_id: int, sub_id: str, status: int, attempt: int = 1) -> AttemptOutcome:
     """The attempt's result turned into its decision by the real policy, as the deliverer does."""
     decision = decide(
         status=status,
@@ -55,7 +55,7 @@ def _outcome(delivery_id: int, sub_id: str, status: int, attempt: int = 1) -> Re
         policy=_POLICY,
         rng=random.Random(0),
     )
-    return Recorded(
+    return AttemptOutcome(
         delivery_id=delivery_id,
         subscription_id=sub_id,
         attempt=attempt,

@@ -40,7 +40,7 @@ from delivery.testing.receiver import Receiver
 from delivery.worker import dispatch as dispatch_module
 from delivery.worker.deliverer import Deliverer
 from delivery.worker.dispatch import Dispatcher
-from delivery.worker.outcomes import OutcomeRecorder, Recorded
+from delivery.worker.outcomes import AttemptOutcome, OutcomeRecorder
 from delivery.worker.retry import Decision, Outcome, RetryPolicy, decide
 from delivery.worker.scheduler import Scheduler
 from delivery.worker.sender import AttemptResult, Sender
@@ -206,8 +206,8 @@ async def test_a_batch_whose_commit_fails_is_nacked_with_its_capacity_given_back
             assert await fault_hits(conn, "inbox") == 1
             assert await conn.fetchval("SELECT count(*) FROM delivery.deliveries") == 0
             # and the deliverer has all of its capacity back (the batch had reserved two slots)
-            assert w.deliverer.free_slots() == settings.max_in_flight
-            assert w.deliverer.free_slots_by_subscription() == {}
+            assert w.deliverer.capacity.free_slots() == settings.max_in_flight
+            assert w.deliverer.capacity.free_slots_by_subscription() == {}
             # and the message went back to the broker (nacked: neither acked nor held)
             again = await get_message(topology)
             assert again.redelivered
@@ -221,7 +221,7 @@ async def test_a_batch_whose_commit_fails_is_nacked_with_its_capacity_given_back
                 what="both events delivered",
             )
             await wait_until(
-                lambda: w.deliverer.free_slots() == settings.max_in_flight,
+                lambda: w.deliverer.capacity.free_slots() == settings.max_in_flight,
                 timeout_s=30,
                 what="the slots of the finished attempts",
             )
@@ -309,6 +309,48 @@ async def test_a_batch_is_held_not_nacked_while_the_database_is_unreachable(sett
     await conn.close()
 
 
+async def test_a_batch_committed_after_the_drain_began_hands_its_leases_back(settings):
+    conn = await asyncpg.connect(settings.database_url)
+    blocker = await asyncpg.connect(settings.database_url)
+    async with Receiver() as receiver:
+        await add_subscription(conn, receiver, "/h", patterns="*")
+        await publish_many(conn, [trade(1, id="evt_late")])
+        async with broker(settings) as (_channel, topology), worker(settings) as w:
+            await relay_outbox(conn, topology)
+            message = await get_message(topology)
+            capacity = w.deliverer.capacity
+            # Given a batch that reserved its capacity and waits for its commit (the inbox is
+            # locked)
+            lock = blocker.transaction()
+            await lock.start()
+            await blocker.execute("LOCK TABLE delivery.inbox IN EXCLUSIVE MODE")
+            batch = asyncio.create_task(w.dispatcher.dispatch_batch([message], asyncio.Event()))
+            await wait_until(lambda: capacity.held == 1, timeout_s=30, what="the reservation")
+            # When the drain begins before the commit, and the commit then goes through
+            w.stop.set()
+            await wait_until(lambda: capacity.closed, timeout_s=30, what="the drain")
+            await lock.rollback()
+            await asyncio.wait_for(batch, 30)
+            # Then the leased delivery goes back to PostgreSQL at once, unattempted (not held
+            # until its lease ends)
+            await wait_until(
+                lambda: conn.fetchval(
+                    "SELECT lease_until IS NULL FROM delivery.deliveries"
+                    " WHERE event_id = 'evt_late'"
+                ),
+                timeout_s=30,
+                what="the lease handed back",
+            )
+            row = await conn.fetchrow("SELECT state, attempts FROM delivery.deliveries")
+            assert row is not None and (row["state"], row["attempts"]) == ("pending", 0)
+            await wait_until(capacity.idle.is_set, timeout_s=30, what="drained")
+            # and the message was acked after its commit
+            assert await topology.dispatch.get(timeout=5, fail=False) is None
+        assert receiver.arrivals == []
+    await blocker.close()
+    await conn.close()
+
+
 # -- 2. an attempt whose outcome cannot be recorded ---------------------------------------------
 
 _EVENT_OF_ATTEMPT = (
@@ -335,7 +377,7 @@ async def test_an_attempt_whose_outcome_cannot_be_recorded_is_handed_back_and_se
             await w.dispatcher.dispatch_batch([await get_message(topology)], w.stop)
             await receiver.wait_for(lambda r: len(r.arrivals) == 1, timeout_s=30, what="a POST")
             await wait_until(
-                lambda: w.deliverer.free_slots() == settings.max_in_flight,
+                lambda: w.deliverer.capacity.free_slots() == settings.max_in_flight,
                 timeout_s=30,
                 what="the crashed attempt to finish",
             )
@@ -395,9 +437,9 @@ async def test_an_outcome_that_cannot_be_committed_is_raised_to_its_attempt(sett
     )
     status = 200 if outcome is Outcome.DELIVERED else 503
 
-    def item(event_id: str) -> Recorded:
+    def item(event_id: str) -> AttemptOutcome:
         result = AttemptResult(status=status, error=None, duration_s=0.01)
-        return Recorded(ids[event_id], sub.id, 1, datetime.now(UTC), result, decision)
+        return AttemptOutcome(ids[event_id], sub.id, 1, datetime.now(UTC), result, decision)
 
     with pytest.raises(asyncpg.RaiseError, match="injected fault attempts"):
         await recorder.record(item("evt_fails"))

@@ -30,7 +30,7 @@ from delivery.testing.receiver import Arrival, Behaviour, Receiver
 from delivery.worker.deliverer import Deliverer
 from delivery.worker.dispatch import Dispatcher
 from delivery.worker.jobs import subscription_hold_cap
-from delivery.worker.outcomes import OutcomeRecorder, Recorded
+from delivery.worker.outcomes import AttemptOutcome, OutcomeRecorder
 from delivery.worker.retry import Decision, Outcome
 from delivery.worker.scheduler import Scheduler
 from delivery.worker.sender import AttemptResult, Sender
@@ -444,7 +444,7 @@ async def test_a_late_outcome_never_turns_a_recorded_success_back_into_a_retry(s
     recorder = OutcomeRecorder(settings, pool)
     now = datetime.now(UTC)
     await recorder.record(
-        Recorded(
+        AttemptOutcome(
             delivery_id,
             sub.id,
             1,
@@ -457,7 +457,7 @@ async def test_a_late_outcome_never_turns_a_recorded_success_back_into_a_retry(s
     before = dict(await conn.fetchrow(settled))
     assert before["state"] == "delivered"
     await recorder.record(
-        Recorded(
+        AttemptOutcome(
             delivery_id,
             sub.id,
             2,

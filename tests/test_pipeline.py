@@ -316,19 +316,19 @@ async def test_a_dispatch_cancelled_mid_batch_gives_its_capacity_back(settings):
         dispatcher = Dispatcher(
             settings, pool, deliverer, Scheduler(settings, pool, deliverer, health), health
         )
-        free = deliverer.free_slots()
+        free = deliverer.capacity.free_slots()
         blocker = await asyncpg.connect(settings.database_url)
         await blocker.execute("BEGIN; LOCK TABLE delivery.inbox IN EXCLUSIVE MODE")
         batch = asyncio.create_task(dispatcher.dispatch_batch([message], asyncio.Event()))
         await wait_until(
-            lambda: deliverer.free_slots() == free - 5,
+            lambda: deliverer.capacity.free_slots() == free - 5,
             timeout_s=10,
             what="the batch's reservations",
         )
         batch.cancel()
         with pytest.raises(asyncio.CancelledError):
             await batch
-        assert deliverer.free_slots() == free
+        assert deliverer.capacity.free_slots() == free
         await blocker.execute("ROLLBACK")
         await blocker.close()
     await pool.close()

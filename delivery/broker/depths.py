@@ -1,12 +1,24 @@
-"""Queue depths for ``delivery status`` (and the chaos suite's settle check): message counts by
-passive declare, on a connection of their own."""
+"""Queue depths, by passive declare: for ``delivery status`` (and the chaos suite's settle
+check) on a connection of their own, and for the dashboard from a running worker."""
 
 from __future__ import annotations
 
-import aio_pika
+import asyncio
+import contextlib
 
-from delivery.broker.connection import with_defaults
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractRobustConnection
+
+from delivery.aio import wait_any
+from delivery.broker.connection import is_connected, with_defaults
 from delivery.broker.topology import Names
+from delivery.errors import QueueMissingError
+from delivery.ops import metrics
+
+log = structlog.get_logger("delivery.dispatch")
+
+_DEPTHS_EVERY_S = 5.0
 
 
 async def queue_depths(amqp_url: str, names: Names) -> dict[str, int | None]:
@@ -35,3 +47,30 @@ async def queue_report(amqp_url: str | None, names: Names) -> dict[str, int | No
         return await queue_depths(amqp_url, names) if amqp_url else "DELIVERY_AMQP_URL not set"
     except Exception as exc:
         return f"unreachable: {type(exc).__name__}"
+
+
+async def watch_depths(
+    connection: AbstractRobustConnection, names: Names, stop: asyncio.Event
+) -> None:
+    """The queue-depth gauges of the dashboard, every few seconds until ``stop``, on a channel
+    of their own (a failed passive declare closes its channel). Raises ``QueueMissingError``
+    when a queue was deleted at run time."""
+    queues = {"dispatch": names.dispatch_queue, "dead": names.dead_queue}
+    while not stop.is_set():
+        if is_connected(connection):
+            channel = await connection.channel()
+            try:
+                for label, name in queues.items():
+                    queue = await channel.declare_queue(name, passive=True)
+                    count = queue.declaration_result.message_count
+                    metrics.QUEUE_DEPTH.labels(label).set(count or 0)
+            except aio_pika.exceptions.ChannelNotFoundEntity:
+                # Deleted at run time: our consumer went with it. Failing here makes the
+                # supervisor start the dispatcher again, which declares and consumes anew.
+                raise QueueMissingError(name) from None
+            except Exception as exc:
+                log.debug("queue_depth_failed", error=repr(exc)[:200])
+            finally:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+        await wait_any(stop, timeout_s=_DEPTHS_EVERY_S)

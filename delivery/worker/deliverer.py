@@ -1,32 +1,31 @@
 """Runs webhook attempts with bounded concurrency and records each outcome durably.
 
-Capacity is accounted when work is *accepted*: at most ``max_in_flight`` deliveries per process,
-and per subscriber ``per_subscription_max_in_flight`` concurrent requests plus
-``per_subscription_max_queued`` deliveries waiting locally for one of them. Work beyond that is
-never taken from PostgreSQL, so a slow subscriber occupies at most its own share and the rest
-keep flowing, while a fast one's request slots are refilled without a claim per finished POST.
+A job arrives with its :class:`~delivery.worker.capacity.Reservation` and owns it from then on:
+the subscriber's share and request slot are given back when the POST returns, the process
+share when the outcome is committed (or the delivery handed back). What surrounds an attempt
+(metrics, the trace span, the log line) is a hook (``delivery.worker.hooks``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
-from collections import Counter
-from collections.abc import Callable
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import asyncpg
 import structlog
 
-from delivery.ops import metrics, tracing
+from delivery.ops import metrics
 from delivery.settings import Settings
 from delivery.signing import webhook_headers
 from delivery.store.pool import with_retries
-from delivery.worker.jobs import Job, lease_for, subscription_hold_cap
-from delivery.worker.outcomes import OutcomeRecorder, Recorded
-from delivery.worker.retry import Outcome, RetryPolicy, decide
+from delivery.worker.capacity import Capacity, Reservation
+from delivery.worker.hooks import Attempt, AttemptHook, Hooks, default_hooks
+from delivery.worker.jobs import Job, lease_for
+from delivery.worker.outcomes import AttemptOutcome, OutcomeRecorder
+from delivery.worker.retry import RetryPolicy, decide
 from delivery.worker.sender import Sender
 
 log = structlog.get_logger("delivery.deliverer")
@@ -58,6 +57,8 @@ class Deliverer:
         pool: asyncpg.Pool,
         sender: Sender,
         *,
+        capacity: Capacity | None = None,
+        hooks: Sequence[AttemptHook] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._settings = settings
@@ -66,80 +67,22 @@ class Deliverer:
         self._rng = rng or random.Random()
         self._default_policy = RetryPolicy(settings.retry_schedule_s)
         self._outcomes = OutcomeRecorder(settings, pool)
-        self._accepted = 0
-        # Per subscriber: deliveries held (queued or requesting) and its request slots.
-        self._per_subscription: Counter[str] = Counter()
-        self._request_slots: dict[str, asyncio.Semaphore] = {}
-        self._subscription_cap = subscription_hold_cap(settings)
+        #: What this process may hold; dispatch and the scheduler reserve from it.
+        self.capacity = capacity or Capacity.from_settings(settings)
+        self._hooks = Hooks(default_hooks(settings) if hooks is None else hooks)
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._leases: dict[int, float] = {}  # delivery id -> lease seconds, while held here
-        self._closed = False
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self.on_slot_freed: Callable[[], None] = lambda: None
 
-    # -- capacity ---------------------------------------------------------------------------
-
-    def free_slots(self) -> int:
-        return 0 if self._closed else max(0, self._settings.max_in_flight - self._accepted)
-
-    def subscription_cap(self) -> int:
-        """Deliveries of one subscription this process may hold (requesting or queued)."""
-        return self._subscription_cap
-
-    def free_slots_by_subscription(self) -> dict[str, int]:
-        """Free slots of each subscription with work held here (others have the full cap)."""
-        cap = self._subscription_cap
-        return {s: max(0, cap - n) for s, n in self._per_subscription.items()}
-
-    def saturated_subscriptions(self) -> list[str]:
-        cap = self._subscription_cap
-        return [s for s, n in self._per_subscription.items() if n >= cap]
-
-    def try_reserve(self, subscription_id: str) -> bool:
-        if self._closed or self._accepted >= self._settings.max_in_flight:
-            return False
-        if self._per_subscription[subscription_id] >= self._subscription_cap:
-            return False
-        self._accepted += 1
-        self._per_subscription[subscription_id] += 1
-        if subscription_id not in self._request_slots:
-            self._request_slots[subscription_id] = asyncio.Semaphore(
-                self._settings.per_subscription_max_in_flight
-            )
-        self._idle.clear()
-        return True
-
-    def release(self, subscription_id: str) -> None:
-        """Give back both shares of a reservation."""
-        self._release_subscription(subscription_id)
-        self._release_process()
-
-    def _release_subscription(self, subscription_id: str) -> None:
-        self._per_subscription[subscription_id] -= 1
-        if self._per_subscription[subscription_id] <= 0:
-            # Nobody holds or waits for its request slots any more.
-            del self._per_subscription[subscription_id]
-            self._request_slots.pop(subscription_id, None)
-        self.on_slot_freed()
-
-    def _release_process(self) -> None:
-        self._accepted -= 1
-        if self._accepted == 0:
-            self._idle.set()
-        self.on_slot_freed()
-
-    # -- running ----------------------------------------------------------------------------
-
-    def submit(self, job: Job) -> None:
-        """Start a reserved job. After shutdown began, the lease is handed back instead."""
-        if self._tg is None or self._closed:
-            self.release(job.subscription.id)
+    def submit(self, job: Job, reservation: Reservation) -> None:
+        """Start a job with the reservation handed over for it (the deliverer gives it back).
+        After shutdown began, its task hands the lease back instead."""
+        if self._tg is None:  # not running: nobody could hand it back, its lease ends on its own
+            reservation.release()
             log.info("delivery_handed_back", delivery_id=job.delivery_id)
             return
         self._leases[job.delivery_id] = lease_for(self._settings, job.subscription)
-        task = self._tg.create_task(self._run_job(job))
+        task = self._tg.create_task(self._run_job(job, reservation))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -148,23 +91,25 @@ class Deliverer:
         shutdown timeout (or until ``force``), then cancel the rest, handing their leases back."""
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
-            renewer = tg.create_task(self._renew_leases())
-            await stop.wait()
-            self._closed = True
-            deadline = self._settings.shutdown_timeout_s
-            drained = asyncio.create_task(self._idle.wait())
-            forced = asyncio.create_task(force.wait())
-            _done, pending = await asyncio.wait(
-                {drained, forced}, timeout=deadline, return_when=asyncio.FIRST_COMPLETED
-            )
-            for task in pending:
-                task.cancel()
-            if not self._idle.is_set():
-                log.warning("drain_deadline_passed", in_flight=self._accepted)
-                for job_task in list(self._tasks):
-                    job_task.cancel()
-            renewer.cancel()
-        self._tg = None
+            try:
+                renewer = tg.create_task(self._renew_leases())
+                await stop.wait()
+                self.capacity.close()
+                deadline = self._settings.shutdown_timeout_s
+                drained = asyncio.create_task(self.capacity.idle.wait())
+                forced = asyncio.create_task(force.wait())
+                _done, pending = await asyncio.wait(
+                    {drained, forced}, timeout=deadline, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in pending:
+                    task.cancel()
+                if not self.capacity.idle.is_set():
+                    log.warning("drain_deadline_passed", in_flight=self.capacity.held)
+                    for job_task in list(self._tasks):
+                        job_task.cancel()
+                renewer.cancel()
+            finally:
+                self._tg = None  # the group is closing: submit starts no task in it now
 
     async def _renew_leases(self) -> None:
         every_s = self._settings.delivery_lease_s / _RENEWALS_PER_LEASE
@@ -178,34 +123,22 @@ class Deliverer:
             except Exception as exc:  # PostgreSQL away: the leases may lapse, as after a crash
                 log.warning("lease_renewal_failed", held=len(ids), error=repr(exc)[:200])
 
-    async def _run_job(self, job: Job) -> None:
+    async def _run_job(self, job: Job, reservation: Reservation) -> None:
         # The subscriber's share (a request slot, and its place among the work held for it) is
         # given back as soon as the POST returns; the process share (and the lease) are held
         # until the outcome is committed, so nothing is attempted twice and memory stays bounded.
-        sub_id = job.subscription.id
-        slots = self._request_slots[sub_id]
-        holding = [True, False]  # [subscription share, request slot]
-
-        def request_done() -> None:
-            if holding[1]:
-                holding[1] = False
-                slots.release()
-            if holding[0]:
-                holding[0] = False
-                self._release_subscription(sub_id)
-
         metrics.IN_FLIGHT.inc()
         try:
-            await slots.acquire()
-            holding[1] = True
-            if self._closed:
-                # Draining: queued work goes back to PostgreSQL for another worker instead of
-                # starting a request the deadline may cut.
-                request_done()
+            if not self.capacity.closed:  # draining: it goes back without waiting for a slot
+                await reservation.request_slot()
+            if self.capacity.closed:
+                # Draining: queued work (and work submitted since) goes back to PostgreSQL for
+                # another worker instead of starting a request the deadline may cut.
+                reservation.end_request()
                 await self._hand_back(job)
                 log.info("delivery_handed_back", delivery_id=job.delivery_id)
                 return
-            await self._attempt(job, request_done)
+            await self._attempt(job, reservation)
         except asyncio.CancelledError:
             # Shutdown deadline: give the delivery back so another worker retries it now.
             # The subscriber may have received it; the retry carries the same webhook-id.
@@ -217,8 +150,7 @@ class Deliverer:
         finally:
             self._leases.pop(job.delivery_id, None)
             metrics.IN_FLIGHT.dec()
-            request_done()
-            self._release_process()
+            reservation.release()
 
     async def _hand_back(self, job: Job) -> None:
         self._leases.pop(job.delivery_id, None)  # never renewed again once given back
@@ -229,32 +161,21 @@ class Deliverer:
         except Exception as exc:  # the lease then simply expires
             log.warning("hand_back_failed", delivery_id=job.delivery_id, error=repr(exc)[:200])
 
-    async def _attempt(self, job: Job, request_done: Callable[[], None]) -> None:
+    async def _attempt(self, job: Job, reservation: Reservation) -> None:
+        """Sign, post, decide, record; the hooks see each step."""
         sub = job.subscription
         started_at = datetime.now(UTC)
         headers = webhook_headers(
             sub.signing_keys(started_at), job.event_id, int(time.time()), job.body
         )
-        span = None  # tracing off: the stored traceparent goes to the subscriber as is
-        if tracing.tracer is not None:  # the attempt's span, a child of the producer's
-            span = tracing.start_attempt(
-                headers,
-                traceparent=job.traceparent,
-                body=job.body,
-                subscription_id=sub.id,
-                attempt=job.attempt,
-            )
-        elif job.traceparent:
-            headers["traceparent"] = job.traceparent
+        attempt = Attempt(job, started_at, headers)
+        self._hooks.before_attempt(attempt)
         try:
             result = await self._sender.post(sub.url, headers, job.body, timeout_s=sub.timeout_s)
         except BaseException as exc:  # cancelled at the drain deadline: handed back
-            if span is not None:
-                tracing.end_attempt(span, outcome="handed_back", status=None, error=repr(exc))
+            self._hooks.on_handed_back(attempt, exc)
             raise
-        request_done()
-        metrics.ATTEMPT_DURATION.observe(result.duration_s)
-        self._crash_if("after_post")
+        reservation.end_request()
         policy = RetryPolicy(sub.retry_schedule_s) if sub.retry_schedule_s else self._default_policy
         decision = decide(
             status=result.status,
@@ -264,42 +185,8 @@ class Deliverer:
             policy=policy,
             rng=self._rng,
         )
-        if span is not None:
-            tracing.end_attempt(
-                span, outcome=decision.outcome.value, status=result.status, error=result.error
-            )
+        self._hooks.after_response(attempt, result, decision)
         await self._outcomes.record(
-            Recorded(job.delivery_id, sub.id, job.attempt, started_at, result, decision)
+            AttemptOutcome(job.delivery_id, sub.id, job.attempt, started_at, result, decision)
         )
-        self._crash_if("after_record")
-        metrics.ATTEMPTS.labels(decision.outcome.value).inc()
-        if decision.outcome is Outcome.DELIVERED and job.created_at_s is not None:
-            metrics.END_TO_END.observe(max(0.0, time.time() - job.created_at_s))
-        elif decision.outcome is Outcome.RETRY:
-            metrics.RETRIES_SCHEDULED.inc()
-        elif decision.outcome in (Outcome.EXHAUSTED, Outcome.PERMANENT, Outcome.GONE):
-            metrics.DEAD_LETTERS.labels(decision.outcome.value).inc()
-        context = {
-            "event_id": job.event_id,
-            "subscription_id": sub.id,
-            "attempt": job.attempt,
-            "outcome": decision.outcome.value,
-            "status": result.status,
-            "duration_ms": round(result.duration_s * 1000, 1),
-        }
-        if decision.outcome is Outcome.DELIVERED:
-            log.debug("attempt", **context)
-        else:
-            delay_s = decision.delay_s
-            log.info(
-                "attempt_failed",
-                **context,
-                error=result.error,
-                next_attempt_in_s=None if delay_s is None else round(delay_s, 1),
-            )
-
-    def _crash_if(self, point: str) -> None:
-        # Test-only fault injection for the crash-recovery tests; off unless set explicitly.
-        if self._settings.dangerous_crash_point == point:
-            log.warning("dangerous_crash_point_reached", point=point)
-            os._exit(137)
+        self._hooks.after_attempt(attempt, result, decision)

@@ -4,7 +4,8 @@ A batch of messages is one statement: the inbox row (idempotency: a redelivered 
 row and creates nothing), and one delivery row per (event, subscription). Messages are acked only
 after it commits, so the outcome is durable first. Deliveries this process has capacity
 for are leased to it in the same insert and attempted at once; the rest wait in PostgreSQL for
-the scheduler.
+the scheduler. The capacity is reserved before the statement (whose retries keep it) and given
+back by the reservations' ``with`` block unless the deliverer took it over.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
-import aio_pika
 import asyncpg
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
@@ -21,15 +21,17 @@ from aio_pika.exceptions import ChannelInvalidStateError
 
 from delivery.aio import wait_any
 from delivery.broker.connection import SETUP_TIMEOUT_S, connect, is_connected
+from delivery.broker.depths import watch_depths
 from delivery.broker.topology import Names, declare
 from delivery.broker.wire import WireEvent, decode, event_count
-from delivery.errors import PoisonMessageError, QueueMissingError
+from delivery.errors import PoisonMessageError
 from delivery.ops import metrics
 from delivery.ops.health import Health
 from delivery.settings import Settings
 from delivery.store.pool import is_connection_error, with_retries
 from delivery.store.states import SubscriptionState
 from delivery.store.subscriptions import Subscription, select_list
+from delivery.worker.capacity import Reservation, Reservations
 from delivery.worker.deliverer import Deliverer
 from delivery.worker.jobs import Job, lease_for
 from delivery.worker.scheduler import Scheduler
@@ -38,7 +40,6 @@ log = structlog.get_logger("delivery.dispatch")
 
 _DB_RETRY_DEADLINE_S = 30.0
 _DB_PAUSE_S = 2.0
-_DEPTHS_EVERY_S = 5.0
 
 _SUBSCRIPTIONS = f"SELECT {select_list('s', '')} FROM delivery.subscriptions s"
 # The inbox rows and the deliveries of the events that were new to it, in one statement (atomic
@@ -76,7 +77,7 @@ SELECT event_id, NULL, id, subscription_id FROM created
 class _Pair:
     event: WireEvent
     subscription: Subscription
-    leased: bool
+    reservation: Reservation | None  # attempted at once: leased to this process
     dead: bool  # the subscription is disabled: kept as a dead letter, never attempted
 
 
@@ -92,10 +93,11 @@ class Dispatcher:
         self._settings = settings
         self._pool = pool
         self._deliverer = deliverer
+        self._capacity = deliverer.capacity
         self._scheduler = scheduler
         self._health = health
         self._names = Names(settings.amqp_prefix)
-        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._received: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._arrived = asyncio.Event()
         self._connection: AbstractRobustConnection | None = None
         self._queue: AbstractQueue | None = None
@@ -104,8 +106,8 @@ class Dispatcher:
     async def run(self, stop: asyncio.Event) -> None:
         # After a restart by the supervisor, messages of the old channel cannot be acked; the
         # broker has requeued them already.
-        while not self._inbox.empty():
-            self._inbox.get_nowait()
+        while not self._received.empty():
+            self._received.get_nowait()
         self._connection = await connect(self._settings.amqp_url, name="delivery-worker", stop=stop)
         try:
             async with asyncio.timeout(SETUP_TIMEOUT_S):
@@ -118,7 +120,7 @@ class Dispatcher:
                 tag = await topology.dispatch.consume(self._on_message)
             self._health.set("dispatch", True)
             async with asyncio.TaskGroup() as tg:
-                depths = tg.create_task(self._watch_depths(stop))
+                depths = tg.create_task(watch_depths(self._connection, self._names, stop))
                 await self._loop(stop)
                 depths.cancel()
             # Drain: stop taking work, hand back what we hold but have not dispatched.
@@ -129,53 +131,26 @@ class Dispatcher:
             self._health.set("dispatch", False)
             await self._connection.close()
 
-    async def _watch_depths(self, stop: asyncio.Event) -> None:
-        """Queue depths for the dashboard, by passive declare on a channel of their own (a
-        failed passive declare closes its channel)."""
-        assert self._connection is not None
-        names = {"dispatch": self._names.dispatch_queue, "dead": self._names.dead_queue}
-        while not stop.is_set():
-            if is_connected(self._connection):
-                channel = await self._connection.channel()
-                try:
-                    for label, name in names.items():
-                        queue = await channel.declare_queue(name, passive=True)
-                        count = queue.declaration_result.message_count
-                        metrics.QUEUE_DEPTH.labels(label).set(count or 0)
-                except aio_pika.exceptions.ChannelNotFoundEntity:
-                    # Deleted at run time: our consumer went with it. Failing here makes the
-                    # supervisor start the dispatcher again, which declares and consumes anew.
-                    raise QueueMissingError(name) from None
-                except Exception as exc:
-                    log.debug("queue_depth_failed", error=repr(exc)[:200])
-                finally:
-                    with contextlib.suppress(Exception):
-                        await channel.close()
-            await wait_any(stop, timeout_s=_DEPTHS_EVERY_S)
-
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        self._inbox.put_nowait(message)
+        self._received.put_nowait(message)
         self._arrived.set()
 
     async def _loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self._arrived.clear()
-            if self._inbox.empty():
-                self._health.set("dispatch", not self._connection_broken())
+            if self._received.empty():
+                self._health.set("dispatch", is_connected(self._connection))
                 await wait_any(stop, self._arrived, timeout_s=1.0)
                 continue
             # A batch is up to dispatch_batch_size events, whether they came one per message or
             # packed (a pack is never split: it is acked as one).
             batch: list[AbstractIncomingMessage] = []
             events = 0
-            while not self._inbox.empty() and events < self._settings.dispatch_batch_size:
-                message = self._inbox.get_nowait()
+            while not self._received.empty() and events < self._settings.dispatch_batch_size:
+                message = self._received.get_nowait()
                 batch.append(message)
                 events += event_count(message)
             await self.dispatch_batch(batch, stop)
-
-    def _connection_broken(self) -> bool:
-        return not is_connected(self._connection)
 
     async def dispatch_batch(
         self, messages: list[AbstractIncomingMessage], stop: asyncio.Event
@@ -191,113 +166,73 @@ class Dispatcher:
                 accepted.append(message)
         if not parsed:
             return
-        pairs: list[_Pair] = []
         if self._settings.dangerous_ack_before_commit:
             for message in accepted:
                 await _settle(message.ack())
-        try:
-            committed = await self._commit(parsed, accepted, pairs, stop)
-            if committed is None:
-                return
-            created, fresh = committed
-            if not self._settings.dangerous_ack_before_commit:
-                for message in accepted:
-                    await _settle(message.ack())
-        except BaseException:
-            # Cancelled between reserving the deliverer's capacity and handing it the jobs (the
-            # supervisor restarts dispatch when its AMQP connection dies mid-batch): give the
-            # reservations back, or each such restart leaks slots until the process takes no
-            # more work. The rows stay leased until their lease ends; the scheduler takes them.
-            for pair in pairs:
-                if pair.leased:
-                    self._deliverer.release(pair.subscription.id)
-            pairs.clear()
-            raise
-        metrics.EVENTS_DISPATCHED.inc(fresh)
-        metrics.DUPLICATES_ABSORBED.inc(len(parsed) - fresh)
-        self._start_attempts(pairs, created)
-
-    async def _commit(
-        self,
-        parsed: list[WireEvent],
-        messages: list[AbstractIncomingMessage],
-        pairs: list[_Pair],
-        stop: asyncio.Event,
-    ) -> tuple[dict[tuple[str, str], int], int] | None:
-        """Commit the batch's inbox and delivery rows; ``None`` if it was handed back."""
         while True:
-            try:
-                return await with_retries(
-                    self._pool,
-                    lambda conn: self._record(conn, parsed, pairs),
-                    what="dispatch",
-                    deadline_s=_DB_RETRY_DEADLINE_S,
-                    transaction=False,
-                )
-            except Exception as exc:
-                for pair in pairs:
-                    if pair.leased:
-                        self._deliverer.release(pair.subscription.id)
-                pairs.clear()
-                if not (is_connection_error(exc) and not stop.is_set()):
-                    # Not acked: the broker redelivers them (to us or another worker) later.
-                    log.exception("dispatch_failed", messages=len(messages), events=len(parsed))
+            # Whatever the deliverer did not take over is given back at the end of the block:
+            # after a failed commit, a cancellation (the supervisor restarts dispatch when its
+            # AMQP connection dies mid-batch), or for a pair that created no delivery.
+            with self._capacity.reservations() as held:
+                try:
+                    pairs, created, fresh = await self._commit(parsed, held)
+                except Exception as exc:
+                    if not await self._hold_for_database(exc, parsed, accepted, stop):
+                        return
+                else:
                     if not self._settings.dangerous_ack_before_commit:
-                        for message in messages:
-                            await _settle(message.nack(requeue=True))
-                    return None
-                # PostgreSQL is away: hold the batch (unacked, bounded by the prefetch) and
-                # keep trying. A nack would count toward x-delivery-limit, and a long outage
-                # would turn healthy events into poison messages.
-                self._health.set("dispatch", False)
-                log.warning("dispatch_waiting_for_database", error=repr(exc)[:200])
+                        for message in accepted:
+                            await _settle(message.ack())
+                    metrics.EVENTS_DISPATCHED.inc(fresh)
+                    metrics.DUPLICATES_ABSORBED.inc(len(parsed) - fresh)
+                    self._start_attempts(pairs, created, held)
+                    return
             await wait_any(stop, timeout_s=_DB_PAUSE_S)
 
-    def _start_attempts(self, pairs: list[_Pair], created: dict[tuple[str, str], int]) -> None:
-        """Attempt the deliveries leased to us now; tell the scheduler about the others."""
-        backlog = False
-        for pair in pairs:
-            delivery_id = created.get((pair.event.facts.id, pair.subscription.id))
-            if pair.dead:
-                continue
-            if not pair.leased:
-                backlog = backlog or delivery_id is not None
-                continue
-            if delivery_id is None:
-                self._deliverer.release(pair.subscription.id)
-                continue
-            self._deliverer.submit(
-                Job(
-                    delivery_id=delivery_id,
-                    event_id=pair.event.facts.id,
-                    subscription=pair.subscription,
-                    body=pair.event.body,
-                    attempt=1,
-                    created_at_s=pair.event.created_at_s,
-                    traceparent=pair.event.traceparent,
-                )
-            )
-        if backlog:
-            self._scheduler.note_backlog()
-
-    async def _record(
+    async def _hold_for_database(
         self,
-        conn: asyncpg.Connection,
+        exc: Exception,
         parsed: list[WireEvent],
-        pairs: list[_Pair],
-    ) -> tuple[dict[tuple[str, str], int], int]:
-        # A retried attempt starts over: give back reservations of the failed try.
-        for pair in pairs:
-            if pair.leased:
-                self._deliverer.release(pair.subscription.id)
-        pairs.clear()
-        subscriptions = [Subscription.from_row(r) for r in await conn.fetch(_SUBSCRIPTIONS)]
+        messages: list[AbstractIncomingMessage],
+        stop: asyncio.Event,
+    ) -> bool:
+        """After a failed commit: ``True`` to hold the batch and try again, ``False`` once it
+        was handed back to the broker."""
+        if not (is_connection_error(exc) and not stop.is_set()):
+            # Not acked: the broker redelivers them (to us or another worker) later.
+            log.exception("dispatch_failed", messages=len(messages), events=len(parsed))
+            if not self._settings.dangerous_ack_before_commit:
+                for message in messages:
+                    await _settle(message.nack(requeue=True))
+            return False
+        # PostgreSQL is away: hold the batch (unacked, bounded by the prefetch) and keep
+        # trying. A nack would count toward x-delivery-limit, and a long outage would turn
+        # healthy events into poison messages.
+        self._health.set("dispatch", False)
+        log.warning("dispatch_waiting_for_database", error=repr(exc)[:200])
+        return True
+
+    async def _commit(
+        self, parsed: list[WireEvent], held: Reservations
+    ) -> tuple[list[_Pair], dict[tuple[str, str], int], int]:
+        """Match the batch's events to the subscriptions, reserve capacity for the deliveries to
+        attempt at once, and commit the inbox and delivery rows (a retry keeps the reservations).
+        Pairs of an event the inbox has seen before create nothing."""
+        rows = await with_retries(
+            self._pool,
+            lambda conn: conn.fetch(_SUBSCRIPTIONS),
+            what="dispatch",
+            deadline_s=_DB_RETRY_DEADLINE_S,
+            transaction=False,
+        )
+        subscriptions = [Subscription.from_row(r) for r in rows]
         first: dict[str, WireEvent] = {}
         copies: dict[str, int] = {}
         for event in parsed:  # a repeat inside the batch is the same event
             first.setdefault(event.facts.id, event)
             copies[event.facts.id] = copies.get(event.facts.id, 0) + 1
         events = list(first.values())
+        pairs: list[_Pair] = []
         for event in events:
             facts = event.facts
             for sub in subscriptions:
@@ -305,25 +240,57 @@ class Dispatcher:
                     continue
                 active = sub.state == SubscriptionState.ACTIVE
                 # An open circuit's deliveries wait in PostgreSQL for the scheduler's probe.
-                leased = active and not sub.circuit_open and self._deliverer.try_reserve(sub.id)
-                pairs.append(_Pair(event, sub, leased, dead=not active))
-        # Pairs of an event the inbox has seen before create nothing: their reservations are
-        # given back by the caller, like any pair without a delivery id.
-        rows = await conn.fetch(
-            _RECORD,
+                attempt_now = active and not sub.circuit_open
+                reservation = held.reserve(sub.id) if attempt_now else None
+                pairs.append(_Pair(event, sub, reservation, dead=not active))
+        arrays = (
             [e.facts.id for e in events],
             [p.event.facts.id for p in pairs],
             [p.subscription.id for p in pairs],
-            [p.leased for p in pairs],
+            [p.reservation is not None for p in pairs],
             [p.dead for p in pairs],
             [lease_for(self._settings, p.subscription) for p in pairs],
             [copies[e.facts.id] - 1 for e in events],
+        )
+        rows = await with_retries(
+            self._pool,
+            lambda conn: conn.fetch(_RECORD, *arrays),
+            what="dispatch",
+            deadline_s=_DB_RETRY_DEADLINE_S,
+            transaction=False,
         )
         fresh = sum(1 for r in rows if r["fresh"])
         created = {
             (r["event_id"], r["subscription_id"]): r["id"] for r in rows if r["id"] is not None
         }
-        return created, fresh
+        return pairs, created, fresh
+
+    def _start_attempts(
+        self, pairs: list[_Pair], created: dict[tuple[str, str], int], held: Reservations
+    ) -> None:
+        """Attempt the deliveries leased to us now; tell the scheduler about the others."""
+        backlog = False
+        for pair in pairs:
+            delivery_id = created.get((pair.event.facts.id, pair.subscription.id))
+            if pair.dead:
+                continue
+            if pair.reservation is None:
+                backlog = backlog or delivery_id is not None
+                continue
+            if delivery_id is None:
+                continue  # its reservation is given back with the batch's
+            job = Job(
+                delivery_id=delivery_id,
+                event_id=pair.event.facts.id,
+                subscription=pair.subscription,
+                body=pair.event.body,
+                attempt=1,
+                created_at_s=pair.event.created_at_s,
+                traceparent=pair.event.traceparent,
+            )
+            self._deliverer.submit(job, held.hand_over(pair.reservation))
+        if backlog:
+            self._scheduler.note_backlog()
 
     async def _reject_poison(self, message: AbstractIncomingMessage, reason: str) -> None:
         # Not requeued: the dead-letter exchange routes it to the dead-letter queue, where it is
@@ -333,8 +300,8 @@ class Dispatcher:
         await _settle(message.reject(requeue=False))
 
     async def _hand_back_unprocessed(self) -> None:
-        while not self._inbox.empty():
-            await _settle(self._inbox.get_nowait().nack(requeue=True))
+        while not self._received.empty():
+            await _settle(self._received.get_nowait().nack(requeue=True))
 
 
 async def _settle(answer: object) -> None:

@@ -122,7 +122,7 @@ _STATE = {
 
 
 @dataclass(frozen=True, slots=True)
-class Recorded:
+class AttemptOutcome:
     """One attempt's outcome, ready to write."""
 
     delivery_id: int
@@ -137,11 +137,11 @@ class OutcomeRecorder:
     def __init__(self, settings: Settings, pool: asyncpg.Pool) -> None:
         self._settings = settings
         self._pool = pool
-        self._waiting: list[tuple[Recorded, asyncio.Future[None]]] = []
+        self._waiting: list[tuple[AttemptOutcome, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._flushing = False
 
-    async def record(self, item: Recorded) -> None:
+    async def record(self, item: AttemptOutcome) -> None:
         """Return once ``item`` is committed (raise if it could not be)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, future))
@@ -155,7 +155,7 @@ class OutcomeRecorder:
                 self._flushing = False
         await future
 
-    async def _flush(self, batch: list[tuple[Recorded, asyncio.Future[None]]]) -> None:
+    async def _flush(self, batch: list[tuple[AttemptOutcome, asyncio.Future[None]]]) -> None:
         items = [item for item, _f in batch]
         all_delivered = all(i.decision.outcome is Outcome.DELIVERED for i in items)
         # All successes: one statement on its own; otherwise a transaction with the circuits.
@@ -179,7 +179,7 @@ class OutcomeRecorder:
                 future.set_result(None)
 
     @staticmethod
-    def _outcome_arrays(items: list[Recorded]) -> list[list[Any]]:
+    def _outcome_arrays(items: list[AttemptOutcome]) -> list[list[Any]]:
         return [
             [i.delivery_id for i in items],
             [i.attempt for i in items],
@@ -194,7 +194,7 @@ class OutcomeRecorder:
             [i.decision.reason for i in items],
         ]
 
-    async def _write_delivered(self, conn: asyncpg.Connection, items: list[Recorded]) -> None:
+    async def _write_delivered(self, conn: asyncpg.Connection, items: list[AttemptOutcome]) -> None:
         subscription_ids = sorted({i.subscription_id for i in items})
         rows = await conn.fetch(
             _RECORD_ALL_DELIVERED, *self._outcome_arrays(items), subscription_ids
@@ -202,11 +202,11 @@ class OutcomeRecorder:
         for row in rows:
             _note_transition(row["id"], row["old_state"], row["new_state"])
 
-    async def _write(self, conn: asyncpg.Connection, items: list[Recorded]) -> None:
+    async def _write(self, conn: asyncpg.Connection, items: list[AttemptOutcome]) -> None:
         await conn.execute(_RECORD, *self._outcome_arrays(items))
         await self._track_circuits(conn, items)
 
-    async def _track_circuits(self, conn: asyncpg.Connection, items: list[Recorded]) -> None:
+    async def _track_circuits(self, conn: asyncpg.Connection, items: list[AttemptOutcome]) -> None:
         """Per subscription, in id order (concurrent batches lock subscriptions in the same
         order): a success resets the count, the failures after the last success add to it."""
         by_subscription: dict[str, list[Outcome]] = defaultdict(list)

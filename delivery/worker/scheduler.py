@@ -120,20 +120,32 @@ class Scheduler:
         self._settings = settings
         self._pool = pool
         self._deliverer = deliverer
+        self._capacity = deliverer.capacity
         self._health = health
         self._wake = asyncio.Event()
         self._backlog = False
-        deliverer.on_slot_freed = self._slot_freed
         health.register("scheduler")
 
     def note_backlog(self) -> None:
         """Due work was left in PostgreSQL (no capacity): claim it as soon as a slot frees."""
-        self._backlog = True
+        self._set_backlog(True)
         self._wake.set()
 
-    def _slot_freed(self) -> None:
-        if self._backlog:
+    def _set_backlog(self, backlog: bool) -> None:
+        # A slot freed while there was a backlog wakes the claim loop (kept as a wake-up when
+        # the backlog ends meanwhile); one freed without a backlog does not.
+        if self._backlog and self._capacity.freed.is_set():
             self._wake.set()
+        self._capacity.freed.clear()
+        self._backlog = backlog
+
+    def _woken(self) -> bool:
+        return self._wake.is_set() or (self._backlog and self._capacity.freed.is_set())
+
+    async def _wait(self, stop: asyncio.Event) -> None:
+        """Until the next poll, a backlog's freed slot, or new backlog."""
+        wakes = (self._wake, self._capacity.freed) if self._backlog else (self._wake,)
+        await wait_any(stop, *wakes, timeout_s=self._settings.scheduler_poll_interval_s)
 
     async def run(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -161,10 +173,11 @@ class Scheduler:
         failures = 0
         while not stop.is_set():
             self._wake.clear()
-            free = self._deliverer.free_slots()
+            self._capacity.freed.clear()
+            free = self._capacity.free_slots()
             if free == 0:
-                self._backlog = True
-                await wait_any(stop, self._wake, timeout_s=self._settings.scheduler_poll_interval_s)
+                self._set_backlog(True)
+                await self._wait(stop)
                 continue
             try:
                 claimed = await self.claim_once(free)
@@ -182,10 +195,10 @@ class Scheduler:
             self._health.set("scheduler", True)
             # A claim that did not fill the free slots took everything due that had room:
             # claiming again at once would find nothing new.
-            self._backlog = backlog
-            if claimed < free or self._deliverer.free_slots() == 0:
-                await wait_any(stop, self._wake, timeout_s=self._settings.scheduler_poll_interval_s)
-                if self._backlog and self._wake.is_set():
+            self._set_backlog(backlog)
+            if claimed < free or self._capacity.free_slots() == 0:
+                await self._wait(stop)
+                if self._backlog and self._woken():
                     # Woken by a freed slot: let a few more free up, so one claim carries
                     # several rows instead of one claim per finished attempt.
                     await asyncio.sleep(_COALESCE_S)
@@ -201,7 +214,7 @@ class Scheduler:
         return {r["id"] for r in rows}
 
     async def _saturated_have_due_work(self) -> bool:
-        saturated = self._deliverer.saturated_subscriptions()
+        saturated = self._capacity.saturated_subscriptions()
         if not saturated:
             return False
 
@@ -212,18 +225,18 @@ class Scheduler:
         return await with_retries(self._pool, due, deadline_s=10, what="saturated_due")
 
     async def claim_once(self, limit: int) -> int:
-        busy = self._deliverer.free_slots_by_subscription()
+        free_by_subscription = self._capacity.free_slots_by_subscription()
 
         async def claim(conn: asyncpg.Connection) -> list[asyncpg.Record]:
             await conn.execute(_INDEX_ORDER)
             rows: list[asyncpg.Record] = await conn.fetch(
                 _CLAIM,
                 limit,
-                self._deliverer.saturated_subscriptions(),
+                self._capacity.saturated_subscriptions(),
                 self._settings.delivery_lease_s,
-                self._deliverer.subscription_cap(),
-                list(busy),
-                list(busy.values()),
+                self._capacity.subscription_cap,
+                list(free_by_subscription),
+                list(free_by_subscription.values()),
                 self._settings.http_timeout_s,
                 lease_per_timeout(self._settings),
             )
@@ -244,18 +257,19 @@ class Scheduler:
                 sub = built[row["sub_id"]] = Subscription.from_row(row, prefix="sub_")
             subs.append(sub)
         probes = await self._take_probes([s.id for s in subs if s.circuit_open])
-        for row, sub in zip(rows, subs, strict=True):
-            if sub.state != SubscriptionState.ACTIVE:
-                disabled.append(row["delivery_id"])
-                continue
-            if sub.circuit_open and sub.id not in probes:
-                over_capacity.append(row["delivery_id"])
-                continue
-            if not self._deliverer.try_reserve(sub.id):
-                over_capacity.append(row["delivery_id"])
-                continue
-            self._deliverer.submit(
-                Job(
+        with self._capacity.reservations() as held:
+            for row, sub in zip(rows, subs, strict=True):
+                if sub.state != SubscriptionState.ACTIVE:
+                    disabled.append(row["delivery_id"])
+                    continue
+                if sub.circuit_open and sub.id not in probes:
+                    over_capacity.append(row["delivery_id"])
+                    continue
+                reservation = held.reserve(sub.id)
+                if reservation is None:
+                    over_capacity.append(row["delivery_id"])
+                    continue
+                job = Job(
                     delivery_id=row["delivery_id"],
                     event_id=row["event_id"],
                     subscription=sub,
@@ -264,7 +278,7 @@ class Scheduler:
                     created_at_s=row["created_at_s"],
                     traceparent=row["traceparent"],
                 )
-            )
+                self._deliverer.submit(job, held.hand_over(reservation))
         if over_capacity:
             await self._pool.execute(_UNLEASE, over_capacity)
         if disabled:
