@@ -34,6 +34,8 @@ class ProcessRunner(Protocol):
         stop: asyncio.Event | None = ...,
         ready: Callable[[Health], None] | None = ...,
         handle_signals: bool = ...,
+        until_idle: bool = ...,
+        idle_timeout_s: float = ...,
     ) -> Coroutine[Any, Any, None]: ...
 
 

@@ -126,6 +126,22 @@ async def wait_until(
         await asyncio.sleep(interval_s)
 
 
+async def run_until_idle(
+    settings: Settings, *, relay: bool = True, worker: bool = True, timeout_s: float = 60.0
+) -> None:
+    """Run the pipeline in this event loop until no work is left (burst mode: the rule is in
+    ``delivery.worker.burst``), then drain and return; ``TimeoutError`` naming what was left
+    if that takes longer than ``timeout_s``."""
+    await run_process(
+        settings,
+        relay=relay,
+        worker=worker,
+        handle_signals=False,
+        until_idle=True,
+        idle_timeout_s=timeout_s,
+    )
+
+
 @contextlib.asynccontextmanager
 async def running(
     settings: Settings, *, relay: bool = True, worker: bool = True
