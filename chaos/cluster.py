@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from chaos.processes import ManagedProcess, Role
 from chaos.proxy import FaultProxy
 from delivery.broker.topology import Names, delete
 from delivery.store.migrations import migrate
+from delivery.testing.env import scrubbed_env
 from delivery.testing.postgres import LocalPostgres
 from delivery.testing.processes import HOST, free_port
 from delivery.testing.rabbitmq import LocalRabbitMQ
@@ -188,7 +188,7 @@ class Cluster:
             await proxy.start()
 
     def _process_env(self, role: Role, *, admin_port: int) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DELIVERY_")}
+        env = scrubbed_env()
         env.update(PLATFORM_ENV)
         env.update(
             DELIVERY_DATABASE_URL=self.link_db_url(role),

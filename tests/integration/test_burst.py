@@ -16,10 +16,9 @@ from delivery import publish, publish_many
 from delivery.broker.depths import queue_depths
 from delivery.broker.topology import Names
 from delivery.store import subscriptions
+from delivery.testing.factories import add_subscription, balance, trade
 from delivery.testing.receiver import Behaviour, Receiver
-
-from .conftest import run_until_idle
-from .test_pipeline import add_subscription, balance, trade
+from tests.support import run_until_idle
 
 pytestmark = pytest.mark.integration
 

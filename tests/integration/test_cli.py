@@ -11,7 +11,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from .conftest import settings_env
+from delivery.testing.env import scrubbed_env
+from tests.support import settings_env
 
 pytestmark = pytest.mark.integration
 
@@ -214,8 +215,6 @@ async def test_migrate_is_safe_twice_and_concurrently(services, tmp_path):
 
 
 def settings_env_for_url(url: str) -> dict[str, str]:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DELIVERY_")}
+    env = scrubbed_env()
     env["DELIVERY_DATABASE_URL"] = url
     return env

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 from delivery.demo.scenario import ACCOUNTS, ROUTES, realistic_events
 from delivery.demo.summary import OK_LINE
 from delivery.outbox import validate_all
+from delivery.testing.env import scrubbed_env
 
 
 def test_demo_events_are_valid_and_realistic():
@@ -36,7 +36,7 @@ def test_demo_events_are_valid_and_realistic():
 
 @pytest.mark.integration
 def test_demo_delivers_every_event_with_verified_signatures(services):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DELIVERY_")}
+    env = scrubbed_env()
     # The session's services: the demo then works in a database and queue prefix of its own.
     env.update(DELIVERY_DATABASE_URL=services.database_url, DELIVERY_AMQP_URL=services.amqp_url)
     result = subprocess.run(

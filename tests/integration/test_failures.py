@@ -17,10 +17,10 @@ from delivery.broker.topology import Names, declare
 from delivery.broker.wire import pack_rows
 from delivery.store import dead_letters as dlq
 from delivery.store import subscriptions
+from delivery.testing.factories import balance, trade
 from delivery.testing.receiver import Behaviour, Receiver
-
-from .conftest import running, wait_until
-from .test_pipeline import balance, trade
+from delivery.testing.waits import wait_until
+from tests.support import running, start_worker, stop_gracefully
 
 pytestmark = pytest.mark.integration
 
@@ -247,8 +247,6 @@ async def test_circuit_opens_after_consecutive_failures_and_a_probe_closes_it(se
 async def test_sigterm_under_load_hands_back_and_restart_delivers_everything(settings):
     """Drain: stop consuming, let in-flight finish (or hand back), exit 0; after a restart every
     event is delivered (again with the same webhook-id where a crash window allowed)."""
-    from .test_crash_recovery import start_worker, stop_gracefully
-
     settings = settings.model_copy(update={"shutdown_timeout_s": 2.0})
     conn = await asyncpg.connect(settings.database_url)
     async with Receiver() as receiver:

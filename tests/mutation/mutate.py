@@ -7,7 +7,6 @@ tests start (``python -m delivery worker``) run the mutant too.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from delivery.testing.env import scrubbed_env
 from tests.mutation.catalogue import Mutant
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,6 +36,10 @@ class Verdict:
     killed: bool
     how: str  # what the kill tests said: the failing test, a timeout, or "all passed"
     duration_s: float
+
+
+# The verdicts of this run, by mutant id: filled by test_mutants, printed by the conftest.
+VERDICTS: dict[str, Verdict] = {}
 
 
 def copy_tree(into: Path) -> Path:
@@ -100,4 +104,4 @@ def _first_failure(output: str) -> str:
 
 
 def scrubbed_environment() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("DELIVERY_", "COV_"))}
+    return scrubbed_env("DELIVERY_", "COV_")

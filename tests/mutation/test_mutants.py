@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.mutation]
 
 RUN = [m for m in MUTANTS if m.equivalent is None]
 JOBS = int(os.environ.get("MUTATION_JOBS", "2"))
-VERDICTS: dict[str, mutate.Verdict] = {}
+VERDICTS = mutate.VERDICTS
 
 
 def test_every_edit_applies_once_and_every_mutant_names_its_kill_tests(tmp_path: Path):

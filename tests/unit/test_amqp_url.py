@@ -1,15 +1,7 @@
-"""RabbitMQ connections: URL defaults (a short heartbeat and reconnect interval, unless
-chosen), and a connect that never hangs on a silent broker."""
+"""RabbitMQ connection URLs: a short heartbeat and reconnect interval, unless chosen (pure; a
+connect to a silent broker is in tests/integration/test_amqp_connect.py)."""
 
-import asyncio
-import contextlib
-
-from structlog.testing import capture_logs
-
-from delivery.broker import connection as amqp
 from delivery.broker.connection import with_defaults
-
-from .conftest import wait_until
 
 
 def test_heartbeat_and_reconnect_interval_are_added():
@@ -21,36 +13,3 @@ def test_the_operators_choice_wins():
     url = with_defaults("amqp://h/vh?heartbeat=30&reconnect_interval=3")
     assert "heartbeat=30" in url and "reconnect_interval=3" in url
     assert url.count("reconnect_interval") == 1
-
-
-async def test_a_broker_that_accepts_and_never_answers_does_not_hang_the_connect(monkeypatch):
-    """A socket accepted and then silent (a half-dead broker, a blackholed link): each attempt
-    gives up after the set-up timeout and the next one starts, until shutdown."""
-    held: list[asyncio.StreamWriter] = []
-
-    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)  # accepted, never answered
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    monkeypatch.setattr(amqp, "SETUP_TIMEOUT_S", 0.3)
-    stop = asyncio.Event()
-    with capture_logs() as logs:
-        task = asyncio.create_task(
-            amqp.connect(f"amqp://guest:guest@127.0.0.1:{port}/", name="t", stop=stop)
-        )
-        try:
-            await wait_until(
-                lambda: sum(e["event"] == "amqp_connect_retry" for e in logs) >= 2,
-                timeout_s=20,
-                what="two timed-out connection attempts",
-            )
-        finally:
-            stop.set()
-            for writer in held:
-                writer.close()
-            server.close()
-            with contextlib.suppress(amqp.Stopped, TimeoutError):
-                await asyncio.wait_for(task, 10)
-    retries = [e for e in logs if e["event"] == "amqp_connect_retry"]
-    assert "TimeoutError" in retries[0]["error"]

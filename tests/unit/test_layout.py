@@ -21,7 +21,7 @@ from pathlib import Path
 from delivery.ops import tracing
 from delivery.worker.retry import Outcome
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CORE = {"errors", "settings", "durations", "events", "signing", "aio"}
 RANKS = {"core": 0, "ops": 1, "store": 2, "broker": 3, "worker": 4, "top": 5}
 # The CLI's `delivery demo` command imports the demo when it runs, never at start-up.
@@ -180,6 +180,18 @@ def test_delivery_never_names_a_workers_module_for_a_dynamic_import():
         if isinstance(node, ast.Constant) and isinstance(node.value, str)
         and named.match(node.value)
     ]
+    assert wrong == []
+
+
+def test_no_test_module_imports_another_test_module_or_a_conftest():
+    # Shared helpers live in delivery/testing (factories, waits, the receiver) or tests/support.
+    wrong = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        module = _module_name(path)
+        for imp in _imports_of(module, path):
+            last = imp.target.rpartition(".")[2]
+            if imp.target.startswith("tests") and (last.startswith("test_") or last == "conftest"):
+                wrong.append(str(imp))
     assert wrong == []
 
 
