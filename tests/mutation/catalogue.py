@@ -348,8 +348,8 @@ _MUTANTS: tuple[Mutant, ...] = (
         equivalent="aiohttp wraps every connect and read failure in ClientError: refused and "
         "DNS failures are ClientConnectorError, resets ClientOSError, a close without a reply "
         "ServerDisconnectedError, a cut mid-body ClientPayloadError, a garbage status line "
-        "ClientResponseError (each tried in tests/test_fault_paths.py), so no refused, reset or "
-        "closed connection reaches this branch: it is defence in depth",
+        "ClientResponseError (each tried in tests/integration/test_fault_paths.py), so no "
+        "refused, reset or closed connection reaches this branch: it is defence in depth",
     ),
     # -- signing ------------------------------------------------------------------------------
     Mutant(
