@@ -24,8 +24,9 @@ from chaos.processes import ManagedProcess, Role
 from chaos.proxy import FaultProxy
 from delivery.broker.topology import Names, delete
 from delivery.store.migrations import migrate
+from delivery.testing.env import environment_without_settings
 from delivery.testing.postgres import LocalPostgres
-from delivery.testing.processes import HOST, environment_without_settings, free_port
+from delivery.testing.processes import HOST, free_port
 from delivery.testing.rabbitmq import LocalRabbitMQ
 from delivery.testing.services import create_database, drop_database
 

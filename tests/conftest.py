@@ -1,4 +1,5 @@
-"""Fixtures for the integration layers: real PostgreSQL and RabbitMQ, isolated per test.
+"""Fixtures for the layers with services (integration, ops, chaos, mutation): real PostgreSQL
+and RabbitMQ, isolated per test. Helpers that run the platform are in ``tests.support``.
 
 Services are found in this order: DELIVERY_DATABASE_URL / DELIVERY_AMQP_URL; testcontainers
 when a Docker engine answers; otherwise throwaway local instances from the installed binaries.
@@ -9,27 +10,20 @@ Locally a missing service skips the integration tests; under CI=true it fails th
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import os
 import secrets
 import sys
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import aio_pika
 import pytest
 import pytest_asyncio
 
 from delivery.broker.topology import Names, delete
-from delivery.ops.health import Health
 from delivery.settings import Settings
 from delivery.store.migrations import migrate
-from delivery.testing.processes import environment_without_settings
+from delivery.testing.env import IN_CI
 from delivery.testing.services import Services, create_database, drop_database, provision_services
-from workers.process import run_process
-
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 @pytest.fixture(scope="session")
@@ -89,68 +83,3 @@ async def delete_broker_objects(amqp_url: str, names: Names) -> None:
         connection = await aio_pika.connect(amqp_url, timeout=5)
         async with connection:
             await delete(connection, names)
-
-
-def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """The environment a `delivery` subprocess needs to act on this test's isolated services."""
-    env = environment_without_settings()
-    env.update(
-        DELIVERY_DATABASE_URL=settings.database_url,
-        DELIVERY_AMQP_URL=settings.amqp_url,
-        DELIVERY_AMQP_PREFIX=settings.amqp_prefix,
-        DELIVERY_ADMIN_PORT="0",
-        DELIVERY_RELAY_POLL_INTERVAL_S=str(settings.relay_poll_interval_s),
-        DELIVERY_SCHEDULER_POLL_INTERVAL_S=str(settings.scheduler_poll_interval_s),
-        DELIVERY_RETRY_SCHEDULE=",".join(f"{int(s * 1000)}ms" for s in settings.retry_schedule_s),
-        DELIVERY_DELIVERY_LEASE_S=str(settings.delivery_lease_s),
-        DELIVERY_HTTP_TIMEOUT_S=str(settings.http_timeout_s),
-        DELIVERY_SHUTDOWN_TIMEOUT_S=str(settings.shutdown_timeout_s),
-        DELIVERY_LOG_FORMAT="json",
-    )
-    env.update(extra)
-    return env
-
-
-async def wait_until(
-    condition: Callable[[], object], *, timeout_s: float, what: str, interval_s: float = 0.05
-) -> None:
-    """Poll a (sync or async) condition until it holds or the deadline passes."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(interval_s)
-
-
-@contextlib.asynccontextmanager
-async def running(
-    settings: Settings, *, relay: bool = True, worker: bool = True
-) -> AsyncIterator[Health]:
-    """Run the pipeline in this event loop until the block exits (then drain and stop)."""
-    stop = asyncio.Event()
-    holder: list[Health] = []
-    task = asyncio.create_task(
-        run_process(
-            settings,
-            relay=relay,
-            worker=worker,
-            stop=stop,
-            ready=holder.append,
-            handle_signals=False,
-        )
-    )
-    try:
-        await wait_until(
-            lambda: task.done() or (holder and holder[0].ready), timeout_s=30, what="ready"
-        )
-        if task.done():
-            task.result()  # raise the start-up error
-        yield holder[0]
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)

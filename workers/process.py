@@ -4,6 +4,8 @@ Shutdown is ordered: the first SIGTERM/SIGINT stops intake (relay claims, consum
 the process not-ready; in-flight attempts get ``DELIVERY_SHUTDOWN_TIMEOUT_S`` to finish, then
 are cancelled with their leases handed back; then connections and the pool close and the
 process exits 0. A second signal skips the wait (still handing work back).
+
+Burst mode (``until_idle``) ends the same way once no work is left: ``delivery.worker.burst``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from delivery.ops.admin import serve_admin
 from delivery.ops.health import Health
 from delivery.settings import Settings
 from delivery.store.pool import create_pool
+from delivery.worker.burst import stop_when_idle
 from delivery.worker.deliverer import Deliverer
 from delivery.worker.dispatch import Dispatcher
 from delivery.worker.poison import PoisonRecorder
@@ -87,8 +90,17 @@ async def run_process(
     stop: asyncio.Event | None = None,
     ready: Callable[[Health], None] | None = None,
     handle_signals: bool = True,
+    until_idle: bool = False,
+    idle_timeout_s: float = 60.0,
 ) -> None:
-    """Run until a signal (or ``stop``, for embedding in the demo and tests)."""
+    """Run until a signal (or ``stop``, for embedding in the demo and tests).
+
+    ``until_idle`` is burst mode (arq's burst, dramatiq's ``Worker.join``): run until no work is
+    left for the parts this process runs (the rule: ``delivery.worker.burst``), then drain and
+    return. A retry due within ``idle_timeout_s`` is waited for, a later one is left pending;
+    if work is still left at that deadline, the process drains and raises ``TimeoutError``
+    naming it.
+    """
     tracing.start(settings)  # first: enabled without the extra stops here, before any I/O
     stop = stop or asyncio.Event()
     force = asyncio.Event()
@@ -102,6 +114,7 @@ async def run_process(
         await tracing.stop(settings)
         raise
     role = "run" if relay and worker else ("relay" if relay else "worker")
+    burst: asyncio.Task[str | None] | None = None
     try:
         async with (
             serve_admin(health, settings.admin_port) as port,
@@ -114,7 +127,7 @@ async def run_process(
         ):
             log.info("started", role=role, admin_port=port or None)
             async with asyncio.TaskGroup() as tg:
-                tasks = []
+                tasks: list[asyncio.Task[object]] = []
                 if relay:
                     tasks.append(
                         tg.create_task(supervise("relay", Relay(settings, pool, health).run, stop))
@@ -130,6 +143,19 @@ async def run_process(
                     tasks.append(tg.create_task(supervise("scheduler", scheduler.run, stop)))
                     tasks.append(tg.create_task(supervise("dispatch", dispatcher.run, stop)))
                     tasks.append(tg.create_task(supervise("poison", poison.run, stop)))
+                if until_idle:
+                    burst = tg.create_task(
+                        stop_when_idle(
+                            settings,
+                            pool,
+                            health,
+                            relay=relay,
+                            held=dispatcher.held if worker else None,
+                            timeout_s=idle_timeout_s,
+                            stop=stop,
+                        )
+                    )
+                    tasks.append(burst)
                 if ready is not None:
                     ready(health)
                 await stop.wait()
@@ -147,3 +173,5 @@ async def run_process(
         remove_signals()
         await tracing.stop(settings)  # last: the drain's spans are exported too
         log.info("stopped", role=role)
+    if burst is not None and burst.done() and not burst.cancelled() and (left := burst.result()):
+        raise TimeoutError(f"{role}: work was left after {idle_timeout_s:g} s: {left}")

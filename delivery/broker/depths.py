@@ -1,14 +1,15 @@
-"""Queue depths, by passive declare: for ``delivery status`` (and the chaos suite's settle
-check) on a connection of their own, and for the dashboard from a running worker."""
+"""Queue depths, by passive declare: for ``delivery status``, the chaos suite's settle check and
+burst mode (each on a connection of their own), and for the dashboard from a running worker."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterable
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractConnection, AbstractRobustConnection
 
 from delivery.aio import wait_any
 from delivery.broker.connection import is_connected, with_defaults
@@ -21,24 +22,34 @@ log = structlog.get_logger("delivery.dispatch")
 _DEPTHS_EVERY_S = 5.0
 
 
-async def queue_depths(amqp_url: str, names: Names) -> dict[str, int | None]:
-    """Message counts by passive declare; ``None`` for a queue that does not exist (yet)."""
+async def ready_counts(
+    connection: AbstractConnection, queues: Iterable[str]
+) -> dict[str, int | None]:
+    """Messages ready in each queue (not those delivered to a consumer and not yet settled);
+    ``None`` for a queue that does not exist (yet). Each declare has a channel of its own: a
+    failed passive declare closes its channel."""
     depths: dict[str, int | None] = {}
+    for name in queues:
+        channel = await connection.channel()
+        try:
+            queue = await channel.declare_queue(name, passive=True)
+            depths[name] = queue.declaration_result.message_count
+        except aio_pika.exceptions.ChannelClosed:
+            depths[name] = None
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+    return depths
+
+
+async def queue_depths(amqp_url: str, names: Names) -> dict[str, int | None]:
+    """Message counts by passive declare, on a connection of their own; ``None`` for a queue
+    that does not exist (yet)."""
     connection = await aio_pika.connect(with_defaults(amqp_url), timeout=10)
     try:
-        for name in (names.dispatch_queue, names.dead_queue):
-            channel = await connection.channel()
-            try:
-                queue = await channel.declare_queue(name, passive=True)
-                depths[name] = queue.declaration_result.message_count
-            except aio_pika.exceptions.ChannelClosed:
-                depths[name] = None
-            finally:
-                if not channel.is_closed:
-                    await channel.close()
+        return await ready_counts(connection, (names.dispatch_queue, names.dead_queue))
     finally:
         await connection.close()
-    return depths
 
 
 async def queue_report(amqp_url: str | None, names: Names) -> dict[str, int | None] | str:

@@ -87,8 +87,9 @@ async def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_process(args: argparse.Namespace, settings: Settings) -> int:
     from delivery.ops.logs import configure_logging
-    from workers.process import run_process
+    from delivery.runner import process_runner
 
+    run_process = process_runner()
     configure_logging(settings.log_format, settings.log_level)
     role = args.command
     await run_process(settings, relay=role in ("run", "relay"), worker=role in ("run", "worker"))

@@ -21,6 +21,7 @@ from delivery.demo.summary import _RunTimes
 from delivery.events import NewEvent
 from delivery.ops.health import Health
 from delivery.outbox import publish_many
+from delivery.runner import process_runner
 from delivery.settings import Settings
 from delivery.testing.receiver import Receiver
 
@@ -36,7 +37,7 @@ async def _with_platform(
 ) -> _RunTimes | str:
     """Run the platform process (``delivery run``, in this event loop) while publishing and
     waiting; then drain and stop it. A string says what went wrong."""
-    from workers.process import run_process  # the embedding API of `delivery run`
+    run_process = process_runner()  # the embedding API of `delivery run`
 
     stop = asyncio.Event()
     health: list[Health] = []

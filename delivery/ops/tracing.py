@@ -35,7 +35,7 @@ MISSING_EXTRA = (
 ATTEMPT_SPAN = "webhook.deliver"
 DEFAULT_SERVICE_NAME = "delivery"  # unless OTEL_SERVICE_NAME (or OTEL_RESOURCE_ATTRIBUTES) says
 # The outcome of a successful attempt: ``Outcome.DELIVERED`` of delivery.worker.retry, as the
-# plain string it is (ops imports no pipeline stage; tests/test_layout.py checks they agree).
+# plain string it is (ops imports no pipeline stage; tests/unit/test_layout.py checks they agree).
 DELIVERED = "delivered"
 
 #: This process's tracer while tracing runs; ``None`` when DELIVERY_OTEL_ENABLED is off. The

@@ -1,3 +1,5 @@
 """Dev tooling for the tests, the demo, the chaos suite and the benchmarks: throwaway
-PostgreSQL and RabbitMQ, and the controllable webhook receiver. Never imported by
-production code."""
+PostgreSQL and RabbitMQ (``services``), the controllable webhook receiver (``receiver``), event
+factories (``factories``), ``wait_until`` (``waits``), the environment of the processes they
+start (``env``) and metric readings (``metrics``). Never imported by production code; it
+never imports ``workers`` either (what runs the platform in a test is ``tests/support.py``)."""

@@ -20,9 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
-from delivery.settings import ENV_PREFIX
-
-__all__ = ["ProvisionError", "environment_without_settings", "free_port"]
+__all__ = ["ProvisionError", "free_port"]
 
 
 Progress = Callable[[str], None]
@@ -211,13 +209,6 @@ def _read_pid(path: Path) -> int | None:
 def _clean_env(drop_prefixes: tuple[str, ...]) -> dict[str, str]:
     """Our environment minus variables that would silently override the server's settings."""
     return {k: v for k, v in os.environ.items() if not k.startswith(drop_prefixes)}
-
-
-def environment_without_settings(*also: str) -> dict[str, str]:
-    """This process's environment without the platform's ``DELIVERY_*`` settings (nor any
-    variable starting with a prefix in ``also``): a child process then reads the settings its
-    caller hands it and nothing from the shell that started the tests."""
-    return _clean_env((ENV_PREFIX, *also))
 
 
 class _Server:

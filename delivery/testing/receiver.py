@@ -18,10 +18,11 @@ secret is registered) and a few appends: the read-side views (``delivered``, ``u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -30,7 +31,7 @@ from aiohttp import web
 from delivery.errors import SignatureError
 from delivery.signing import secret_key, verify
 
-__all__ = ["Arrival", "Behaviour", "Receiver"]
+__all__ = ["Arrival", "Behaviour", "Receiver", "scripted_subscriber"]
 
 _ALL = ""  # index key for "every path" (real request paths always start with "/")
 
@@ -264,3 +265,21 @@ class Receiver:
             raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}") from None
         finally:
             self._waiters.discard(arrived)
+
+
+@contextlib.asynccontextmanager
+async def scripted_subscriber(
+    answer: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[str]:
+    """A subscriber that answers every POST with ``answer`` (what ``Receiver`` cannot say: a
+    redirect with a ``Location``, a long body); yields its base URL."""
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", answer)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()

@@ -98,6 +98,7 @@ class Dispatcher:
         self._health = health
         self._names = Names(settings.amqp_prefix)
         self._received: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._dispatching = 0  # messages of the batch being dispatched
         self._arrived = asyncio.Event()
         self._connection: AbstractRobustConnection | None = None
         self._queue: AbstractQueue | None = None
@@ -150,7 +151,15 @@ class Dispatcher:
                 message = self._received.get_nowait()
                 batch.append(message)
                 events += event_count(message)
-            await self.dispatch_batch(batch, stop)
+            self._dispatching = len(batch)
+            try:
+                await self.dispatch_batch(batch, stop)
+            finally:
+                self._dispatching = 0
+
+    def held(self) -> int:
+        """Messages received from the broker and not answered yet (acked, nacked, rejected)."""
+        return self._received.qsize() + self._dispatching
 
     async def dispatch_batch(
         self, messages: list[AbstractIncomingMessage], stop: asyncio.Event

@@ -347,8 +347,8 @@ _MUTANTS: tuple[Mutant, ...] = (
         equivalent="aiohttp wraps every connect and read failure in ClientError: refused and "
         "DNS failures are ClientConnectorError, resets ClientOSError, a close without a reply "
         "ServerDisconnectedError, a cut mid-body ClientPayloadError, a garbage status line "
-        "ClientResponseError (each tried in tests/test_fault_paths.py), so no refused, reset or "
-        "closed connection reaches this branch: it is defence in depth",
+        "ClientResponseError (each tried in tests/integration/test_fault_paths.py), so no "
+        "refused, reset or closed connection reaches this branch: it is defence in depth",
     ),
     # -- signing ------------------------------------------------------------------------------
     Mutant(
@@ -529,18 +529,18 @@ _MUTANTS: tuple[Mutant, ...] = (
 )
 
 # The tests that kill each mutant, fastest first (the run stops at the first failure).
-_R = "tests/test_retry_policy.py::"
-_S = "tests/test_signing.py::"
-_DL = "tests/test_dead_letters.py::"
-_F = "tests/test_fault_paths.py::"
-_G = "tests/test_guarantees.py::"
-_D = "tests/test_drain.py::"
+_R = "tests/unit/test_retry_policy.py::"
+_S = "tests/unit/test_signing.py::"
+_DL = "tests/integration/test_dead_letters.py::"
+_F = "tests/integration/test_fault_paths.py::"
+_G = "tests/integration/test_guarantees.py::"
+_D = "tests/integration/test_drain.py::"
 KILLS: dict[str, tuple[str, ...]] = {
     "dispatch-batch-copies-uncounted": (
-        "tests/test_pipeline.py::test_copies_of_an_event_in_one_batch_count_as_redeliveries",
+        "tests/integration/test_pipeline.py::test_copies_of_an_event_in_one_batch_count_as_redeliveries",
     ),
     "poison-redrive-logged-as-sweep": (
-        "tests/test_failures.py::"
+        "tests/integration/test_failures.py::"
         "test_a_pack_dead_lettered_past_the_delivery_limit_is_redriven_event_by_event",
     ),
     "dispatch-ack-before-commit": (
@@ -592,7 +592,7 @@ KILLS: dict[str, tuple[str, ...]] = {
         _G + "test_a_leased_delivery_is_not_claimed_by_another_worker_until_its_lease_ends",
     ),
     "lease-not-renewed": (
-        "tests/test_failures.py::"
+        "tests/integration/test_failures.py::"
         "test_a_lease_is_renewed_while_the_outcome_commit_waits_so_nobody_posts_twice",
     ),
     "sender-follows-redirects": (
@@ -603,7 +603,7 @@ KILLS: dict[str, tuple[str, ...]] = {
         _F + "test_a_batch_whose_commit_fails_is_nacked_with_its_capacity_given_back",
     ),
     "dispatch-commit-failure-keeps-reservations": (
-        "tests/test_capacity.py::test_an_error_in_the_block_gives_its_reservations_back",
+        "tests/unit/test_capacity.py::test_an_error_in_the_block_gives_its_reservations_back",
         _F + "test_a_batch_whose_commit_fails_is_nacked_with_its_capacity_given_back",
     ),
     "dispatch-nacks-on-database-outage": (
@@ -640,7 +640,7 @@ KILLS: dict[str, tuple[str, ...]] = {
     ),
     "retry-one-attempt-short": (_R + "test_every_step_of_the_schedule_is_used_before_giving_up",),
     "matching-ignores-account": (
-        "tests/test_unit_rules.py::test_a_subscription_to_one_account_gets_only_that_accounts_events",
+        "tests/unit/test_unit_rules.py::test_a_subscription_to_one_account_gets_only_that_accounts_events",
     ),
     "sign-content-without-dot": (
         _S + "test_a_signed_request_verifies_with_the_standard_webhooks_library",
@@ -649,15 +649,15 @@ KILLS: dict[str, tuple[str, ...]] = {
         _S + "test_during_a_rotation_each_secret_alone_verifies_with_the_standard_webhooks_library",
     ),
     "capacity-cap-off-by-one": (
-        "tests/test_capacity.py::"
+        "tests/unit/test_capacity.py::"
         "test_a_subscriber_holds_up_to_its_cap_and_the_next_reservation_is_refused",
         _G + "test_a_hanging_subscriber_holds_no_more_deliveries_than_its_share",
     ),
     "outbox-sequence-gap": (
-        "tests/test_outbox.py::test_sequences_run_one_to_n_per_account_over_publishes_and_batches",
+        "tests/integration/test_outbox.py::test_sequences_run_one_to_n_per_account_over_publishes_and_batches",
     ),
     "outbox-duplicate-not-skipped": (
-        "tests/test_outbox.py::"
+        "tests/integration/test_outbox.py::"
         "test_a_duplicate_id_is_reported_and_leaves_the_accounts_counter_alone",
     ),
     "circuit-counts-before-success": (

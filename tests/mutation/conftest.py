@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 
 from tests.mutation.catalogue import MUTANTS
+from tests.mutation.mutate import VERDICTS
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    from tests.mutation.test_mutants import VERDICTS
-
     if not VERDICTS:
         return
     ran = list(VERDICTS.values())

@@ -37,6 +37,10 @@ class Verdict:
     duration_s: float
 
 
+# The verdicts of this run, by mutant id: filled by test_mutants, printed by the conftest.
+VERDICTS: dict[str, Verdict] = {}
+
+
 def copy_tree(into: Path) -> Path:
     for name in _COPIED:
         source = ROOT / name

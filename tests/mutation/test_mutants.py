@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from delivery.testing.processes import environment_without_settings
+from delivery.testing.env import environment_without_settings
 from delivery.testing.services import ENV_AMQP_URL, ENV_DATABASE_URL, Services
 from tests.mutation import mutate
 from tests.mutation.catalogue import MUTANTS, Mutant
@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.mutation, pytest.mark.timeout
 
 RUN = [m for m in MUTANTS if m.equivalent is None]
 JOBS = int(os.environ.get("MUTATION_JOBS", "2"))
-VERDICTS: dict[str, mutate.Verdict] = {}
+VERDICTS = mutate.VERDICTS
 
 
 def test_every_edit_applies_once_and_every_mutant_names_its_kill_tests(tmp_path: Path):

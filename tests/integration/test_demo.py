@@ -13,7 +13,7 @@ import pytest
 from delivery.demo.scenario import ACCOUNTS, ROUTES, realistic_events
 from delivery.demo.summary import OK_LINE
 from delivery.outbox import validate_all
-from delivery.testing.processes import environment_without_settings
+from delivery.testing.env import environment_without_settings
 
 
 def test_demo_events_are_valid_and_realistic():

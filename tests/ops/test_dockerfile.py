@@ -5,7 +5,7 @@ from pathlib import Path
 
 from dockerfile_parse import DockerfileParser
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def parse() -> DockerfileParser:

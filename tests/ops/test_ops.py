@@ -27,12 +27,13 @@ from delivery import publish_many
 from delivery.cli.parser import build_parser
 from delivery.settings import Settings
 from delivery.store import subscriptions
+from delivery.testing.env import IN_CI
 from delivery.testing.processes import ProvisionError, free_port
 from delivery.testing.rabbitmq import LocalRabbitMQ
+from delivery.testing.waits import wait_until
+from tests.support import running
 
-from .conftest import IN_CI, running, wait_until
-
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "ops" / "prometheus" / "alerts.yml"
 ALERTS_TEST = ROOT / "ops" / "prometheus" / "alerts_test.yml"
 DASHBOARD = ROOT / "ops" / "grafana" / "dashboard.json"

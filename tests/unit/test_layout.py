@@ -4,30 +4,26 @@ tooling or the demo, and no module-level import cycle exists. Pure: reads the so
 
 Layers, lowest first (a module may import its own layer and those below it):
 core (errors, settings, durations, events, signing, aio) <- ops <- store (and outbox, the
-producer's half of the store) <- broker <- worker <- cli, demo, workers/ (the top);
+producer's half of the store) <- broker <- worker <- cli, demo, runner, workers/ (the top);
 ``delivery.testing`` may import anything. Production = delivery/ except testing/ and demo/,
-plus workers/.
+plus workers/. Nothing in delivery/ imports workers/, not even lazily: ``delivery run`` finds
+the process through its entry point (``delivery.runner``).
 """
 
 from __future__ import annotations
 
 import ast
+import re
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from delivery.ops import tracing
 from delivery.worker.retry import Outcome
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CORE = {"errors", "settings", "durations", "events", "signing", "aio"}
 RANKS = {"core": 0, "ops": 1, "store": 2, "broker": 3, "worker": 4, "top": 5}
-# The only imports of workers/ from delivery/, each inside the function that runs the process:
-# workers/process.py is the composition of the long-running process, and `delivery run` and
-# the demo start it.
-WORKERS_ALLOWED = {
-    ("delivery.cli.commands", "cmd_process"),
-    ("delivery.demo.drive", "_with_platform"),
-}
 # The CLI's `delivery demo` command imports the demo when it runs, never at start-up.
 DEMO_ALLOWED = {("delivery.cli.commands", "cmd_demo")}
 
@@ -131,7 +127,7 @@ def _layer(module: str) -> str:
         return "store"
     if parts[1] in ("ops", "store", "broker", "worker", "testing"):
         return parts[1]
-    return "top"  # cli, demo, __main__
+    return "top"  # cli, demo, runner, __main__
 
 
 def _production(module: str) -> bool:
@@ -167,15 +163,49 @@ def test_no_production_module_imports_the_dev_tooling_or_the_demo():
     assert wrong == []
 
 
-def test_delivery_imports_workers_only_inside_the_functions_that_run_the_process():
+def test_delivery_never_imports_workers():
+    # Lazy imports and imports under TYPE_CHECKING count too: workers/ is above the library.
+    wrong = [str(i) for i in IMPORTS if i.source.startswith("delivery") and _within(i, "workers")]
+    assert wrong == []
+
+
+def test_delivery_never_names_a_workers_module_for_a_dynamic_import():
+    # importlib.import_module("workers.process") would be the same dependency, hidden.
+    named = re.compile(r"^workers(\.\w+)*(:\w+)?$")
     wrong = [
-        str(i)
-        for i in IMPORTS
-        if i.source.startswith("delivery")
-        and _within(i, "workers")
-        and (i.function is None or (i.source, i.function) not in WORKERS_ALLOWED)
+        f"{module}:{node.lineno} {node.value!r}"
+        for module, path in SOURCES.items()
+        if module.startswith("delivery")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+        and named.match(node.value)
     ]
     assert wrong == []
+
+
+def test_no_test_module_imports_another_test_module_or_a_conftest():
+    # Shared helpers live in delivery/testing (factories, waits, the receiver) or tests/support.
+    wrong = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        module = _module_name(path)
+        for imp in _imports_of(module, path):
+            last = imp.target.rpartition(".")[2]
+            if imp.target.startswith("tests") and (last.startswith("test_") or last == "conftest"):
+                wrong.append(str(imp))
+    assert wrong == []
+
+
+def test_the_process_runner_is_registered_as_an_entry_point_that_exists():
+    # What `delivery run` looks up (delivery.runner); checked in the sources, installed or not.
+    from delivery import runner
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    target = project["entry-points"][runner.GROUP][runner.NAME]
+    module, _, function = target.partition(":")
+    assert module in SOURCES, target
+    tree = ast.parse(SOURCES[module].read_text())
+    defined = {n.name for n in tree.body if isinstance(n, ast.AsyncFunctionDef | ast.FunctionDef)}
+    assert function in defined, target
 
 
 def test_imports_point_down_the_pipeline():
@@ -188,7 +218,6 @@ def test_imports_point_down_the_pipeline():
         and "testing" not in (_layer(i.source), _layer(i.target))
         and not i.type_checking
         and RANKS[_layer(i.target)] > RANKS[_layer(i.source)]
-        and not (_within(i, "workers") and (i.source, i.function) in WORKERS_ALLOWED)
         and not (_within(i, "delivery.demo") and (i.source, i.function) in DEMO_ALLOWED)
     ]
     assert wrong == []

@@ -26,7 +26,6 @@ import asyncpg
 import orjson
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
-from prometheus_client import REGISTRY
 
 from delivery import publish_many
 from delivery.broker import relay as relay_module
@@ -36,7 +35,10 @@ from delivery.ops.health import Health
 from delivery.settings import Settings
 from delivery.store import subscriptions
 from delivery.store.pool import create_pool
+from delivery.testing.factories import add_subscription, trade
+from delivery.testing.metrics import counter_value
 from delivery.testing.receiver import Receiver
+from delivery.testing.waits import wait_until
 from delivery.worker import dispatch as dispatch_module
 from delivery.worker.deliverer import Deliverer
 from delivery.worker.dispatch import Dispatcher
@@ -44,9 +46,7 @@ from delivery.worker.outcomes import AttemptOutcome, OutcomeRecorder
 from delivery.worker.retry import Decision, Outcome, RetryPolicy, decide
 from delivery.worker.scheduler import Scheduler
 from delivery.worker.sender import AttemptResult, Sender
-
-from .conftest import running, wait_until
-from .test_pipeline import add_subscription, trade
+from tests.support import run_until_idle, running
 
 pytestmark = pytest.mark.integration
 
@@ -95,10 +95,6 @@ async def fault_hits(conn: asyncpg.Connection, name: str) -> int:
 
 async def remove_fault(conn: asyncpg.Connection, name: str, *, table: str) -> None:
     await conn.execute(f"DROP TRIGGER fault_{name} ON {table}")
-
-
-def counter(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 # -- a worker wired by hand ---------------------------------------------------------------------
@@ -372,7 +368,7 @@ async def test_an_attempt_whose_outcome_cannot_be_recorded_is_handed_back_and_se
         )
         async with broker(settings) as (_channel, topology), worker(settings) as w:
             await relay_outbox(conn, topology)
-            delivered_before = counter("delivery_attempts_total", outcome="delivered")
+            delivered_before = counter_value("delivery_attempts_total", outcome="delivered")
             # When it is dispatched and attempted (the subscriber answers 200)
             await w.dispatcher.dispatch_batch([await get_message(topology)], w.stop)
             await receiver.wait_for(lambda r: len(r.arrivals) == 1, timeout_s=30, what="a POST")
@@ -389,7 +385,7 @@ async def test_an_attempt_whose_outcome_cannot_be_recorded_is_handed_back_and_se
             assert dict(row) == {"state": "pending", "lease_until": None, "attempts": 0}
             assert await conn.fetchval("SELECT count(*) FROM delivery.attempts") == 0
             # and the attempt is not counted as delivered anywhere
-            assert counter("delivery_attempts_total", outcome="delivered") == delivered_before
+            assert counter_value("delivery_attempts_total", outcome="delivered") == delivered_before
             # When the fault is gone, the scheduler takes it at once (its lease is free)
             await remove_fault(conn, "attempts", table="delivery.attempts")
             assert await w.scheduler.claim_once(10) == 1
@@ -545,14 +541,14 @@ async def test_a_deleted_dispatch_queue_is_declared_again_when_publishes_come_ba
             async with connection:
                 channel = await connection.channel()
                 await channel.queue_delete(names.dispatch_queue)
-            returned_before = counter("delivery_relay_publish_failures_total", reason="returned")
+            returned_before = counter_value("delivery_relay_publish_failures_total", reason="returned")
             # When events are published
             await publish_many(conn, [trade(i, id=e) for i, e in enumerate(sorted(ids))])
             # Then their first publish comes back unroutable, and they are published once the
             # relay has declared the queue again
             await wait_until(
                 lambda: (
-                    counter("delivery_relay_publish_failures_total", reason="returned")
+                    counter_value("delivery_relay_publish_failures_total", reason="returned")
                     > returned_before
                 ),
                 timeout_s=30,
@@ -566,11 +562,9 @@ async def test_a_deleted_dispatch_queue_is_declared_again_when_publishes_come_ba
                 what="every row published",
             )
         # and every row marked published is in the queue: a worker alone (no relay, no
-        # redrive) delivers them all
-        async with running(settings, relay=False):
-            await receiver.wait_for(
-                lambda r: r.unique_ids() == ids, timeout_s=30, what="every event"
-            )
+        # redrive) delivers them all, once (it runs until every published event is in the inbox)
+        await run_until_idle(settings, relay=False, timeout_s=30)
+        assert receiver.unique_ids() == ids
         assert receiver.duplicates() == {}
         assert await conn.fetchval("SELECT max(redrives) FROM delivery.outbox") == 0
     await conn.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import aio_pika
 import asyncpg
 import pytest
 
+from delivery.testing.env import IN_CI
 from delivery.testing.postgres import LocalPostgres, find_postgres_bindir
 from delivery.testing.processes import ProvisionError, free_port
 from delivery.testing.rabbitmq import LocalRabbitMQ
@@ -29,6 +29,7 @@ from delivery.testing.services import (
     drop_database,
     provision_services,
 )
+from delivery.testing.waits import wait_until
 
 
 def _have_postgres() -> bool:
@@ -44,12 +45,11 @@ def _have_rabbitmq() -> bool:
 
 
 # Locally a missing server skips; in CI (CI=1) it must fail instead of hiding.
-_IN_CI = bool(os.environ.get("CI"))
 needs_postgres = pytest.mark.skipif(
-    not _IN_CI and not _have_postgres(), reason="PostgreSQL server binaries not installed"
+    not IN_CI and not _have_postgres(), reason="PostgreSQL server binaries not installed"
 )
 needs_rabbitmq = pytest.mark.skipif(
-    not _IN_CI and not _have_rabbitmq(), reason="rabbitmq-server not installed"
+    not IN_CI and not _have_rabbitmq(), reason="rabbitmq-server not installed"
 )
 
 
@@ -334,12 +334,14 @@ async def test_rabbitmq_kill_leaves_no_process_and_confirmed_messages_survive(
     assert rabbit_node_processes(rabbit.node) == []
     rabbit.start()
     # Queues are recovered asynchronously after an unclean stop: wait for it, with a deadline.
-    deadline = time.monotonic() + 30
-    got = await get_one(rabbit.url, "crash")
-    while got is None and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
-        got = await get_one(rabbit.url, "crash")
-    assert got == b"confirmed"
+    got: list[bytes | None] = []
+
+    async def recovered() -> bool:
+        got.append(await get_one(rabbit.url, "crash"))
+        return got[-1] is not None
+
+    await wait_until(recovered, timeout_s=30, what="the queue recovered", interval_s=0.2)
+    assert got[-1] == b"confirmed"
 
 
 @pytest.mark.integration

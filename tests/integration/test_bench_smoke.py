@@ -12,9 +12,8 @@ import pytest
 
 from bench.sessions import flat_out, paced
 from bench.systems import SYSTEMS
+from delivery.testing.env import IN_CI
 from delivery.testing.services import Services
-
-from .conftest import IN_CI
 
 pytestmark = pytest.mark.integration
 

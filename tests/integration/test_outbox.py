@@ -7,8 +7,7 @@ import asyncpg
 import pytest
 
 from delivery import publish, publish_many
-
-from .test_pipeline import balance, trade
+from delivery.testing.factories import balance, trade
 
 pytestmark = pytest.mark.integration
 

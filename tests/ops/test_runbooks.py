@@ -13,7 +13,7 @@ import pytest
 from chaos.cli import build_parser
 from chaos.scenarios import SCENARIOS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RUNBOOKS = ROOT / "runbooks"
 SECTION = "## Reproduced by"
 

@@ -7,7 +7,6 @@ The long versions run by hand: ``python -m chaos run all --events 10000`` (see c
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -26,10 +25,11 @@ from chaos.records import Arrival, Redrive, SettledState, SubscriptionSpec, Verd
 from chaos.redrives import HEALED, SPARE
 from chaos.scenarios import SCENARIOS
 from chaos.slack import Slack
+from delivery.testing.env import IN_CI
+from delivery.testing.waits import wait_until
 
 pytestmark = pytest.mark.chaos
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
 SHORT_EVENTS = 300
 SHORT_RATE = 100.0
 
@@ -312,11 +312,11 @@ async def test_proxy_stall_holds_bytes_and_new_connections_until_resumed(echo_pr
 async def test_proxy_cut_reset_refuse_accept(echo_proxy: FaultProxy):
     reader, _w = await _open(echo_proxy)
     await asyncio.sleep(0)  # let the proxy register the connection
-    await _wait(lambda: len(echo_proxy.links) == 1)
+    await wait_until(lambda: len(echo_proxy.links) == 1, timeout_s=30, what="one link")
     assert echo_proxy.cut() == 1
     assert await asyncio.wait_for(reader.read(10), 2) == b""  # FIN
     reader, _w = await _open(echo_proxy)
-    await _wait(lambda: len(echo_proxy.links) == 1)
+    await wait_until(lambda: len(echo_proxy.links) == 1, timeout_s=30, what="one link")
     assert echo_proxy.reset() == 1
     with pytest.raises(ConnectionResetError):
         await asyncio.wait_for(reader.read(10), 2)
@@ -328,13 +328,6 @@ async def test_proxy_cut_reset_refuse_accept(echo_proxy: FaultProxy):
     writer.write(b"again")
     assert await asyncio.wait_for(reader.readexactly(5), 2) == b"again"
     writer.close()
-
-
-async def _wait(condition: object, timeout_s: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 # -- every scenario, short, on one pair of throwaway servers --------------------------------

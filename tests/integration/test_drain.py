@@ -17,12 +17,10 @@ from aiohttp import web
 
 from delivery import publish_many
 from delivery.store import subscriptions
-from delivery.testing.receiver import Behaviour, Receiver
-
-from .conftest import wait_until
-from .test_crash_recovery import _read_until, start_worker
-from .test_guarantees import scripted_subscriber
-from .test_pipeline import trade
+from delivery.testing.factories import trade
+from delivery.testing.receiver import Behaviour, Receiver, scripted_subscriber
+from delivery.testing.waits import wait_until
+from tests.support import read_until, start_worker
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +69,7 @@ async def test_sigterm_lets_the_in_flight_attempt_finish_and_hands_queued_work_b
             # When SIGTERM arrives while the subscriber has not answered yet
             proc.send_signal(signal.SIGTERM)
             assert proc.stderr is not None
-            await asyncio.wait_for(_read_until(proc.stderr, b"shutdown_started"), 30)
+            await asyncio.wait_for(read_until(proc.stderr, b"shutdown_started"), 30)
         finally:
             answer.set()
         assert await asyncio.wait_for(proc.wait(), 60) == 0

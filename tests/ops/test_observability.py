@@ -14,10 +14,10 @@ from structlog.testing import capture_logs
 from delivery import publish
 from delivery.ops.logs import _redact
 from delivery.store import subscriptions
+from delivery.testing.factories import trade
 from delivery.testing.receiver import Behaviour, Receiver
-
-from .conftest import running, settings_env, wait_until
-from .test_pipeline import trade
+from delivery.testing.waits import wait_until
+from tests.support import running, settings_env
 
 pytestmark = pytest.mark.integration
 

@@ -1,34 +1,18 @@
-"""The relay-to-dispatch message format: packs carry exactly the bodies subscribers get."""
+"""The relay-to-dispatch message format: packs carry exactly the bodies subscribers get (pure;
+the round trip through a real broker is in tests/integration/test_wire_broker.py)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
 import aio_pika
-import orjson
 import pytest
 
-from delivery.broker.topology import Names, declare
 from delivery.broker.wire import PACK, decode, event_count, pack_rows
 from delivery.errors import PoisonMessageError
 from delivery.events import envelope_from_row, render_body
-
-
-def _row(pk: int, type_: str = "account.closed", *, redrives: int = 0, tp: str | None = None):
-    return {
-        "pk": pk,
-        "event_id": f"evt_{pk}",
-        "type": type_,
-        "account_id": f"acc_{pk % 3}",
-        "sequence": pk,
-        "occurred_at": datetime(2026, 11, 23, 10, 0, pk % 60, 123456, tzinfo=UTC),
-        "data": orjson.dumps({"reason": "line\nbreak \u00e9", "n": pk}).decode(),
-        "traceparent": tp,
-        "created_at_s": 1_796_000_000.123456 + pk,
-        "redrives": redrives,
-    }
+from delivery.testing.factories import outbox_row
 
 
 def _incoming(message: aio_pika.Message) -> Any:
@@ -40,7 +24,7 @@ def _incoming(message: aio_pika.Message) -> Any:
 
 def test_a_pack_carries_the_exact_bodies_and_per_event_headers_in_order():
     tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-    rows = [_row(i, tp=tp if i == 2 else None) for i in range(1, 6)]
+    rows = [outbox_row(i, tp=tp if i == 2 else None) for i in range(1, 6)]
     (out,) = pack_rows(rows, per_message=50)
     assert out.pks == [1, 2, 3, 4, 5] and out.message.content_type == PACK
     events = decode(_incoming(out.message))
@@ -52,8 +36,8 @@ def test_a_pack_carries_the_exact_bodies_and_per_event_headers_in_order():
 
 
 def test_packs_hold_one_type_at_most_n_events_and_redriven_events_travel_alone():
-    rows = [_row(i, "trade.executed" if i % 2 else "account.closed") for i in range(1, 8)]
-    rows.append(_row(8, redrives=1))
+    rows = [outbox_row(i, "trade.executed" if i % 2 else "account.closed") for i in range(1, 8)]
+    rows.append(outbox_row(8, redrives=1))
     out = pack_rows(rows, per_message=3)
     assert [(o.routing_key, o.pks) for o in out] == [
         ("trade.executed", [1, 3, 5]),  # full: sent
@@ -65,14 +49,14 @@ def test_packs_hold_one_type_at_most_n_events_and_redriven_events_travel_alone()
 
 
 def test_one_event_per_message_is_the_single_format():
-    out = pack_rows([_row(1), _row(2)], per_message=1)
+    out = pack_rows([outbox_row(1), outbox_row(2)], per_message=1)
     assert [o.pks for o in out] == [[1], [2]]
     (event,) = decode(_incoming(out[0].message))
-    assert event.body == render_body(envelope_from_row(_row(1)))
+    assert event.body == render_body(envelope_from_row(outbox_row(1)))
 
 
 def test_a_bad_line_in_a_pack_is_named():
-    (out,) = pack_rows([_row(1), _row(2)], per_message=10)
+    (out,) = pack_rows([outbox_row(1), outbox_row(2)], per_message=10)
     broken = SimpleNamespace(
         body=b"{}\n" + out.message.body.split(b"\n")[1],
         content_type=PACK,
@@ -85,28 +69,3 @@ def test_a_bad_line_in_a_pack_is_named():
     )
     with pytest.raises(PoisonMessageError, match="pack headers do not match"):
         decode(mismatched)
-
-
-@pytest.mark.integration
-async def test_a_pack_survives_a_real_broker_round_trip(settings):
-    names = Names(settings.amqp_prefix)
-    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-    rows = [_row(i, tp=tp if i == 3 else None) for i in range(1, 5)]
-    (out,) = pack_rows(rows, per_message=50)
-    connection = await aio_pika.connect(settings.amqp_url)
-    try:
-        channel = await connection.channel(publisher_confirms=True)
-        topology = await declare(channel, names, delivery_limit=20)
-        await topology.events.publish(out.message, routing_key=out.routing_key, mandatory=True)
-        incoming = await topology.dispatch.get(timeout=10, fail=True)
-        assert incoming is not None
-        events = decode(incoming)
-        await incoming.ack()
-    finally:
-        await connection.close()
-    assert [e.body for e in events] == [render_body(envelope_from_row(r)) for r in rows]
-    assert [e.traceparent for e in events] == [None, None, tp, None]
-    # to the microsecond (AMQP's own float would be 32-bit: 128 s steps at today's epoch)
-    assert [e.created_at_s for e in events] == pytest.approx(
-        [r["created_at_s"] for r in rows], abs=1e-6
-    )

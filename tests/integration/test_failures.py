@@ -17,10 +17,10 @@ from delivery.broker.topology import Names, declare
 from delivery.broker.wire import pack_rows
 from delivery.store import dead_letters as dlq
 from delivery.store import subscriptions
+from delivery.testing.factories import balance, trade
 from delivery.testing.receiver import Behaviour, Receiver
-
-from .conftest import running, wait_until
-from .test_pipeline import balance, trade
+from delivery.testing.waits import wait_until
+from tests.support import run_until_idle, running, start_worker, stop_gracefully
 
 pytestmark = pytest.mark.integration
 
@@ -247,8 +247,6 @@ async def test_circuit_opens_after_consecutive_failures_and_a_probe_closes_it(se
 async def test_sigterm_under_load_hands_back_and_restart_delivers_everything(settings):
     """Drain: stop consuming, let in-flight finish (or hand back), exit 0; after a restart every
     event is delivered (again with the same webhook-id where a crash window allowed)."""
-    from .test_crash_recovery import start_worker, stop_gracefully
-
     settings = settings.model_copy(update={"shutdown_timeout_s": 2.0})
     conn = await asyncpg.connect(settings.database_url)
     async with Receiver() as receiver:
@@ -293,22 +291,16 @@ async def test_events_lost_by_the_broker_after_their_confirm_are_redriven(settin
         await subscriptions.add(conn, url=receiver.url("/h"), patterns="*")
         await publish_many(conn, [trade(i, id=f"evt_{i}") for i in range(20)])
         # Relay only: the events reach the queue and are marked published.
-        async with running(settings, worker=False):
-            await wait_until(
-                lambda: conn.fetchval(
-                    "SELECT count(*) = 20 FROM delivery.outbox WHERE published_at IS NOT NULL"
-                ),
-                timeout_s=30,
-                what="all published",
-            )
+        await run_until_idle(settings, worker=False)
         connection = await _aio_pika.connect(settings.amqp_url)
         channel = await connection.channel()
         await channel.queue_delete(Names(settings.amqp_prefix).dispatch_queue)
         await connection.close()
-        async with running(settings):
-            await receiver.wait_for(
-                lambda r: len(r.unique_ids()) == 20, timeout_s=90, what="every event redriven"
-            )
+        # Until no work is left: published events that never reached the inbox are work (the
+        # relay's sweep owes them a redrive)
+        await run_until_idle(settings, timeout_s=90)
+        assert len(receiver.unique_ids()) == 20
+        assert receiver.duplicates() == {}
         assert await conn.fetchval("SELECT min(redrives) FROM delivery.outbox") == 1
         # Each redrive is logged: by the relay's sweep, with the publish it gave up for lost
         log = await conn.fetch(
@@ -332,14 +324,12 @@ async def test_a_subscriber_gets_no_more_requests_than_its_slots_while_more_work
         receiver.set_behaviour("/slow", Behaviour(delay_s=0.05))
         await subscriptions.add(conn, url=receiver.url("/slow"), patterns="*")
         events = [trade(i, account=f"acc_{i % 4}", id=f"evt_{i:03d}") for i in range(120)]
-        async with running(settings):
-            await publish_many(conn, events)
-            await receiver.wait_for(
-                lambda r: r.unique_count("/slow") == 120, timeout_s=60, what="every delivery"
-            )
+        await publish_many(conn, events)
+        await run_until_idle(settings)
+        assert receiver.unique_count("/slow") == 120
+        assert receiver.duplicates() == {}
         # The process held up to 12 of this subscriber's deliveries, but only 3 went out at once.
         assert receiver.max_concurrent("/slow") == 3
-        assert receiver.duplicates() == {}
     await conn.close()
 
 
@@ -392,8 +382,8 @@ async def test_a_pack_dead_lettered_past_the_delivery_limit_is_redriven_event_by
         ids = [f"evt_pack_{i}" for i in range(5)]
         # Given the first event dispatched and delivered already
         await publish_many(conn, [trade(0, id=ids[0])])
-        async with running(settings):
-            await receiver.wait_for(lambda r: ids[0] in r.unique_ids(), timeout_s=30, what="one")
+        await run_until_idle(settings)
+        assert receiver.unique_ids() == {ids[0]}
         await publish_many(conn, [trade(i, id=ids[i]) for i in range(1, 5)])
         # and a pack of all five, confirmed (rows marked published), then returned to the
         # queue until the broker dead-letters it
@@ -412,11 +402,11 @@ async def test_a_pack_dead_lettered_past_the_delivery_limit_is_redriven_event_by
             await message.nack(requeue=True)
         assert await topology.dispatch.get(timeout=5, fail=False) is None
         await connection.close()
-        # When the platform runs, then every event is delivered once and nothing is poison
-        async with running(settings):
-            await receiver.wait_for(
-                lambda r: r.unique_ids() == set(ids), timeout_s=60, what="the pack's events"
-            )
+        # When the platform runs until no work is left, then every event is delivered once
+        # (the one dispatched before, too) and nothing is poison
+        await run_until_idle(settings)
+        assert receiver.unique_ids() == set(ids)
+        assert receiver.duplicates() == {}
         assert await conn.fetchval("SELECT count(*) FROM delivery.poison_messages") == 0
         redrives = dict(await conn.fetch("SELECT event_id, redrives FROM delivery.outbox"))
         assert redrives == {ids[0]: 0} | {i: 1 for i in ids[1:]}
@@ -427,5 +417,4 @@ async def test_a_pack_dead_lettered_past_the_delivery_limit_is_redriven_event_by
             )
         )
         assert by == {i: "poison" for i in ids[1:]}  # the dead-letter recorder's, not the sweep's
-        assert receiver.duplicates() == {}
     await conn.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import aio_pika
@@ -26,7 +26,10 @@ from delivery.ops.health import Health
 from delivery.settings import Settings
 from delivery.store import subscriptions
 from delivery.store.pool import create_pool
-from delivery.testing.receiver import Arrival, Behaviour, Receiver
+from delivery.testing.factories import balance, trade
+from delivery.testing.metrics import counter_value
+from delivery.testing.receiver import Arrival, Behaviour, Receiver, scripted_subscriber
+from delivery.testing.waits import wait_until
 from delivery.worker.deliverer import Deliverer
 from delivery.worker.dispatch import Dispatcher
 from delivery.worker.jobs import subscription_hold_cap
@@ -34,32 +37,12 @@ from delivery.worker.outcomes import AttemptOutcome, OutcomeRecorder
 from delivery.worker.retry import Decision, Outcome
 from delivery.worker.scheduler import Scheduler
 from delivery.worker.sender import AttemptResult, Sender
-
-from .conftest import running, wait_until
-from .test_pipeline import _counter_value, balance, trade
+from tests.support import running
 
 pytestmark = pytest.mark.integration
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def scripted_subscriber(
-    answer: Callable[[web.Request], Awaitable[web.StreamResponse]],
-) -> AsyncIterator[str]:
-    """A subscriber that answers every POST with ``answer`` (what ``Receiver`` cannot say: a
-    redirect with a ``Location``, a long body); yields its base URL."""
-    app = web.Application()
-    app.router.add_post("/{tail:.*}", answer)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
 
 
 async def backends_waiting_for_a_lock(conn: asyncpg.Connection) -> int:
@@ -174,7 +157,7 @@ async def test_a_returned_publish_is_never_marked_published_and_goes_out_once_ro
     stop = asyncio.Event()
 
     def returned() -> float:
-        return _counter_value("delivery_relay_publish_failures_total", reason="returned")
+        return counter_value("delivery_relay_publish_failures_total", reason="returned")
 
     published = "SELECT published_at IS NOT NULL FROM delivery.outbox WHERE event_id = $1"
 

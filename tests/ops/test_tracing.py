@@ -23,11 +23,11 @@ from delivery.errors import ConfigError
 from delivery.ops import tracing
 from delivery.settings import Settings
 from delivery.store import subscriptions
-from delivery.testing.processes import environment_without_settings
+from delivery.testing.env import environment_without_settings
+from delivery.testing.factories import trade
 from delivery.testing.receiver import Behaviour, Receiver
-
-from .conftest import running, wait_until
-from .test_pipeline import trade
+from delivery.testing.waits import wait_until
+from tests.support import running
 
 STORED = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 

@@ -21,13 +21,13 @@ from delivery.broker.wire import decode, pack_rows
 from delivery.settings import Settings
 from delivery.store import subscriptions
 from delivery.store.pool import create_pool
+from delivery.testing.factories import trade
 from delivery.testing.receiver import Receiver
+from delivery.testing.waits import wait_until
 from delivery.worker.outcomes import AttemptOutcome, OutcomeRecorder
 from delivery.worker.retry import RetryPolicy, decide
 from delivery.worker.sender import AttemptResult
-
-from .conftest import running, wait_until
-from .test_pipeline import trade
+from tests.support import running
 
 pytestmark = pytest.mark.integration
 

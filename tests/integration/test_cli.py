@@ -11,9 +11,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from delivery.testing.processes import environment_without_settings
-
-from .conftest import settings_env
+from delivery.testing.env import environment_without_settings
+from tests.support import settings_env
 
 pytestmark = pytest.mark.integration
 

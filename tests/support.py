@@ -1,0 +1,117 @@
+"""The platform process for tests: in this event loop (``running``, ``run_until_idle``) or as
+``python -m delivery`` subprocesses (``start_worker``) on a test's isolated services.
+
+These need ``workers.process`` (the process composition, above the library), so they live
+here rather than in ``delivery.testing``, which the library's layers may not reach past. Test
+modules import helpers from here and from ``delivery.testing``, never from each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import AsyncIterator
+
+from delivery.ops.health import Health
+from delivery.settings import Settings
+from delivery.testing.env import environment_without_settings
+from delivery.testing.waits import wait_until
+from workers.process import run_process
+
+
+@contextlib.asynccontextmanager
+async def running(
+    settings: Settings, *, relay: bool = True, worker: bool = True
+) -> AsyncIterator[Health]:
+    """Run the pipeline in this event loop until the block exits (then drain and stop)."""
+    stop = asyncio.Event()
+    holder: list[Health] = []
+    task = asyncio.create_task(
+        run_process(
+            settings,
+            relay=relay,
+            worker=worker,
+            stop=stop,
+            ready=holder.append,
+            handle_signals=False,
+        )
+    )
+    try:
+        await wait_until(
+            lambda: task.done() or (holder and holder[0].ready), timeout_s=30, what="ready"
+        )
+        if task.done():
+            task.result()  # raise the start-up error
+        yield holder[0]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def run_until_idle(
+    settings: Settings, *, relay: bool = True, worker: bool = True, timeout_s: float = 60.0
+) -> None:
+    """Run the pipeline in this event loop until no work is left (burst mode: the rule is in
+    ``delivery.worker.burst``), then drain and return; ``TimeoutError`` naming what was left
+    if that takes longer than ``timeout_s``. Afterwards, what arrived is all that will."""
+    await run_process(
+        settings,
+        relay=relay,
+        worker=worker,
+        handle_signals=False,
+        until_idle=True,
+        idle_timeout_s=timeout_s,
+    )
+
+
+def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment a `delivery` subprocess needs to act on this test's isolated services."""
+    env = environment_without_settings()
+    env.update(
+        DELIVERY_DATABASE_URL=settings.database_url,
+        DELIVERY_AMQP_URL=settings.amqp_url,
+        DELIVERY_AMQP_PREFIX=settings.amqp_prefix,
+        DELIVERY_ADMIN_PORT="0",
+        DELIVERY_RELAY_POLL_INTERVAL_S=str(settings.relay_poll_interval_s),
+        DELIVERY_SCHEDULER_POLL_INTERVAL_S=str(settings.scheduler_poll_interval_s),
+        DELIVERY_RETRY_SCHEDULE=",".join(f"{int(s * 1000)}ms" for s in settings.retry_schedule_s),
+        DELIVERY_DELIVERY_LEASE_S=str(settings.delivery_lease_s),
+        DELIVERY_HTTP_TIMEOUT_S=str(settings.http_timeout_s),
+        DELIVERY_SHUTDOWN_TIMEOUT_S=str(settings.shutdown_timeout_s),
+        DELIVERY_LOG_FORMAT="json",
+    )
+    env.update(extra)
+    return env
+
+
+async def start_worker(
+    settings: Settings, command: str = "worker", **env: str
+) -> asyncio.subprocess.Process:
+    """``python -m delivery <command>`` on this test's services (stderr piped, for its log)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "delivery",
+        command,
+        env=settings_env(settings, **env),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def stop_gracefully(proc: asyncio.subprocess.Process, timeout_s: float = 20) -> int:
+    """SIGTERM, and the exit code once it has drained."""
+    proc.send_signal(signal.SIGTERM)
+    return await asyncio.wait_for(proc.wait(), timeout_s)
+
+
+async def read_until(stream: asyncio.StreamReader, marker: bytes) -> None:
+    """Read lines until one contains ``marker``; ``AssertionError`` if the stream ends first."""
+    while True:
+        line = await stream.readline()
+        if not line:
+            raise AssertionError(f"stream ended before {marker!r}")
+        if marker in line:
+            return
