@@ -205,6 +205,14 @@ _MUTANTS: tuple[Mutant, ...] = (
         "publish fails",
         guarantee=OUTBOX,
     ),
+    Mutant(
+        "outbox-duplicate-reported-published",
+        "delivery/outbox.py",
+        (("            if event.id in inserted:\n", "            if True:\n"),),
+        "a duplicate id is reported as published, so a producer cannot tell a retry from a "
+        "new event",
+        guarantee=OUTBOX,
+    ),
     # -- scheduler ----------------------------------------------------------------------------
     Mutant(
         "scheduler-ignores-retry-time",
@@ -542,6 +550,10 @@ KILLS: dict[str, tuple[str, ...]] = {
     "poison-redrive-logged-as-sweep": (
         "tests/integration/test_failures.py::"
         "test_a_pack_dead_lettered_past_the_delivery_limit_is_redriven_event_by_event",
+    ),
+    "outbox-duplicate-reported-published": (
+        "tests/integration/test_outbox.py::"
+        "test_a_duplicate_id_is_reported_and_leaves_the_accounts_counter_alone",
     ),
     "dispatch-ack-before-commit": (
         _G + "test_a_message_is_acked_only_after_its_batch_commits_so_a_crash_in_between_loses_nothing",
