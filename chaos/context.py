@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,8 +16,9 @@ from chaos.cluster import Cluster
 from chaos.metrics import MetricsSampler
 from chaos.producer import Producer
 from delivery.testing.receiver import Receiver
+from delivery.testing.waits import wait_until
 
-__all__ = ["FaultLog", "FaultWindow", "RunContext", "wait_until"]
+__all__ = ["FaultLog", "FaultWindow", "RunContext"]
 
 
 @dataclass
@@ -61,26 +62,6 @@ class FaultLog:
     def last_end(self) -> float | None:
         ends = [w.end for w in self.windows if w.end is not None]
         return max(ends, default=None)
-
-
-async def wait_until(
-    condition: Callable[[], Awaitable[bool] | bool],
-    *,
-    timeout_s: float,
-    what: str,
-    interval_s: float = 0.1,
-) -> None:
-    """Poll a (sync or async) condition until it holds; TimeoutError naming ``what``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = condition()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:g}s waiting for {what}")
-        await asyncio.sleep(interval_s)
 
 
 @dataclass

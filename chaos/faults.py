@@ -17,10 +17,11 @@ import aio_pika
 import asyncpg
 
 from chaos.cluster import AlarmKind
-from chaos.context import RunContext, wait_until
+from chaos.context import RunContext
 from chaos.processes import ManagedProcess, Role
 from delivery.testing.postgres import StopMode
 from delivery.testing.receiver import Behaviour
+from delivery.testing.waits import wait_until
 
 __all__ = [
     "consumers_back",

@@ -11,13 +11,14 @@ import structlog
 
 from chaos.checker import check
 from chaos.cluster import PLATFORM_ENV
-from chaos.context import RunContext, wait_until
+from chaos.context import RunContext
 from chaos.records import Arrival, Verdict
 from chaos.report import write_arrivals
 from chaos.scenarios import SUBSCRIPTIONS, Scenario
 from chaos.settle import read_state, wait_settled
 from chaos.slack import Slack
 from delivery.testing.receiver import Behaviour, Receiver
+from delivery.testing.waits import wait_until
 
 __all__ = ["drive"]
 

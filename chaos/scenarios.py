@@ -16,11 +16,12 @@ from typing import Any
 
 from chaos import faults
 from chaos.cluster import AlarmKind, Layout
-from chaos.context import RunContext, wait_until
+from chaos.context import RunContext
 from chaos.records import SubscriptionSpec, Verdict
 from chaos.redrives import HEALED, SPARE
 from delivery.testing.postgres import StopMode
 from delivery.testing.receiver import Behaviour
+from delivery.testing.waits import wait_until
 
 __all__ = ["SCENARIOS", "SUBSCRIPTIONS", "Scenario"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Callable
 
@@ -15,7 +16,7 @@ async def wait_until(
     deadline = time.monotonic() + timeout_s
     while True:
         result = condition()
-        if asyncio.iscoroutine(result):
+        if inspect.isawaitable(result):
             result = await result
         if result:
             return
