@@ -28,6 +28,7 @@ from delivery.cli.parser import build_parser
 from delivery.settings import Settings
 from delivery.store import subscriptions
 from delivery.testing.env import IN_CI
+from delivery.testing.factories import trade
 from delivery.testing.processes import ProvisionError, free_port
 from delivery.testing.rabbitmq import LocalRabbitMQ
 from delivery.testing.waits import wait_until
@@ -441,22 +442,6 @@ async def _scalar(http: aiohttp.ClientSession, base: str, expr: str) -> float | 
     return float(result[0]["value"][1]) if result else None
 
 
-def _trade(i: int) -> dict[str, object]:
-    return {
-        "type": "trade.executed",
-        "account_id": f"acc_ops_{i % 3}",
-        "data": {
-            "trade_id": f"t{i}",
-            "order_id": f"o{i}",
-            "instrument": "BTC-USD",
-            "side": "buy",
-            "quantity": "0.25",
-            "price": "64000.50",
-            "executed_at": "2026-01-01T00:00:00Z",
-        },
-    }
-
-
 @pytest.mark.integration
 async def test_every_promql_expression_runs_on_prometheus_scraping_a_running_pipeline(
     settings: Settings, tmp_path: Path
@@ -490,7 +475,7 @@ async def test_every_promql_expression_runs_on_prometheus_scraping_a_running_pip
 
                     # When events are published and delivered
                     async with conn.transaction():
-                        await publish_many(conn, [_trade(i) for i in range(5)])
+                        await publish_many(conn, [trade(i, account=f"acc_ops_{i % 3}") for i in range(5)])
                     await wait_until(lambda: len(set(seen)) >= 5, timeout_s=30, what="5 webhooks")
 
                     # Then the counters Prometheus scrapes moved
@@ -624,7 +609,7 @@ async def test_readyz_turns_503_while_rabbitmq_is_down_and_200_when_it_is_back(
             await asyncio.to_thread(rabbit.set_memory_alarm, True)
             conn = await asyncpg.connect(settings.database_url)
             try:
-                await publish_many(conn, [_trade(i) for i in range(20)])
+                await publish_many(conn, [trade(i, account=f"acc_ops_{i % 3}") for i in range(20)])
                 await _wait_for_status(
                     http, admin_port, 503, timeout_s=30, when="during a memory alarm"
                 )
