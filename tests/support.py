@@ -16,8 +16,13 @@ from collections.abc import AsyncIterator
 
 from delivery.ops.health import Health
 from delivery.settings import Settings
+from delivery.store.pool import create_pool
 from delivery.testing.env import environment_without_settings
 from delivery.testing.waits import wait_until
+from delivery.worker.deliverer import Deliverer
+from delivery.worker.dispatch import Dispatcher
+from delivery.worker.scheduler import Scheduler
+from delivery.worker.sender import Sender
 from workers.process import run_process
 
 
@@ -115,3 +120,20 @@ async def read_until(stream: asyncio.StreamReader, marker: bytes) -> None:
             raise AssertionError(f"stream ended before {marker!r}")
         if marker in line:
             return
+
+
+@contextlib.asynccontextmanager
+async def hand_driven_dispatcher(settings: Settings) -> AsyncIterator[tuple[Deliverer, Dispatcher]]:
+    """A dispatcher wired to its deliverer and scheduler as a worker wires them, none of them
+    running: the test drives dispatch itself (``dispatch_batch``, or ``run``)."""
+    pool = await create_pool(settings.database_url, min_size=1, max_size=4)
+    try:
+        async with Sender(
+            max_connections=8, connect_timeout_s=1, timeout_s=1, excerpt_bytes=100
+        ) as sender:
+            deliverer = Deliverer(settings, pool, sender)
+            health = Health()
+            scheduler = Scheduler(settings, pool, deliverer, health)
+            yield deliverer, Dispatcher(settings, pool, deliverer, scheduler, health)
+    finally:
+        await pool.close()

@@ -31,13 +31,12 @@ from delivery.testing.metrics import counter_value
 from delivery.testing.receiver import Arrival, Behaviour, Receiver, scripted_subscriber
 from delivery.testing.waits import wait_until
 from delivery.worker.deliverer import Deliverer
-from delivery.worker.dispatch import Dispatcher
 from delivery.worker.jobs import subscription_hold_cap
 from delivery.worker.outcomes import AttemptOutcome, OutcomeRecorder
 from delivery.worker.retry import Decision, Outcome
 from delivery.worker.scheduler import Scheduler
 from delivery.worker.sender import AttemptResult, Sender
-from tests.support import running
+from tests.support import hand_driven_dispatcher, running
 
 pytestmark = pytest.mark.integration
 
@@ -102,16 +101,8 @@ async def test_a_message_is_acked_only_after_its_batch_commits_so_a_crash_in_bet
                 timeout_s=30,
                 what="the event published",
             )
-        pool = await create_pool(settings.database_url, min_size=1, max_size=4)
         blocker = await asyncpg.connect(settings.database_url)
-        async with Sender(
-            max_connections=8, connect_timeout_s=1, timeout_s=1, excerpt_bytes=100
-        ) as sender:
-            deliverer = Deliverer(settings, pool, sender)
-            health = Health()
-            dispatcher = Dispatcher(
-                settings, pool, deliverer, Scheduler(settings, pool, deliverer, health), health
-            )
+        async with hand_driven_dispatcher(settings) as (_deliverer, dispatcher):
             # Given the dispatch commit cannot go through (its inbox insert waits for a lock)
             await blocker.execute("BEGIN; LOCK TABLE delivery.inbox IN EXCLUSIVE MODE")
             dispatching = asyncio.create_task(dispatcher.run(asyncio.Event()))
@@ -126,7 +117,6 @@ async def test_a_message_is_acked_only_after_its_batch_commits_so_a_crash_in_bet
                 await dispatching
             await blocker.execute("ROLLBACK")
         await blocker.close()
-        await pool.close()
         assert await conn.fetchval("SELECT count(*) FROM delivery.inbox") == 0
         # Then the broker still has the event, and the next worker delivers it
         async with running(settings, relay=False):

@@ -23,11 +23,7 @@ from delivery.testing.factories import add_subscription, balance, trade
 from delivery.testing.metrics import counter_value
 from delivery.testing.receiver import Receiver
 from delivery.testing.waits import wait_until
-from delivery.worker.deliverer import Deliverer
-from delivery.worker.dispatch import Dispatcher
-from delivery.worker.scheduler import Scheduler
-from delivery.worker.sender import Sender
-from tests.support import run_until_idle, running
+from tests.support import hand_driven_dispatcher, run_until_idle, running
 
 pytestmark = pytest.mark.integration
 
@@ -267,15 +263,7 @@ async def test_a_dispatch_cancelled_mid_batch_gives_its_capacity_back(settings):
     for out in pack_rows(rows, 50):
         await topology.events.publish(out.message, routing_key=out.routing_key)
     message = await topology.dispatch.get(timeout=5)
-    pool = await create_pool(settings.database_url, min_size=1, max_size=4)
-    async with Sender(
-        max_connections=8, connect_timeout_s=1, timeout_s=1, excerpt_bytes=100
-    ) as sender:
-        deliverer = Deliverer(settings, pool, sender)
-        health = Health()
-        dispatcher = Dispatcher(
-            settings, pool, deliverer, Scheduler(settings, pool, deliverer, health), health
-        )
+    async with hand_driven_dispatcher(settings) as (deliverer, dispatcher):
         free = deliverer.capacity.free_slots()
         blocker = await asyncpg.connect(settings.database_url)
         await blocker.execute("BEGIN; LOCK TABLE delivery.inbox IN EXCLUSIVE MODE")
@@ -291,7 +279,6 @@ async def test_a_dispatch_cancelled_mid_batch_gives_its_capacity_back(settings):
         assert deliverer.capacity.free_slots() == free
         await blocker.execute("ROLLBACK")
         await blocker.close()
-    await pool.close()
     await connection.close()
     await conn.close()
 
@@ -311,15 +298,7 @@ async def test_copies_of_an_event_in_one_batch_count_as_redeliveries(settings):
     for out in pack_rows(rows, 50) + pack_rows([rows[0]], 1) * 3:
         await topology.events.publish(out.message, routing_key=out.routing_key)
     pack, copy, *later = [await topology.dispatch.get(timeout=5) for _ in range(4)]
-    pool = await create_pool(settings.database_url, min_size=1, max_size=4)
-    async with Sender(
-        max_connections=8, connect_timeout_s=1, timeout_s=1, excerpt_bytes=100
-    ) as sender:
-        deliverer = Deliverer(settings, pool, sender)
-        health = Health()
-        dispatcher = Dispatcher(
-            settings, pool, deliverer, Scheduler(settings, pool, deliverer, health), health
-        )
+    async with hand_driven_dispatcher(settings) as (_deliverer, dispatcher):
         await dispatcher.dispatch_batch([pack, copy], asyncio.Event())
         counts = dict(await conn.fetch("SELECT event_id, redeliveries FROM delivery.inbox"))
         assert counts == {"evt_twice": 1, "evt_once": 0}
@@ -331,6 +310,5 @@ async def test_copies_of_an_event_in_one_batch_count_as_redeliveries(settings):
             )
             == 3
         )
-    await pool.close()
     await connection.close()
     await conn.close()
