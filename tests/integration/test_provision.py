@@ -130,8 +130,13 @@ async def get_one(url: str, queue_name: str) -> bytes | None:
     try:
         channel = await connection.channel()
         queue = await channel.declare_queue(queue_name, durable=True)
-        message = await queue.get(no_ack=True, fail=False, timeout=5)
-        return None if message is None else message.body
+        # Acked only once read: a get that times out on a loaded machine leaves the message in
+        # the queue (with no_ack it would be gone, and the next poll would find nothing).
+        message = await queue.get(no_ack=False, fail=False, timeout=5)
+        if message is None:
+            return None
+        await message.ack()
+        return message.body
     finally:
         await connection.close()
 
