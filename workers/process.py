@@ -102,6 +102,12 @@ async def run_process(
     naming it.
     """
     tracing.start(settings)  # first: enabled without the extra stops here, before any I/O
+    if switches := settings.test_only_switches():
+        log.critical(
+            "test_only_switches_active",
+            switches=switches,
+            meaning="this process is broken on purpose for a test; never run it in production",
+        )
     stop = stop or asyncio.Event()
     force = asyncio.Event()
     health = Health()
