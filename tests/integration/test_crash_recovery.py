@@ -12,6 +12,7 @@ import asyncio
 import signal
 
 import asyncpg
+import orjson
 import pytest
 
 from delivery import publish
@@ -37,6 +38,12 @@ async def test_killed_before_recording_the_success_delivers_again_with_same_webh
                 settings, **test_only_switches(DELIVERY_DANGEROUS_CRASH_POINT="after_post")
             )
             assert await asyncio.wait_for(doomed.wait(), 60) == 137
+            assert doomed.stderr is not None
+            # A process running with a test-only switch says so, loudly, at start-up
+            lines = [orjson.loads(line) for line in (await doomed.stderr.read()).splitlines()]
+            (warning,) = [e for e in lines if e["event"] == "test_only_switches_active"]
+            assert warning["level"] == "critical"
+            assert warning["switches"] == ["DELIVERY_DANGEROUS_CRASH_POINT"]
             assert [a.webhook_id for a in receiver.delivered()] == ["evt_crash_post"]
             row = await conn.fetchrow("SELECT state, lease_until FROM delivery.deliveries")
             assert row["state"] == "pending" and row["lease_until"] is not None
