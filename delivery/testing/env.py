@@ -23,7 +23,7 @@ def environment_without_settings(*also: str) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
 
 
-def test_only_switches(**switches: str) -> dict[str, str]:
+def harness_switches(**switches: str) -> dict[str, str]:
     """``DELIVERY_DANGEROUS_*`` variables for a process a test harness starts, with the marker
     without which the platform refuses them (``DELIVERY_TEST_HARNESS``)."""
     return {**switches, TEST_HARNESS_VARIABLE: "true"}

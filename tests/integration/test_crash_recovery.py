@@ -17,7 +17,7 @@ import pytest
 
 from delivery import publish
 from delivery.store import subscriptions
-from delivery.testing.env import test_only_switches
+from delivery.testing.env import harness_switches
 from delivery.testing.factories import trade
 from delivery.testing.receiver import Behaviour, Receiver
 from delivery.testing.waits import wait_until
@@ -35,7 +35,7 @@ async def test_killed_before_recording_the_success_delivers_again_with_same_webh
         await publish(conn, trade(1, id="evt_crash_post"))
         async with running(settings, worker=False):
             doomed = await start_worker(
-                settings, **test_only_switches(DELIVERY_DANGEROUS_CRASH_POINT="after_post")
+                settings, **harness_switches(DELIVERY_DANGEROUS_CRASH_POINT="after_post")
             )
             assert await asyncio.wait_for(doomed.wait(), 60) == 137
             assert doomed.stderr is not None
@@ -73,7 +73,7 @@ async def test_killed_after_recording_the_success_never_posts_again(settings):
         await publish(conn, trade(1, id="evt_crash_record"))
         async with running(settings, worker=False):
             doomed = await start_worker(
-                settings, **test_only_switches(DELIVERY_DANGEROUS_CRASH_POINT="after_record")
+                settings, **harness_switches(DELIVERY_DANGEROUS_CRASH_POINT="after_record")
             )
             assert await asyncio.wait_for(doomed.wait(), 60) == 137
             assert await conn.fetchval("SELECT state FROM delivery.deliveries") == "delivered"

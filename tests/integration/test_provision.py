@@ -20,6 +20,7 @@ from delivery.testing.env import IN_CI
 from delivery.testing.postgres import LocalPostgres, find_postgres_bindir
 from delivery.testing.processes import ProvisionError, free_port
 from delivery.testing.rabbitmq import LocalRabbitMQ
+from delivery.testing.rabbitmq_probes import rabbit_error
 from delivery.testing.services import (
     ENV_AMQP_URL,
     ENV_DATABASE_URL,
@@ -363,16 +364,24 @@ async def test_rabbitmq_kill_leaves_no_process_and_confirmed_messages_survive(
     # Polled until the message is read, with a deadline only a failure reaches: on a loaded
     # machine the first gets after a kill -9 can time out or fail while the node settles, and
     # each must leave the message for the next (see the test above).
-    got: list[bytes | None] = []
+    got: list[object] = []  # each poll's message body, None (queue empty) or error
 
     async def recovered() -> bool:
         try:
             got.append(await get_one(rabbit.url, "crash"))
-        except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError):
+        except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError) as exc:
+            got.append(exc)
             return False  # still booting its queues
         return got[-1] is not None
 
-    await wait_until(recovered, timeout_s=120, what="the queue recovered", interval_s=0.2)
+    try:
+        await wait_until(recovered, timeout_s=120, what="the queue recovered", interval_s=0.2)
+    except TimeoutError:
+        # Say why, for the next time it fails: what the gets answered, and the node's log.
+        pytest.fail(
+            f"no message after {len(got)} polls (first {got[0]!r}, last {got[-1]!r}); "
+            f"node log: {rabbit_error(rabbit.log_path)}"
+        )
     assert got[-1] == b"confirmed"
 
 
