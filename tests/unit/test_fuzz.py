@@ -351,3 +351,9 @@ def test_retry_after_a_digit_python_calls_a_digit_but_float_refuses_is_ignored()
     now = datetime(2026, 1, 1, tzinfo=UTC)
     assert parse_retry_after_s("Thu, 01 Jan 2026 00:00:30 GMT", now=now) == 30
     assert parse_retry_after_s("30", now=now - timedelta(days=1)) == 30
+
+
+def test_a_pack_that_claims_no_events_still_counts_as_one_message_to_answer():
+    # Found by the decoder property: an empty header list counted as 0 events.
+    empty = SimpleNamespace(body=b"", content_type=PACK, headers={"x-created-at-us": []})
+    assert event_count(empty) == 1
