@@ -100,6 +100,18 @@ class Settings(BaseSettings):
 
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # The NO_COLOR convention (no-color.org): set and not empty, the console log has no colours.
+    no_color: bool = Field(default=False, validation_alias="NO_COLOR")
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("no_color", mode="before")
+    @classmethod
+    def _present(cls, value: Any) -> Any:
+        return value != "" if isinstance(value, str) else value
 
     @field_validator("retry_schedule_s", mode="before")
     @classmethod

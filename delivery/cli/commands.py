@@ -90,7 +90,7 @@ async def cmd_process(args: argparse.Namespace, settings: Settings) -> int:
     from delivery.runner import process_runner
 
     run_process = process_runner()
-    configure_logging(settings.log_format, settings.log_level)
+    configure_logging(settings.log_format, settings.log_level, no_color=settings.no_color)
     role = args.command
     await run_process(settings, relay=role in ("run", "relay"), worker=role in ("run", "worker"))
     return EXIT_OK
