@@ -64,7 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("url")
     add.add_argument("--events", required=True, help="comma-separated globs: trade.*,account.*")
     add.add_argument("--account", help="only this account's events")
-    add.add_argument("--secret", help="whsec_... (default: generated)")
+    given = add.add_mutually_exclusive_group()
+    given.add_argument(
+        "--secret", help="whsec_... (default: generated; visible in ps, prefer --secret-file)"
+    )
+    given.add_argument(
+        "--secret-file",
+        metavar="PATH",
+        help="read the whsec_... secret from this file, or from standard input with -",
+    )
     add.add_argument("--retry-schedule", help="e.g. 5s,5m,30m (default: DELIVERY_RETRY_SCHEDULE)")
     add.add_argument(
         "--timeout", type=float, help="seconds per attempt (default: DELIVERY_HTTP_TIMEOUT_S)"
@@ -82,11 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument(
         "--poison", action="store_true", help="messages no worker could process, not deliveries"
     )
-    for action in ("replay", "purge"):
-        p = dlq_actions.add_parser(action, help=f"{action} dead letters")
+    replay = dlq_actions.add_parser("replay", help="send dead letters again (same webhook-id)")
+    purge = dlq_actions.add_parser("purge", help="drop dead letters (asks first on a terminal)")
+    for p in (replay, purge):
         p.add_argument("ids", nargs="*", metavar="ID")
         p.add_argument("--subscription")
         p.add_argument("--all", action="store_true")
+    purge.add_argument(
+        "--yes",
+        "-y",
+        action="store_true",
+        help="do not ask (required when standard input is not a terminal)",
+    )
 
     commands.add_parser("status", help="backlog, queues and subscriptions at a glance")
 

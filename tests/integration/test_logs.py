@@ -78,6 +78,7 @@ async def test_a_json_log_is_all_json_library_records_included(settings):
         DELIVERY_AMQP_URL=UNREACHABLE_AMQP,
         DELIVERY_LOG_FORMAT="JSON",  # any case
         DELIVERY_LOG_LEVEL="Info",
+        DELIVERY_MAX_INFLIGHT="64",  # a typo: warned about in the log, in its format
     ) as (proc, lines):
         await wait_until(
             lambda: (
@@ -98,6 +99,9 @@ async def test_a_json_log_is_all_json_library_records_included(settings):
     assert all(r["level"] == "error" and "timestamp" in r for r in from_aiormq)
     ours = {r["logger"] for r in records if r["event"] == "amqp_connect_retry"}
     assert ours == {"delivery.amqp"}
+    [typo] = [r for r in records if r["event"] == "unknown_setting"]
+    assert "did you mean DELIVERY_MAX_IN_FLIGHT?" in typo["warning"]
+    assert typo["level"] == "warning"
 
 
 async def test_attempt_lines_carry_the_trace_and_span_ids_when_tracing_is_on(settings):
