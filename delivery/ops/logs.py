@@ -45,6 +45,30 @@ def level_number(level: str) -> int:
     return logging.getLevelNamesMapping()[level.upper()]
 
 
+class _Writer(structlog.WriteLogger):
+    """structlog's writer (flushed per line, one lock per file) with a name: the ``logger``
+    field of our own lines."""
+
+    def __init__(self, file: TextIO, name: str) -> None:
+        super().__init__(file)
+        self.name = name
+
+
+class _Handler(logging.Handler):
+    """The standard library's records, rendered by structlog and written by structlog's writer
+    (under the same lock as our own lines, so two lines never mix)."""
+
+    def __init__(self, writer: _Writer) -> None:
+        super().__init__()
+        self._writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._writer.msg(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
 def configure_logging(
     fmt: Literal["auto", "json", "console"] = "auto",
     level: str = "info",
@@ -67,17 +91,19 @@ def configure_logging(
         _add_trace_ids,
         _redact,
     ]
-    rendering: list[structlog.types.Processor] = [
-        structlog.stdlib.ProcessorFormatter.remove_processors_meta
-    ]
+    rendering: list[structlog.types.Processor]
     if fmt == "json" or (fmt == "auto" and not tty):
-        rendering += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+        rendering = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
         # The console renderer formats exceptions itself (format_exc_info would flatten them).
-        rendering.append(structlog.dev.ConsoleRenderer(colors=tty and not no_color))
-    handler = logging.StreamHandler(out)
+        rendering = [structlog.dev.ConsoleRenderer(colors=tty and not no_color)]
+    # The libraries' records (aiormq, asyncio, warnings): the same processors and renderer.
+    handler = _Handler(_Writer(out, "logging"))
     handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(foreign_pre_chain=shared, processors=rendering)
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *rendering],
+        )
     )
     root = logging.getLogger()
     if _installed is not None:
@@ -86,9 +112,11 @@ def configure_logging(
     root.setLevel(level_number(level))
     _installed = handler
     logging.captureWarnings(True)
+    # Our own lines go straight to the writer: the standard library's machinery would cost
+    # about three times as much per line.
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        processors=[*shared, *rendering],
         wrapper_class=structlog.make_filtering_bound_logger(level_number(level)),
-        logger_factory=structlog.stdlib.LoggerFactory(),
+        logger_factory=lambda *names: _Writer(out, str(names[0]) if names else "delivery"),
         cache_logger_on_first_use=True,
     )
