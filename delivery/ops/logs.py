@@ -1,9 +1,9 @@
 """structlog set-up: JSON lines in production, readable in a terminal. Called once per process.
 
-structlog renders through the standard library (``ProcessorFormatter``), so the records of the
-libraries underneath (aiormq's "error when creating transport", asyncio's, warnings) go through
-the same processors and renderer as ours: a JSON log is all JSON, one object a line, each with
-a ``logger`` field (and ``trace_id``/``span_id`` when tracing is on and a span is current).
+The records of the libraries underneath (aiormq's "error when creating transport", asyncio's,
+warnings) go through structlog's ``ProcessorFormatter`` with the same processors and renderer
+as our own lines: a JSON log is all JSON, one object a line, each with a ``logger`` field (and
+``trace_id``/``span_id`` when tracing is on and a span is current).
 """
 
 from __future__ import annotations
