@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -532,6 +533,36 @@ def test_each_check_sees_its_property_broken(breakage: str, production: list[dic
     mutate(broken)
     found = problems(broken)
     assert any(expected in p for p in found), found
+
+
+# -- the rollout procedure ------------------------------------------------------------------
+
+ROLLOUT = ROOT / "runbooks" / "rolling-upgrade.md"
+_SET_SELECTOR = re.compile(r"-l '([\w./-]+) in \(([\w,-]+)\)'")
+
+
+def test_the_rollout_procedure_names_what_the_overlay_renders(production: list[dict[str, Any]]):
+    """runbooks/rolling-upgrade.md applies the config and the migrate Job first, by label, then
+    the rest: its selector must pick exactly those, and every object it names must exist."""
+    text = ROLLOUT.read_text()
+    (selector,) = _SET_SELECTOR.findall(text)
+    label, values = selector[0], set(selector[1].split(","))
+    first = {
+        (o["kind"], o["metadata"]["name"])
+        for o in production
+        if o["metadata"].get("labels", {}).get(label) in values
+    }
+    assert first == {("ConfigMap", "delivery-config"), ("Job", "delivery-migrate")}
+    for path in re.findall(r"apply -k (\S+)", text):
+        assert (ROOT / path / "kustomization.yaml").is_file(), path
+    named = re.findall(r"\b(job|deployment)/([a-z-]+)", text)
+    assert {kind for kind, _ in named} == {"job", "deployment"}
+    rendered = {(o["kind"].lower(), o["metadata"]["name"]) for o in production}
+    for kind, name in named:
+        assert (kind, name) in rendered, (
+            f"{ROLLOUT.name} names {kind}/{name}, which is not rendered"
+        )
+    assert set(re.findall(r"-n (\S+)", text)) == {production[0]["metadata"]["namespace"]}
 
 
 # -- the pods' processes, run here ----------------------------------------------------------
