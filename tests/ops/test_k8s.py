@@ -42,7 +42,6 @@ API_COMPONENT_LINES = "# components:\n#   - ../../components/api\n"
 # The oldest Kubernetes release the manifests are meant for, and the newest the package knows.
 KUBERNETES_VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
 UID = 10001
-ROLES = {"relay", "worker", "api"}
 # Variables of the contract that the branches of #12 and #14 add to Settings; until those land,
 # Settings ignores them (extra="ignore"), so they are allowed here by name.
 PENDING_SETTINGS = {
