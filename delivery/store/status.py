@@ -31,6 +31,7 @@ SELECT s.id, s.url, s.state, s.disabled_reason, s.event_patterns, s.account_id,
        min(d.next_attempt_at) FILTER (WHERE d.state = 'pending') AS next_attempt_at
 FROM delivery.subscriptions s
 LEFT JOIN delivery.deliveries d ON d.subscription_id = s.id
+WHERE s.state <> 'removed'
 GROUP BY s.id
 ORDER BY s.created_at, s.id
 """
