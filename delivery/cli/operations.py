@@ -112,10 +112,12 @@ async def _act_on_subscription(
                 await park_pending(conn, subscription_id, "subscription disabled by operator")
         _print_subscription(sub, args.json)
     elif action == "rotate-secret":
-        sub = await subs.rotate_secret(
-            conn, subscription_id, grace_s=settings.secret_rotation_grace_s
-        )
-        _print_subscription(sub, True, with_secret=True)
+        async with conn.transaction():  # as for add: no new secret unless it can be shown
+            sub = await subs.rotate_secret(
+                conn, subscription_id, grace_s=settings.secret_rotation_grace_s
+            )
+            answer = sub.public_dict(with_secret=True)
+        _emit(answer)
     elif action == "remove":
         await subs.remove(conn, subscription_id, keep_history=not args.delete_history)
         kept = "deleted" if args.delete_history else "kept"

@@ -26,6 +26,14 @@ class AttemptResult:
     permanent: bool = False  # no HTTP answer, and none will ever come (a blocked target)
 
 
+def _raw_host(url: str) -> str:
+    """The host as aiohttp reads it (``""`` if it cannot: aiohttp then refuses the URL)."""
+    try:
+        return yarl.URL(url).raw_host or ""
+    except ValueError:
+        return ""
+
+
 class Sender:
     """Owns one aiohttp session, so connections to each subscriber are reused."""
 
@@ -85,7 +93,7 @@ class Sender:
         )
         try:
             if self._guarded:
-                host = yarl.URL(url).raw_host or ""
+                host = _raw_host(url)
                 if names_an_address(host):  # aiohttp connects to it without resolving it
                     refuse_addresses(host, [host])
             async with self._session.post(
