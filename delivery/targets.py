@@ -35,6 +35,7 @@ METADATA_HOSTS = frozenset(
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _NUMERIC_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
+_AUTHORITY = re.compile(r"^(?P<scheme>[^:/?#]*://)(?P<authority>[^/?#]*)(?P<rest>.*)$", re.DOTALL)
 
 
 def blocked_reason(address: IPAddress) -> str | None:
@@ -90,11 +91,11 @@ def _canonical_host(host: str, shown: str) -> str:
 
 def mask_url(url: str) -> str:
     """The URL for messages: any credentials replaced by ``***``, so no output shows them."""
-    scheme, sep, rest = url.partition("://")
-    authority, slash, tail = rest.partition("/")
-    if "@" in authority:
-        authority = "***@" + authority.rsplit("@", 1)[1]
-    return f"{scheme}{sep}{authority}{slash}{tail}"
+    match = _AUTHORITY.match(url)
+    if match is None or "@" not in match["authority"]:
+        return url
+    host = match["authority"].rsplit("@", 1)[1]
+    return f"{match['scheme']}***@{host}{match['rest']}"
 
 
 def canonical_url(url: str) -> str:

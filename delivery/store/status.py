@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 
 from delivery.events import format_timestamp
+from delivery.targets import mask_url
 
 # How far behind the relay is: read by ``delivery status`` and by the relay for its gauges.
 _OUTBOX_BACKLOG = """
@@ -59,7 +60,7 @@ async def collect(
         subs.append(
             {
                 "id": row["id"],
-                "url": row["url"],
+                "url": mask_url(row["url"]),  # a row from before credentials were refused
                 "state": row["state"],
                 "circuit": row["circuit_state"],
                 "consecutive_failures": row["consecutive_failures"],
