@@ -5,20 +5,24 @@ Hierarchy::
     DeliveryPlatformError
     ├── ConfigError ................ fix the environment and start again (CLI exit 2)
     ├── InputError ................. fix the input; nothing was written (CLI exit 2)
-    │   └── NotFoundError .......... name an object that exists
+    │   ├── NotFoundError .......... name an object that exists
+    │   └── BlockedTargetError ..... point the subscription at a public address
     ├── PublishConflictError ....... publish the same events again (CLI exit 1)
     ├── PoisonMessageError ......... dead-letter the message; it can never be processed
     ├── SignatureError ............. reject the webhook (a receiver's answer, 401)
     ├── QueueMissingError .......... start the consumer again; it declares its queue anew
-    └── StoppedBeforeConnected ..... nothing: shutdown began before the broker answered
+    └── StoppedBeforeConnected ..... nothing: shutdown began before the broker or database answered
 
 Raised where: ``ConfigError`` by settings, migrations, tracing and the admin server;
 ``InputError`` by event, subscription and dead-letter validation and the CLI;
+``BlockedTargetError`` by the SSRF guard (``delivery.targets``), when a subscription is made
+and again when the worker connects (``delivery.worker.resolver``);
 ``PublishConflictError`` by ``delivery.outbox``; ``PoisonMessageError`` by the wire decoder
 (``delivery.broker.wire``, through ``delivery.events.routing_facts``);
 ``SignatureError`` by ``delivery.signing.verify``; ``QueueMissingError`` by the queue-depth
 watcher (``delivery.broker.depths``) that dispatch runs;
-``StoppedBeforeConnected`` by ``delivery.broker.connection.connect``.
+``StoppedBeforeConnected`` by ``delivery.broker.connection.connect`` and the process's
+first database connect (``workers.process``).
 
 Two kinds of error live elsewhere, on purpose. The dev tooling's ``ProvisionError`` (a
 throwaway server could not be found or started) is in ``delivery.testing.processes``: the
@@ -52,6 +56,12 @@ class NotFoundError(InputError):
     """The named object (subscription, dead letter) does not exist."""
 
 
+class BlockedTargetError(InputError):
+    """A subscription URL's host is, or resolves to, an address inside our own network
+    (loopback, private, link-local, metadata...): point it at a public address, or allow
+    private targets where that is meant (``DELIVERY_ALLOW_PRIVATE_TARGETS``)."""
+
+
 class PublishConflictError(DeliveryPlatformError):
     """Concurrent producers kept publishing the same event ids: nothing was written by this
     call; publish the same events again (the ids that made it in are then duplicates)."""
@@ -72,5 +82,5 @@ class QueueMissingError(DeliveryPlatformError):
 
 
 class StoppedBeforeConnected(DeliveryPlatformError):
-    """Shutdown began before the first broker connection succeeded: there is nothing to
-    close or hand back; the component just ends."""
+    """Shutdown began before the first broker or database connection succeeded: there is
+    nothing to close or hand back; the component (or the process) just ends."""
