@@ -303,7 +303,7 @@ def test_a_duration_is_a_non_negative_number_of_seconds_or_a_value_error(text):
     except ValueError as exc:
         _assert_one_printable_line(exc)
     else:
-        assert seconds >= 0 and not math.isnan(seconds)
+        assert 0 <= seconds < math.inf  # a 400-digit duration was float("inf") before its bound
 
 
 @FUZZ
@@ -314,7 +314,7 @@ def test_a_schedule_is_a_tuple_of_durations_or_a_value_error(text):
     except ValueError as exc:
         _assert_one_printable_line(exc)
     else:
-        assert schedule and all(s >= 0 for s in schedule)
+        assert schedule and all(0 <= s < math.inf for s in schedule)
 
 
 HTTP_DATE = st.builds(
