@@ -42,7 +42,7 @@ def parse_retry_after_s(value: str | None, *, now: datetime | None = None) -> fl
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # not isdigit() alone: it accepts "²", float() not
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
