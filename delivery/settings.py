@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     # A subscription failing without a single success for this long is disabled; its events are
     # kept as dead letters (`subscriptions enable` + `dlq replay` delivers them).
     auto_disable_after_s: float = Field(default=5 * 86_400.0, gt=0)
+    # A 429 holds back its whole subscription for its Retry-After, at most this long (and at
+    # most the schedule's longest step); 0: a 429 paces the subscription but never holds it.
+    throttle_max_pause_s: float = Field(default=300.0, ge=0, le=86_400, allow_inf_nan=False)
 
     http_connect_timeout_s: float = Field(default=5.0, gt=0)
     http_timeout_s: float = Field(default=30.0, gt=0)

@@ -223,6 +223,11 @@ _MUTANTS: tuple[Mutant, ...] = (
                 "          AND next_attempt_at <= clock_timestamp()\n",
                 "        WHERE subscription_id = subs.id AND state = 'pending'\n",
             ),
+            (
+                "             WHERE subscription_id = subs.id AND state = 'pending' AND attempts > 0\n"
+                "               AND next_attempt_at <= clock_timestamp()\n",
+                "             WHERE subscription_id = subs.id AND state = 'pending' AND attempts > 0\n",
+            ),
         ),
         "a retry is claimed before its time has come",
         guarantee=RETRY_AFTER,
@@ -247,6 +252,11 @@ _MUTANTS: tuple[Mutant, ...] = (
                 "          AND (lease_until IS NULL OR lease_until < clock_timestamp())\n"
                 "        ORDER BY next_attempt_at",
                 "        ORDER BY next_attempt_at",
+            ),
+            (
+                "               AND (lease_until IS NULL OR lease_until < clock_timestamp())\n"
+                "             ORDER BY next_attempt_at LIMIT subs.free)",
+                "             ORDER BY next_attempt_at LIMIT subs.free)",
             ),
         ),
         "a delivery leased to a worker is claimed again by another",
