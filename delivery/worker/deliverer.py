@@ -211,6 +211,7 @@ class Deliverer:
             policy=policy,
             rng=self._rng,
             max_pause_s=self._settings.throttle_max_pause_s,
+            permanent=result.permanent,
         )
         # The pace changes before the outcome is committed, so what waits here for this
         # subscriber sees a pause at once.
