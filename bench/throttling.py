@@ -58,6 +58,7 @@ async def run_scenario(
             amqp_url=amqp,
             amqp_prefix=prefix,
             admin_port=0,
+            allow_private_targets=True,  # the subscribers listen on 127.0.0.1
             log_format="console",
             log_level="warning",
         )
