@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 
 from delivery.events import format_timestamp
+from delivery.targets import mask_url
 
 # How far behind the relay is: read by ``delivery status`` and by the relay for its gauges.
 _OUTBOX_BACKLOG = """
@@ -22,7 +23,7 @@ FROM delivery.outbox WHERE published_at IS NULL
 """
 _PER_SUBSCRIPTION = """
 SELECT s.id, s.url, s.state, s.disabled_reason, s.event_patterns, s.account_id,
-       s.circuit_state, s.consecutive_failures, s.failing_since,
+       s.circuit_state, s.consecutive_failures, s.failing_since, s.paced_until,
        count(*) FILTER (WHERE d.state = 'pending' AND d.attempts = 0) AS pending,
        count(*) FILTER (WHERE d.state = 'pending' AND d.attempts > 0) AS retrying,
        count(*) FILTER (WHERE d.state = 'dead') AS dead,
@@ -31,6 +32,7 @@ SELECT s.id, s.url, s.state, s.disabled_reason, s.event_patterns, s.account_id,
        min(d.next_attempt_at) FILTER (WHERE d.state = 'pending') AS next_attempt_at
 FROM delivery.subscriptions s
 LEFT JOIN delivery.deliveries d ON d.subscription_id = s.id
+WHERE s.state <> 'removed'
 GROUP BY s.id
 ORDER BY s.created_at, s.id
 """
@@ -49,20 +51,24 @@ async def outbox_backlog(db: asyncpg.Pool | asyncpg.Connection) -> OutboxBacklog
 
 
 async def collect(
-    conn: asyncpg.Connection, queues: Callable[[], Awaitable[dict[str, int | None] | str]]
+    conn: asyncpg.Connection,
+    queues: Callable[[], Awaitable[tuple[dict[str, int | None], str | None]]],
 ) -> dict[str, Any]:
-    """The report of ``delivery status``; ``queues`` reads the depths (``queue_report``)."""
+    """The report of ``delivery status``; ``queues`` reads the depths and why they are unknown
+    (``queue_report``). One shape whatever the broker says: ``ok`` is false, and
+    ``queues_error`` says why, when the depths could not be read."""
     outbox = await outbox_backlog(conn)
     subs = []
     for row in await conn.fetch(_PER_SUBSCRIPTION):
         subs.append(
             {
                 "id": row["id"],
-                "url": row["url"],
+                "url": mask_url(row["url"]),  # a row from before credentials were refused
                 "state": row["state"],
                 "circuit": row["circuit_state"],
                 "consecutive_failures": row["consecutive_failures"],
                 "failing_since": _ts(row["failing_since"]),
+                "paced_until": _ts(row["paced_until"]),
                 "disabled_reason": row["disabled_reason"],
                 "events": list(row["event_patterns"]),
                 "account_id": row["account_id"],
@@ -74,12 +80,14 @@ async def collect(
                 "next_attempt_at": _ts(row["next_attempt_at"]),
             }
         )
-    depths = await queues()
+    depths, queues_error = await queues()
     poison = await conn.fetchval("SELECT count(*) FROM delivery.poison_messages")
     return {
+        "ok": queues_error is None,
         "outbox": {"pending": outbox.pending, "oldest_age_s": round(outbox.oldest_s, 3)},
         "poison_messages": poison,
         "queues": depths,
+        "queues_error": queues_error,
         "subscriptions": subs,
     }
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -49,7 +50,9 @@ log = structlog.get_logger("delivery.dispatch")
 _DB_RETRY_DEADLINE_S = 30.0
 _DB_PAUSE_S = 2.0
 
-_SUBSCRIPTIONS = f"SELECT {select_list('s', '')} FROM delivery.subscriptions s"
+_SUBSCRIPTIONS = (
+    f"SELECT {select_list('s', '')} FROM delivery.subscriptions s WHERE s.state <> 'removed'"
+)
 # The events a batch names, as the outbox holds them: what dispatch delivers.
 _OUTBOX_ROWS = """
 SELECT event_id, type, account_id, sequence, occurred_at, data::text AS data, traceparent,
@@ -280,6 +283,7 @@ class Dispatcher:
             self._pool, read, what="dispatch", deadline_s=_DB_RETRY_DEADLINE_S, transaction=False
         )
         subscriptions = [Subscription.from_row(r) for r in sub_rows]
+        now = datetime.now(UTC)
         stored = {r["event_id"]: r for r in outbox_rows}
         not_ours: dict[int, str] = {}
         copies: dict[str, int] = {}  # a repeat inside the batch is the same event
@@ -297,8 +301,10 @@ class Dispatcher:
                 if not sub.matches(facts.type, facts.account_id):
                     continue
                 active = sub.state == SubscriptionState.ACTIVE
-                # An open circuit's deliveries wait in PostgreSQL for the scheduler's probe.
-                attempt_now = active and not sub.circuit_open
+                # An open circuit's deliveries wait in PostgreSQL for the scheduler's probe,
+                # and a paused subscriber's (429) for the end of its pause.
+                paused = sub.paced(now) or self._deliverer.pacer.paused(sub.id)
+                attempt_now = active and not sub.circuit_open and not paused
                 reservation = held.reserve(sub.id) if attempt_now else None
                 pairs.append(_Pair(event, sub, reservation, dead=not active))
         arrays = (

@@ -101,6 +101,8 @@ class MetricsHook(AttemptHook):
             metrics.END_TO_END.observe(max(0.0, time.time() - created_at_s))
         elif outcome is Outcome.RETRY:
             metrics.RETRIES_SCHEDULED.inc()
+        if decision.throttled:
+            metrics.THROTTLED.inc()
         elif outcome in (Outcome.EXHAUSTED, Outcome.PERMANENT, Outcome.GONE):
             metrics.DEAD_LETTERS.labels(outcome.value).inc()
 
@@ -149,6 +151,9 @@ class LoggingHook(AttemptHook):
             "status": result.status,
             "duration_ms": round(result.duration_s * 1000, 1),
         }
+        if tracing.tracer is not None:
+            # The attempt's span has ended by now; its ids travel in the request's header.
+            context.update(tracing.log_ids(attempt.headers.get("traceparent")))
         if decision.outcome is Outcome.DELIVERED:
             log.debug("attempt", **context)
         else:
