@@ -16,6 +16,10 @@ from enum import StrEnum
 JITTER_FRACTION = 0.2
 # Retried statuses (the contract): request timeout, too early, too many requests, and 5xx.
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
+# The longest wait before a retry, whatever the schedule says: PostgreSQL's timestamps end in
+# year 294276, and a step like 200000000d overflowed the outcome's write, which then failed
+# forever.
+MAX_DELAY_S = 366 * 86400.0
 
 
 class Outcome(StrEnum):
@@ -42,7 +46,7 @@ def parse_retry_after_s(value: str | None, *, now: datetime | None = None) -> fl
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # not isdigit() alone: it accepts "²", float() not
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -66,7 +70,7 @@ class RetryPolicy:
 
     @property
     def longest_step_s(self) -> float:
-        return max(self.schedule_s, default=0.0)
+        return min(max(self.schedule_s, default=0.0), MAX_DELAY_S)
 
 
 def next_delay_s(
@@ -87,7 +91,7 @@ def next_delay_s(
         raise ValueError("attempt numbers start at 1")
     if attempt > len(policy.schedule_s):
         return None
-    base = policy.schedule_s[attempt - 1]
+    base = min(policy.schedule_s[attempt - 1], MAX_DELAY_S / (1.0 + policy.jitter_fraction))
     jittered = base * (1.0 + rng.uniform(-policy.jitter_fraction, policy.jitter_fraction))
     if retry_after_s is not None and retry_after_s > jittered:
         return min(retry_after_s, policy.longest_step_s)
@@ -109,10 +113,12 @@ def decide(
     attempt: int,
     policy: RetryPolicy,
     rng: random.Random,
+    retryable: bool = True,
 ) -> Decision:
-    """What to do after attempt ``attempt`` answered ``status`` (or failed with ``error``)."""
+    """What to do after attempt ``attempt`` answered ``status`` (or failed with ``error``;
+    ``retryable=False``: the same request would fail the same way, e.g. an invalid URL)."""
     if status is None:
-        kind = Outcome.RETRY
+        kind = Outcome.RETRY if retryable else Outcome.PERMANENT
         what = error or "no answer"
     else:
         kind = classify_status(status)
