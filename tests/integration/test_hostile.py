@@ -37,10 +37,12 @@ pytestmark = pytest.mark.integration
 
 @dataclass(frozen=True)
 class Subscriber:
-    """One subscriber of the hostile set: its path, its answer, how its deliveries end."""
+    """One subscriber of the hostile set: its path, its answer, the status every attempt
+    records, and how its deliveries end."""
 
     path: str
     answer: Callable[[web.Request], web.Response]
+    status: int
     ends: str  # "delivered" or "dead"
 
 
@@ -72,13 +74,13 @@ def _redirect(request: web.Request) -> web.Response:
     return web.Response(status=302, headers={"location": location})
 
 
-HEALTHY = Subscriber("/healthy", _healthy, "delivered")
+HEALTHY = Subscriber("/healthy", _healthy, 200, "delivered")
 HOSTILE = [
-    Subscriber("/gzip", _gzip, "delivered"),
-    Subscriber("/nul", _nul, "dead"),
-    Subscriber("/garbage-retry-after", _garbage_retry_after, "dead"),
-    Subscriber("/ten-year-retry-after", _ten_year_retry_after, "dead"),
-    Subscriber("/redirect", _redirect, "dead"),
+    Subscriber("/gzip", _gzip, 200, "delivered"),
+    Subscriber("/nul", _nul, 500, "dead"),
+    Subscriber("/garbage-retry-after", _garbage_retry_after, 503, "dead"),
+    Subscriber("/ten-year-retry-after", _ten_year_retry_after, 503, "dead"),
+    Subscriber("/redirect", _redirect, 302, "dead"),
 ]
 
 
@@ -149,6 +151,13 @@ async def test_hostile_subscribers_beside_a_healthy_one_end_delivered_or_dead_wi
                 ids[entry.path],
             )
             assert {r["state"] for r in rows} == {entry.ends}, entry.path
+            # Every reply was understood (none became a "no answer" on the way).
+            statuses = await conn.fetch(
+                "SELECT DISTINCT a.status FROM delivery.attempts a"
+                " JOIN delivery.deliveries d ON d.id = a.delivery_id WHERE d.subscription_id = $1",
+                ids[entry.path],
+            )
+            assert [r["status"] for r in statuses] == [entry.status], entry.path
             # Every POST is a recorded attempt: none was lost to a failed outcome write.
             for row in rows:
                 assert row["attempts"] == row["recorded"] == posts[row["event_id"]], entry.path
@@ -174,7 +183,7 @@ async def test_a_reply_that_crashes_the_sender_is_a_failed_attempt_on_the_schedu
     # once, forever. Now each is one recorded attempt.
     settings = _fast(settings)
     conn = await asyncpg.connect(settings.database_url)
-    failing = Subscriber("/failing", lambda _r: web.Response(status=500), "pending")
+    failing = Subscriber("/failing", lambda _r: web.Response(status=500), 500, "pending")
     async with serving([failing]) as subs:
         far = await subscriptions.add(conn, url=subs.url + "/failing", patterns="*")
         await conn.execute(
@@ -212,8 +221,8 @@ async def test_a_delivery_whose_outcome_never_records_goes_to_the_dead_letters_a
     settings = _fast(settings)
     entries = [
         HEALTHY,
-        Subscriber("/unrecordable", _healthy, "dead"),
-        Subscriber("/gone", lambda _r: web.Response(status=410), "dead"),
+        Subscriber("/unrecordable", _healthy, 200, "dead"),
+        Subscriber("/gone", lambda _r: web.Response(status=410), 410, "dead"),
     ]
     conn = await asyncpg.connect(settings.database_url)
     async with serving(entries) as subs:
@@ -239,7 +248,7 @@ async def test_a_delivery_whose_outcome_never_records_goes_to_the_dead_letters_a
         await publish_many(conn, [trade(i, id=event_id) for i, event_id in enumerate(events)])
         loops_before = counter_value("delivery_attempt_loops_broken_total")
 
-        await run_until_idle(settings, timeout_s=90)
+        await run_until_idle(settings, timeout_s=60)
 
         # Then each of its deliveries was sent a bounded number of times and is a dead letter
         # with the reason, counted
