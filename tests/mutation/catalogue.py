@@ -361,12 +361,18 @@ _MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "dispatch-fails-on-unloadable-subscription",
         "delivery/worker/dispatch.py",
-        (("            return [Subscription.from_row(r) for r in await conn.fetch(_SUBSCRIPTIONS)]\n"
-          "\n"
-          "        try:\n",
-          "            return [Subscription.from_row(r) for r in await conn.fetch(_SUBSCRIPTIONS)]\n"
-          "\n"
-          "        if True:\n"),),
+        (
+            (
+                "        except Exception as exc:\n"
+                "            if is_connection_error(exc):\n"
+                "                raise\n"
+                "        # One at a time",
+                "        except ZeroDivisionError as exc:\n"
+                "            if is_connection_error(exc):\n"
+                "                raise\n"
+                "        # One at a time",
+            ),
+        ),
         "one subscription row dispatch cannot load fails every batch",
         guarantee=RECORDED,
     ),
