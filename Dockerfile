@@ -16,7 +16,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     DELIVERY_ADMIN_PORT=9600 \
     DELIVERY_LOG_FORMAT=json \
-    DELIVERY_MIGRATIONS_DIR=/app/migrations
+    DELIVERY_MIGRATIONS_DIR=/app/migrations \
+    DELIVERY_ALLOW_PRIVATE_TARGETS=false
 RUN groupadd --system delivery && useradd --system --gid delivery --home /app delivery
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels

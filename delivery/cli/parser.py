@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import NoReturn
 
 from delivery.cli.output import EXIT_USAGE
@@ -12,6 +13,20 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, exit 2: the contract's usage error.
         self.exit(EXIT_USAGE, f"delivery: {message} (see `{self.prog} --help`)\n")
+
+
+def _whole_number(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: ASCII digits only (``int`` also takes ``" 1_0 "`` and other scripts'
+    digits), within ``low..high``."""
+
+    def parse(text: str) -> int:
+        if not (text.isascii() and text.isdigit() and len(text) <= 12) or not (
+            low <= int(text) <= high
+        ):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from {low} to {high}")
+        return int(text)
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("worker", "consume events and deliver webhooks"),
     ):
         proc = commands.add_parser(name, help=text)
-        proc.add_argument("--admin-port", type=int, help="port for /metrics, /healthz, /readyz")
+        proc.add_argument(
+            "--admin-port",
+            type=_whole_number(0, 65535),
+            help="port for /metrics, /healthz, /readyz",
+        )
 
     publish = commands.add_parser("publish", help="publish JSON-lines events into the outbox")
     publish.add_argument("file", nargs="?", help="file of JSON lines (default: standard input)")
@@ -51,13 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub_actions.add_parser(action, help=f"{action} a subscription")
         p.add_argument("id")
         p.add_argument("--json", action="store_true")
+        if action == "remove":
+            p.add_argument(
+                "--delete-history",
+                action="store_true",
+                help="also delete its deliveries, attempts and dead letters (kept by default)",
+            )
 
     dlq = commands.add_parser("dlq", help="dead letters")
     dlq_actions = dlq.add_subparsers(dest="action", required=True, parser_class=_Parser)
     dl = dlq_actions.add_parser("list", help="list dead letters")
     dl.add_argument("--subscription")
     dl.add_argument("--json", action="store_true")
-    dl.add_argument("--limit", type=int, default=1000)
+    dl.add_argument("--limit", type=_whole_number(1, 10_000), default=1000)
     dl.add_argument(
         "--poison", action="store_true", help="messages no worker could process, not deliveries"
     )
@@ -71,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
 
     demo = commands.add_parser("demo", help="a whole run on this machine, to watch")
-    demo.add_argument("--events", type=int, default=3000, help="how many events to publish")
+    demo.add_argument(
+        "--events", type=_whole_number(1, 1_000_000), default=3000, help="how many to publish"
+    )
     demo.add_argument("--keep", action="store_true", help="leave the throwaway services running")
     return parser

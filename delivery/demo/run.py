@@ -173,6 +173,7 @@ async def _run(*, database_url: str, amqp_url: str, prefix: str, count: int, beg
                 # Deliveries to a local receiver finish in milliseconds: a short drain deadline
                 # keeps the exit quick even when something is wrong.
                 shutdown_timeout_s=5,
+                allow_private_targets=True,  # the demo's receiver listens on 127.0.0.1
             )
             progress = _Progress(receiver, len(batch), sum(len(ids) for ids in expected.values()))
             outcome = await _with_platform(

@@ -193,9 +193,10 @@ async def park(db: asyncpg.Pool | asyncpg.Connection, delivery_ids: list[int], r
 
 
 def ids_from_args(values: Sequence[str]) -> tuple[int, ...]:
+    """Dead-letter ids as typed: ASCII digits only, within PostgreSQL's bigint."""
     out = []
     for value in values:
-        if not value.isdigit():
+        if not (value.isascii() and value.isdigit() and 0 < len(value) <= 18):
             raise InputError(f"dead letter id {value!r} is not a number (see `delivery dlq list`)")
         out.append(int(value))
     return tuple(out)

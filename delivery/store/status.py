@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 
 from delivery.events import format_timestamp
+from delivery.targets import mask_url
 
 # How far behind the relay is: read by ``delivery status`` and by the relay for its gauges.
 _OUTBOX_BACKLOG = """
@@ -31,6 +32,7 @@ SELECT s.id, s.url, s.state, s.disabled_reason, s.event_patterns, s.account_id,
        min(d.next_attempt_at) FILTER (WHERE d.state = 'pending') AS next_attempt_at
 FROM delivery.subscriptions s
 LEFT JOIN delivery.deliveries d ON d.subscription_id = s.id
+WHERE s.state <> 'removed'
 GROUP BY s.id
 ORDER BY s.created_at, s.id
 """
@@ -58,7 +60,7 @@ async def collect(
         subs.append(
             {
                 "id": row["id"],
-                "url": row["url"],
+                "url": mask_url(row["url"]),  # a row from before credentials were refused
                 "state": row["state"],
                 "circuit": row["circuit_state"],
                 "consecutive_failures": row["consecutive_failures"],

@@ -113,12 +113,14 @@ def decide(
     attempt: int,
     policy: RetryPolicy,
     rng: random.Random,
-    retryable: bool = True,
+    permanent: bool = False,
 ) -> Decision:
     """What to do after attempt ``attempt`` answered ``status`` (or failed with ``error``;
-    ``retryable=False``: the same request would fail the same way, e.g. an invalid URL)."""
+    ``permanent``: a failure no retry can mend, such as a blocked target)."""
+    if status is None and permanent:
+        return Decision(Outcome.PERMANENT, reason=error or "no answer: not retryable")
     if status is None:
-        kind = Outcome.RETRY if retryable else Outcome.PERMANENT
+        kind = Outcome.RETRY
         what = error or "no answer"
     else:
         kind = classify_status(status)
