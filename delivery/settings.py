@@ -5,6 +5,9 @@ Nothing below this module reads ``os.environ``: processes load ``Settings`` once
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
@@ -113,6 +116,18 @@ class Settings(BaseSettings):
 
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # The NO_COLOR convention (no-color.org): set and not empty, the console log has no colours.
+    no_color: bool = Field(default=False, validation_alias="NO_COLOR")
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("no_color", mode="before")
+    @classmethod
+    def _present(cls, value: Any) -> Any:
+        return value != "" if isinstance(value, str) else value
 
     @field_validator("retry_schedule_s", mode="before")
     @classmethod
@@ -132,6 +147,29 @@ def _variable_name(loc: tuple[int | str, ...]) -> str:
     if info is not None and info.alias:
         return info.alias
     return ENV_PREFIX + field.upper()
+
+
+def variable_names() -> dict[str, str]:
+    """Every setting's environment variable, by field name."""
+    names = {}
+    for field, info in Settings.model_fields.items():
+        alias = info.validation_alias if isinstance(info.validation_alias, str) else info.alias
+        names[field] = alias or ENV_PREFIX + field.upper()
+    return names
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A warning for each ``DELIVERY_*`` variable that no setting reads: a typo such as
+    ``DELIVERY_MAX_INFLIGHT`` is otherwise ignored without a word, and its default used."""
+    known = set(variable_names().values())
+    warnings = []
+    for name in sorted(os.environ if environ is None else environ):
+        upper = name.upper()  # pydantic-settings reads variables in any case
+        if upper.startswith(ENV_PREFIX) and upper not in known:
+            close = difflib.get_close_matches(upper, known, n=1, cutoff=0.8)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            warnings.append(f"{name} is not a setting and is ignored{hint}")
+    return warnings
 
 
 def load_settings(

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from delivery.cli.output import EXIT_OK, _emit, _progress
+from delivery.cli.output import EXIT_FAILURE, EXIT_OK, _emit, _progress
 from delivery.errors import InputError
 from delivery.settings import Settings
 
@@ -29,6 +30,27 @@ def _print_subscription(sub: Any, as_json: bool, *, with_secret: bool = False) -
         return
     for key, value in data.items():
         sys.stdout.write(f"{key:>28}: {value}\n")
+
+
+def _secret(args: argparse.Namespace) -> str | None:
+    """``--secret``, or the secret in ``--secret-file`` (standard input with ``-``), so it need
+    never show on a command line (``ps``, shell history)."""
+    path: str | None = args.secret_file
+    given: str | None = args.secret
+    if path is None:
+        return given
+    if path == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            with open(path, encoding="utf-8") as stream:
+                text = stream.read()
+        except OSError as exc:
+            raise InputError(f"--secret-file: {path}: {exc.strerror}") from None
+    secret = text.strip()
+    if not secret:
+        raise InputError(f"--secret-file: {'standard input' if path == '-' else path} is empty")
+    return secret
 
 
 async def cmd_subscriptions(args: argparse.Namespace, settings: Settings) -> int:
@@ -66,7 +88,7 @@ async def _add_subscription(conn: Any, args: argparse.Namespace, settings: Setti
             url=url,
             patterns=args.events,
             account_id=args.account,
-            secret=args.secret,
+            secret=_secret(args),
             retry_schedule_s=schedule,
             timeout_s=args.timeout,
         )
@@ -194,11 +216,29 @@ async def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
             replayed, skipped = await dlq.replay(pool, selector, progress=_progress("replayed"))
             _emit({"replayed": replayed, "skipped_disabled_subscription": skipped})
         else:
+            if not args.yes and not await _confirm_purge(await dlq.count(pool, selector)):
+                sys.stderr.write("delivery dlq purge: not confirmed; nothing was purged\n")
+                return EXIT_FAILURE
             purged = await dlq.purge(pool, selector, progress=_progress("purged"))
             _emit({"purged": purged})
     finally:
         await pool.close()
     return EXIT_OK
+
+
+async def _confirm_purge(count: int) -> bool:
+    """Ask on the terminal before dropping dead letters for good. Without a terminal there is
+    nobody to ask: refuse (exit 2) rather than guess, and name ``--yes``."""
+    if count == 0:
+        return True
+    if not sys.stdin.isatty():
+        raise InputError(
+            "purge: standard input is not a terminal to confirm on; add --yes to purge"
+        )
+    sys.stderr.write(f"purge {count:,} dead letter(s) for good? [y/N] ")
+    sys.stderr.flush()
+    answer = await asyncio.to_thread(sys.stdin.readline)
+    return answer.strip().lower() in ("y", "yes")
 
 
 async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -209,17 +249,18 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     async def work(conn: Any) -> int:
         names = Names(settings.amqp_prefix)
         report = await collect(conn, lambda: queue_report(settings.amqp_url or None, names))
+        # Not ok (the broker could not be asked) is exit 1, whatever the output's form.
+        code = EXIT_OK if report["ok"] else EXIT_FAILURE
         if args.json:
             _emit(report)
-            return EXIT_OK
+            return code
         out = report["outbox"]
         sys.stdout.write(f"outbox: {out['pending']} pending, oldest {out['oldest_age_s']}s\n")
-        queues = report["queues"]
-        if isinstance(queues, dict):
-            for name, depth in queues.items():
-                sys.stdout.write(f"queue {name}: {'missing' if depth is None else depth}\n")
+        if report["queues_error"] is not None:
+            sys.stdout.write(f"queues: {report['queues_error']}\n")
         else:
-            sys.stdout.write(f"queues: {queues}\n")
+            for name, depth in report["queues"].items():
+                sys.stdout.write(f"queue {name}: {'missing' if depth is None else depth}\n")
         sys.stdout.write(
             f"{'SUBSCRIPTION':<21} {'STATE':<9} {'PENDING':>8} {'RETRYING':>8} {'DEAD':>6} "
             f"{'DELIVERED':>9}  LAST SUCCESS\n"
@@ -229,6 +270,6 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 f"{s['id']:<21} {s['state']:<9} {s['pending']:>8} {s['retrying']:>8} "
                 f"{s['dead']:>6} {s['delivered']:>9}  {s['last_success'] or '-'}\n"
             )
-        return EXIT_OK
+        return code
 
     return await _with_conn(settings, work)

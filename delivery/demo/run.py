@@ -41,7 +41,7 @@ async def run_demo(*, events: int = 3000, keep: bool = False) -> int:
     if events < len(ACCOUNTS):
         sys.stderr.write(f"delivery demo: --events must be at least {len(ACCOUNTS)}\n")
         return 2
-    configure_logging("console", "warning")
+    configure_logging("console", "warning", no_color=Settings().no_color)
     began = time.time()
     sys.stderr.write(
         "delivery demo: producer -> outbox (PostgreSQL) -> relay -> RabbitMQ -> workers"

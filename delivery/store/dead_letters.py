@@ -172,6 +172,15 @@ async def replay(
     return replayed, skipped
 
 
+async def count(db: asyncpg.Pool | asyncpg.Connection, selector: Selector) -> int:
+    """How many dead letters ``selector`` names (what a purge would drop now)."""
+    where, args = selector.where()
+    found = await db.fetchval(
+        f"SELECT count(*) FROM delivery.deliveries d WHERE d.state = 'dead' AND {where}", *args
+    )
+    return int(found)
+
+
 async def purge(
     pool: asyncpg.Pool, selector: Selector, *, progress: Callable[[int], None] | None = None
 ) -> int:

@@ -51,9 +51,12 @@ async def outbox_backlog(db: asyncpg.Pool | asyncpg.Connection) -> OutboxBacklog
 
 
 async def collect(
-    conn: asyncpg.Connection, queues: Callable[[], Awaitable[dict[str, int | None] | str]]
+    conn: asyncpg.Connection,
+    queues: Callable[[], Awaitable[tuple[dict[str, int | None], str | None]]],
 ) -> dict[str, Any]:
-    """The report of ``delivery status``; ``queues`` reads the depths (``queue_report``)."""
+    """The report of ``delivery status``; ``queues`` reads the depths and why they are unknown
+    (``queue_report``). One shape whatever the broker says: ``ok`` is false, and
+    ``queues_error`` says why, when the depths could not be read."""
     outbox = await outbox_backlog(conn)
     subs = []
     for row in await conn.fetch(_PER_SUBSCRIPTION):
@@ -76,12 +79,14 @@ async def collect(
                 "next_attempt_at": _ts(row["next_attempt_at"]),
             }
         )
-    depths = await queues()
+    depths, queues_error = await queues()
     poison = await conn.fetchval("SELECT count(*) FROM delivery.poison_messages")
     return {
+        "ok": queues_error is None,
         "outbox": {"pending": outbox.pending, "oldest_age_s": round(outbox.oldest_s, 3)},
         "poison_messages": poison,
         "queues": depths,
+        "queues_error": queues_error,
         "subscriptions": subs,
     }
 

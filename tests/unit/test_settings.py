@@ -58,6 +58,26 @@ def test_command_line_overrides_win(env):
 
 
 @pytest.mark.parametrize(
+    ("given", "level"), [("INFO", "info"), ("Warning", "warning"), ("debug", "debug")]
+)
+def test_log_level_and_format_are_case_insensitive(env, given, level):
+    env.setenv("DELIVERY_LOG_LEVEL", given)
+    env.setenv("DELIVERY_LOG_FORMAT", "JSON")
+    settings = load_settings()
+    assert (settings.log_level, settings.log_format) == (level, "json")
+
+
+@pytest.mark.parametrize(
+    ("value", "no_color"), [(None, False), ("", False), ("1", True), ("no", True)]
+)
+def test_no_color_is_on_when_set_and_not_empty(env, value, no_color):
+    env.delenv("NO_COLOR", raising=False)
+    if value is not None:
+        env.setenv("NO_COLOR", value)
+    assert load_settings().no_color is no_color
+
+
+@pytest.mark.parametrize(
     ("name", "value"),
     [
         ("DELIVERY_HTTP_TIMEOUT_S", "inf"),
