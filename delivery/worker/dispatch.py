@@ -53,6 +53,8 @@ _DB_PAUSE_S = 2.0
 _SUBSCRIPTIONS = (
     f"SELECT {select_list('s', '')} FROM delivery.subscriptions s WHERE s.state <> 'removed'"
 )
+_SUBSCRIPTION_IDS = "SELECT id FROM delivery.subscriptions WHERE state <> 'removed'"
+_SUBSCRIPTION = f"{_SUBSCRIPTIONS} AND s.id = $1"
 # The events a batch names, as the outbox holds them: what dispatch delivers.
 _OUTBOX_ROWS = """
 SELECT event_id, type, account_id, sequence, occurred_at, data::text AS data, traceparent,
@@ -275,14 +277,14 @@ class Dispatcher:
         delivery rows (a retry keeps the reservations). Pairs of an event the inbox has seen
         before create nothing; a message naming an event the outbox lacks dispatches nothing."""
         ids = sorted({i for message in named for i in message})
-
-        async def read(conn: asyncpg.Connection) -> tuple[list[Any], list[Any]]:
-            return await conn.fetch(_SUBSCRIPTIONS), await conn.fetch(_OUTBOX_ROWS, ids)
-
-        sub_rows, outbox_rows = await with_retries(
-            self._pool, read, what="dispatch", deadline_s=_DB_RETRY_DEADLINE_S, transaction=False
+        outbox_rows = await with_retries(
+            self._pool,
+            lambda conn: conn.fetch(_OUTBOX_ROWS, ids),
+            what="dispatch",
+            deadline_s=_DB_RETRY_DEADLINE_S,
+            transaction=False,
         )
-        subscriptions = [Subscription.from_row(r) for r in sub_rows]
+        subscriptions = await self._load_subscriptions()
         now = datetime.now(UTC)
         stored = {r["event_id"]: r for r in outbox_rows}
         not_ours: dict[int, str] = {}
@@ -332,6 +334,52 @@ class Dispatcher:
             events=sum(copies.values()),
             not_ours=not_ours,
         )
+
+    async def _load_subscriptions(self) -> list[Subscription]:
+        """Every subscription; one whose row cannot be loaded (a value Python cannot hold, like
+        a year-33715 expiry) is skipped, logged and counted instead of failing every batch."""
+
+        async def load(conn: asyncpg.Connection) -> list[Subscription]:
+            return [Subscription.from_row(r) for r in await conn.fetch(_SUBSCRIPTIONS)]
+
+        try:
+            return await with_retries(
+                self._pool,
+                load,
+                what="dispatch",
+                deadline_s=_DB_RETRY_DEADLINE_S,
+                transaction=False,
+            )
+        except Exception as exc:
+            if is_connection_error(exc):
+                raise
+        # One at a time, to find the bad rows (rare: only after a failure like the above).
+        return await with_retries(
+            self._pool,
+            self._load_one_by_one,
+            what="dispatch",
+            deadline_s=_DB_RETRY_DEADLINE_S,
+            transaction=False,
+        )
+
+    @staticmethod
+    async def _load_one_by_one(conn: asyncpg.Connection) -> list[Subscription]:
+        loaded = []
+        for subscription_id in [r["id"] for r in await conn.fetch(_SUBSCRIPTION_IDS)]:
+            try:
+                row = await conn.fetchrow(_SUBSCRIPTION, subscription_id)
+                if row is not None:
+                    loaded.append(Subscription.from_row(row))
+            except Exception as exc:
+                if is_connection_error(exc):
+                    raise
+                metrics.SUBSCRIPTIONS_UNLOADABLE.inc()
+                log.warning(
+                    "subscription_unloadable",
+                    subscription_id=subscription_id,
+                    error=repr(exc)[:200],
+                )
+        return loaded
 
     def _start_attempts(
         self, pairs: list[_Pair], created: dict[tuple[str, str], int], held: Reservations

@@ -22,7 +22,7 @@ from delivery.ops import tracing
 from delivery.worker.retry import Outcome
 
 ROOT = Path(__file__).resolve().parents[2]
-CORE = {"errors", "settings", "durations", "events", "signing", "aio", "targets"}
+CORE = {"errors", "settings", "durations", "events", "signing", "aio", "targets", "text"}
 RANKS = {"core": 0, "ops": 1, "store": 2, "broker": 3, "worker": 4, "top": 5}
 # The CLI's `delivery demo` command imports the demo when it runs, never at start-up.
 DEMO_ALLOWED = {("delivery.cli.commands", "cmd_demo")}
