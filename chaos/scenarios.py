@@ -19,6 +19,7 @@ from chaos.cluster import AlarmKind, Layout
 from chaos.context import RunContext
 from chaos.records import SubscriptionSpec, Verdict
 from chaos.redrives import HEALED, SPARE
+from delivery.testing.env import harness_switches
 from delivery.testing.postgres import StopMode
 from delivery.testing.receiver import Behaviour
 from delivery.testing.waits import wait_until
@@ -498,7 +499,7 @@ SCENARIOS: dict[str, Scenario] = {
             "DELIBERATELY BROKEN build (ack before commit) under worker-pg-stall-kill: "
             "the checker must report loss, or the redrives that healed it",
             _stall_then_kill_workers,
-            env={"DELIVERY_DANGEROUS_ACK_BEFORE_COMMIT": "1"},
+            env=harness_switches(DELIVERY_DANGEROUS_ACK_BEFORE_COMMIT="1"),
             expect_valid=False,
             expect=_expect_caught,
             # The relay's redrive sweep (every 15 s) puts the lost events back: let it, so that

@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from delivery.durations import check_schedule_s, parse_schedule_s
@@ -18,6 +18,7 @@ from delivery.errors import ConfigError
 
 ENV_PREFIX = "DELIVERY_"
 DEFAULT_RETRY_SCHEDULE = "5s,5m,30m,2h,5h,10h,10h"
+TEST_HARNESS_VARIABLE = "DELIVERY_TEST_HARNESS"
 _HOUR_S = 3_600.0
 _DAY_S = 86_400.0
 # One attempt's longest wait (also the bound of a subscription's own --timeout).
@@ -103,12 +104,16 @@ class Settings(BaseSettings):
     db_pool_min: int = Field(default=1, ge=0, le=1_000)
     db_pool_max: int = Field(default=10, ge=1, le=1_000)
 
-    # Test-only: exit abruptly at a named point of an attempt ("after_post", "after_record"),
-    # to prove crash recovery. Never set in production.
+    # Test-only switches (DELIVERY_DANGEROUS_*), refused unless DELIVERY_TEST_HARNESS is also
+    # true: one variable copied by mistake into production must not break a process.
+    # Exit abruptly at a named point of an attempt ("after_post", "after_record"), to prove
+    # crash recovery.
     dangerous_crash_point: Literal["", "after_post", "after_record"] = ""
-    # Test-only, deliberately broken: dispatch acks messages *before* its transaction commits,
-    # so a crash in between loses events. Exists to prove the chaos checker catches loss.
+    # Deliberately broken: dispatch acks messages *before* its transaction commits, so a crash
+    # in between loses events. Exists to prove the chaos checker catches loss.
     dangerous_ack_before_commit: bool = False
+    # Set only by test harnesses (the tests, the chaos and mutation runs): allows the above.
+    test_harness: bool = False
 
     # Where `delivery migrate` finds its SQL files (default: migrations/ beside the package).
     migrations_dir: str = ""
@@ -140,6 +145,23 @@ class Settings(BaseSettings):
         if isinstance(value, list | tuple):
             return check_schedule_s(tuple(float(v) for v in value))
         return value
+
+    @model_validator(mode="after")
+    def _test_only_switches_need_a_harness(self) -> Settings:
+        if not self.test_harness and (active := self.test_only_switches()):
+            raise ValueError(
+                f"{active[0]}: a test-only switch, refused unless {TEST_HARNESS_VARIABLE}=true "
+                "(set only by test harnesses)"
+            )
+        return self
+
+    def test_only_switches(self) -> list[str]:
+        """The ``DELIVERY_DANGEROUS_*`` variables that are set, by name."""
+        return [
+            ENV_PREFIX + name.upper()
+            for name in type(self).model_fields
+            if name.startswith("dangerous_") and getattr(self, name)
+        ]
 
 
 def _variable_name(loc: tuple[int | str, ...]) -> str:
@@ -188,10 +210,12 @@ def load_settings(
         settings = Settings(**clean)
     except ValidationError as exc:
         err = exc.errors()[0]
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if not err["loc"]:  # a rule across fields: its message names the variables
+            raise ConfigError(message) from None
         name = _variable_name(err["loc"])
         if err["type"] == "missing":
             raise ConfigError(f"{name} is not set") from None
-        message = str(err["msg"]).removeprefix("Value error, ")
         raise ConfigError(f"{name}: {message}") from None
     for field in require:
         if not getattr(settings, field):

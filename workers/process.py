@@ -108,6 +108,18 @@ def _install_signals(
     return remove
 
 
+def _start_up(settings: Settings) -> None:
+    """Tracing (enabled without the extra stops here), and a loud line when test-only switches
+    are on (settings refuse them unless a test harness set them)."""
+    tracing.start(settings)
+    if switches := settings.test_only_switches():
+        log.critical(
+            "test_only_switches_active",
+            switches=switches,
+            meaning="this process is broken on purpose for a test; never run it in production",
+        )
+
+
 async def run_process(
     settings: Settings,
     *,
@@ -127,7 +139,7 @@ async def run_process(
     if work is still left at that deadline, the process drains and raises ``TimeoutError``
     naming it.
     """
-    tracing.start(settings)  # first: enabled without the extra stops here, before any I/O
+    _start_up(settings)  # first, before any I/O
     stop = stop or asyncio.Event()
     force = asyncio.Event()
     health = Health()

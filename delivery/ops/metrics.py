@@ -144,7 +144,7 @@ def _initialise_label_values() -> None:
         SUBSCRIPTIONS.labels(state)
     for reason in ("gone", "failing"):
         SUBSCRIPTIONS_DISABLED.labels(reason)
-    for reason in ("unparseable", "recorded"):
+    for reason in ("unparseable", "no_outbox_row", "recorded"):
         POISON_MESSAGES.labels(reason)
     for reason in ("timeout", "returned", "nack"):
         RELAY_PUBLISH_FAILURES.labels(reason)

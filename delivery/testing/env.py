@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import Final
 
+from delivery.settings import TEST_HARNESS_VARIABLE
+
 # Under CI a missing service fails the tests that need it; locally it skips them.
 IN_CI: Final = os.environ.get("CI", "").lower() == "true"
 
@@ -19,3 +21,9 @@ def environment_without_settings(*also: str) -> dict[str, str]:
     caller hands it and nothing from the shell that started the tests."""
     drop = ("DELIVERY_", *also)
     return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+
+
+def harness_switches(**switches: str) -> dict[str, str]:
+    """``DELIVERY_DANGEROUS_*`` variables for a process a test harness starts, with the marker
+    without which the platform refuses them (``DELIVERY_TEST_HARNESS``)."""
+    return {**switches, TEST_HARNESS_VARIABLE: "true"}

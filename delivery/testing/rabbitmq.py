@@ -161,12 +161,19 @@ class LocalRabbitMQ(_Server):
         self.last_stop_s = time.monotonic() - began
 
     def kill(self) -> None:
-        """kill -9 the node's VM and every helper process of it (a crash)."""
-        pids = self.pids()
-        pid = _read_pid(self.pid_file) if self._node.created else None
-        if pid is not None and _alive(pid):
-            pids.add(pid)
-        if pids:
+        """kill -9 the node's VM and every helper process of it (a crash), listed again until
+        none is left: a helper the VM started while the list was being read (its disk monitor's
+        shell, an inet_gethost) would otherwise outlive it for a while."""
+        deadline = time.monotonic() + PROCESS_EXIT_TIMEOUT_S
+        while True:
+            pids = self.pids()
+            pid = _read_pid(self.pid_file) if self._node.created else None
+            if pid is not None and _alive(pid):
+                pids.add(pid)
+            if not pids:
+                return
+            if time.monotonic() > deadline:
+                raise ProvisionError(f"RabbitMQ {self.node} still running: {sorted(pids)}")
             _kill_and_wait(pids)
 
     def restart(self) -> None:

@@ -6,6 +6,12 @@ after it commits, so the outcome is durable first. Deliveries this process has c
 for are leased to it in the same insert and attempted at once; the rest wait in PostgreSQL for
 the scheduler. The capacity is reserved before the statement (whose retries keep it) and given
 back by the reservations' ``with`` block unless the deliverer took it over.
+
+The broker is a doorbell, not the truth: a message only says which events to dispatch. Each
+event's body, type, account, trace context and creation time are read from its outbox row (in
+the round trip that reads the subscriptions), so anyone able to publish on the events exchange
+cannot have a webhook signed. A message naming an event the outbox does not hold was not sent by
+a relay: it is rejected as poison, and the dead-letter consumer records it with that reason.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import structlog
@@ -26,6 +33,7 @@ from delivery.broker.depths import watch_depths
 from delivery.broker.topology import Names, declare
 from delivery.broker.wire import WireEvent, decode, event_count
 from delivery.errors import PoisonMessageError
+from delivery.events import RoutingFacts, envelope_from_row, render_body
 from delivery.ops import metrics
 from delivery.ops.health import Health
 from delivery.settings import Settings
@@ -47,6 +55,12 @@ _SUBSCRIPTIONS = (
 )
 _SUBSCRIPTION_IDS = "SELECT id FROM delivery.subscriptions WHERE state <> 'removed'"
 _SUBSCRIPTION = f"{_SUBSCRIPTIONS} AND s.id = $1"
+# The events a batch names, as the outbox holds them: what dispatch delivers.
+_OUTBOX_ROWS = """
+SELECT event_id, type, account_id, sequence, occurred_at, data::text AS data, traceparent,
+       extract(epoch FROM created_at)::float8 AS created_at_s
+FROM delivery.outbox WHERE event_id = ANY($1::text[])
+"""
 # The inbox rows and the deliveries of the events that were new to it, in one statement (atomic
 # on its own: no BEGIN and COMMIT round trips). A redelivered event finds its inbox row, counts
 # the redelivery and creates nothing. $7: each event's further copies in this very batch (a
@@ -78,12 +92,28 @@ SELECT event_id, NULL, id, subscription_id FROM created
 """
 
 
+def _from_outbox(row: Any) -> WireEvent:
+    """An event as its outbox row holds it: the body every attempt sends, byte for byte."""
+    facts = RoutingFacts(id=row["event_id"], type=row["type"], account_id=row["account_id"])
+    body = render_body(envelope_from_row(row))
+    return WireEvent(facts, body, row["created_at_s"], row["traceparent"])
+
+
 @dataclass(frozen=True, slots=True)
 class _Pair:
     event: WireEvent
     subscription: Subscription
     reservation: Reservation | None  # attempted at once: leased to this process
     dead: bool  # the subscription is disabled: kept as a dead letter, never attempted
+
+
+@dataclass(frozen=True, slots=True)
+class _Committed:
+    pairs: list[_Pair]
+    created: dict[tuple[str, str], int]  # the delivery rows this batch created, by pair
+    fresh: int  # events new to the inbox
+    events: int  # events of the messages that were ours, copies included
+    not_ours: dict[int, str]  # index of a message naming an event the outbox lacks: that event
 
 
 class Dispatcher:
@@ -171,13 +201,16 @@ class Dispatcher:
     ) -> None:
         parsed: list[WireEvent] = []
         accepted: list[AbstractIncomingMessage] = []
+        named: list[list[str]] = []  # the event ids each accepted message names
         for message in messages:
             try:
-                parsed.extend(decode(message))
+                events = decode(message)
             except PoisonMessageError as exc:
-                await self._reject_poison(message, str(exc))
+                await self._reject_poison(message, str(exc), "unparseable")
             else:
+                parsed.extend(events)
                 accepted.append(message)
+                named.append([e.facts.id for e in events])
         if not parsed:
             return
         if self._settings.dangerous_ack_before_commit:
@@ -189,19 +222,31 @@ class Dispatcher:
             # AMQP connection dies mid-batch), or for a pair that created no delivery.
             with self._capacity.reservations() as held:
                 try:
-                    pairs, created, fresh = await self._commit(parsed, held)
+                    done = await self._commit(named, held)
                 except Exception as exc:
                     if not await self._hold_for_database(exc, parsed, accepted, stop):
                         return
                 else:
-                    if not self._settings.dangerous_ack_before_commit:
-                        for message in accepted:
-                            await _settle(message.ack())
-                    metrics.EVENTS_DISPATCHED.inc(fresh)
-                    metrics.DUPLICATES_ABSORBED.inc(len(parsed) - fresh)
-                    self._start_attempts(pairs, created, held)
+                    await self._answer(accepted, done.not_ours)
+                    metrics.EVENTS_DISPATCHED.inc(done.fresh)
+                    metrics.DUPLICATES_ABSORBED.inc(done.events - done.fresh)
+                    self._start_attempts(done.pairs, done.created, held)
                     return
             await wait_any(stop, timeout_s=_DB_PAUSE_S)
+
+    async def _answer(
+        self, accepted: list[AbstractIncomingMessage], not_ours: dict[int, str]
+    ) -> None:
+        """After the commit: ack the batch's messages, and reject as poison each one that named
+        an event the outbox lacks."""
+        if self._settings.dangerous_ack_before_commit:
+            return  # acked before the commit
+        for index, message in enumerate(accepted):
+            if (event_id := not_ours.get(index)) is None:
+                await _settle(message.ack())
+            else:
+                reason = f"event {event_id} has no outbox row: no relay sent it"
+                await self._reject_poison(message, reason, "no_outbox_row")
 
     async def _hold_for_database(
         self,
@@ -226,20 +271,31 @@ class Dispatcher:
         log.warning("dispatch_waiting_for_database", error=repr(exc)[:200])
         return True
 
-    async def _commit(
-        self, parsed: list[WireEvent], held: Reservations
-    ) -> tuple[list[_Pair], dict[tuple[str, str], int], int]:
-        """Match the batch's events to the subscriptions, reserve capacity for the deliveries to
-        attempt at once, and commit the inbox and delivery rows (a retry keeps the reservations).
-        Pairs of an event the inbox has seen before create nothing."""
+    async def _commit(self, named: list[list[str]], held: Reservations) -> _Committed:
+        """Read the events the messages name from the outbox, match them to the subscriptions,
+        reserve capacity for the deliveries to attempt at once, and commit the inbox and
+        delivery rows (a retry keeps the reservations). Pairs of an event the inbox has seen
+        before create nothing; a message naming an event the outbox lacks dispatches nothing."""
+        ids = sorted({i for message in named for i in message})
+        outbox_rows = await with_retries(
+            self._pool,
+            lambda conn: conn.fetch(_OUTBOX_ROWS, ids),
+            what="dispatch",
+            deadline_s=_DB_RETRY_DEADLINE_S,
+            transaction=False,
+        )
         subscriptions = await self._load_subscriptions()
         now = datetime.now(UTC)
-        first: dict[str, WireEvent] = {}
-        copies: dict[str, int] = {}
-        for event in parsed:  # a repeat inside the batch is the same event
-            first.setdefault(event.facts.id, event)
-            copies[event.facts.id] = copies.get(event.facts.id, 0) + 1
-        events = list(first.values())
+        stored = {r["event_id"]: r for r in outbox_rows}
+        not_ours: dict[int, str] = {}
+        copies: dict[str, int] = {}  # a repeat inside the batch is the same event
+        for index, message in enumerate(named):
+            if missing := [i for i in message if i not in stored]:
+                not_ours[index] = missing[0]
+                continue
+            for event_id in message:
+                copies[event_id] = copies.get(event_id, 0) + 1
+        events = [_from_outbox(stored[i]) for i in copies]
         pairs: list[_Pair] = []
         for event in events:
             facts = event.facts
@@ -269,11 +325,15 @@ class Dispatcher:
             deadline_s=_DB_RETRY_DEADLINE_S,
             transaction=False,
         )
-        fresh = sum(1 for r in rows if r["fresh"])
-        created = {
-            (r["event_id"], r["subscription_id"]): r["id"] for r in rows if r["id"] is not None
-        }
-        return pairs, created, fresh
+        return _Committed(
+            pairs=pairs,
+            created={
+                (r["event_id"], r["subscription_id"]): r["id"] for r in rows if r["id"] is not None
+            },
+            fresh=sum(1 for r in rows if r["fresh"]),
+            events=sum(copies.values()),
+            not_ours=not_ours,
+        )
 
     async def _load_subscriptions(self) -> list[Subscription]:
         """Every subscription; one whose row cannot be loaded (a value Python cannot hold, like
@@ -348,11 +408,13 @@ class Dispatcher:
         if backlog:
             self._scheduler.note_backlog()
 
-    async def _reject_poison(self, message: AbstractIncomingMessage, reason: str) -> None:
+    async def _reject_poison(
+        self, message: AbstractIncomingMessage, reason: str, kind: str
+    ) -> None:
         # Not requeued: the dead-letter exchange routes it to the dead-letter queue, where it is
         # kept with the reason instead of blocking this queue.
-        metrics.POISON_MESSAGES.labels("unparseable").inc()
-        log.warning("poison_message", reason=reason, message_id=message.message_id)
+        metrics.POISON_MESSAGES.labels(kind).inc()
+        log.warning("poison_message", reason=reason, kind=kind, message_id=message.message_id)
         await _settle(message.reject(requeue=False))
 
     async def _hand_back_unprocessed(self) -> None:

@@ -68,6 +68,13 @@ def describe(message: AbstractIncomingMessage) -> Death:
 
 # Events of a dead-lettered pack that reached the inbox anyway need nothing more.
 _DISPATCHED = "SELECT count(*) FROM delivery.inbox WHERE event_id = ANY($1::text[])"
+# The first event a message names that the outbox does not hold (dispatch rejects such a
+# message: no relay sent it).
+_NOT_IN_OUTBOX = """
+SELECT i FROM unnest($1::text[]) i
+WHERE NOT EXISTS (SELECT 1 FROM delivery.outbox o WHERE o.event_id = i)
+LIMIT 1
+"""
 
 
 def _jsonable(value: Any) -> Any:
@@ -135,8 +142,24 @@ class PoisonRecorder:
             log.info("dead_letter_already_dispatched", events=len(event_ids))
         return len(redriven) + dispatched >= len(event_ids)
 
+    async def _not_ours(self, message: AbstractIncomingMessage, death: Death) -> Death:
+        """The death of a message that parses: unprocessable if it names an event the outbox
+        lacks (whatever the broker said), as it was."""
+        try:
+            event_ids = [e.facts.id for e in decode(message)]
+            missing = await self._pool.fetchval(_NOT_IN_OUTBOX, event_ids)
+        except Exception as exc:
+            log.warning("outbox_check_failed", error=repr(exc)[:200])
+            return death
+        if missing is None:
+            return death
+        reason = f"unprocessable: event {missing} has no outbox row: no relay sent it"
+        return Death(Cause.UNPROCESSABLE, reason, death.count)
+
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         death = describe(message)
+        if death.cause is not Cause.UNPROCESSABLE:
+            death = await self._not_ours(message, death)
         if death.cause is Cause.DELIVERY_LIMIT and await self._redrive(message):
             await message.ack()
             return

@@ -344,6 +344,15 @@ def settings_env_for_url(url: str) -> dict[str, str]:
     return env
 
 
+async def test_a_test_only_switch_without_the_harness_exits_2_with_one_line(settings):
+    result = cli(settings, "worker", DELIVERY_DANGEROUS_ACK_BEFORE_COMMIT="1")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "delivery worker: DELIVERY_DANGEROUS_ACK_BEFORE_COMMIT: a test-only switch, refused "
+        "unless DELIVERY_TEST_HARNESS=true (set only by test harnesses)"
+    )
+
+
 async def test_remove_keeps_the_history_unless_asked_not_to(settings):
     conn = await asyncpg.connect(settings.database_url)
     try:

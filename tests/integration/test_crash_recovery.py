@@ -12,10 +12,12 @@ import asyncio
 import signal
 
 import asyncpg
+import orjson
 import pytest
 
 from delivery import publish
 from delivery.store import subscriptions
+from delivery.testing.env import harness_switches
 from delivery.testing.factories import trade
 from delivery.testing.receiver import Behaviour, Receiver
 from delivery.testing.waits import wait_until
@@ -32,8 +34,16 @@ async def test_killed_before_recording_the_success_delivers_again_with_same_webh
         receiver.expect_secret("/h", sub.secret)
         await publish(conn, trade(1, id="evt_crash_post"))
         async with running(settings, worker=False):
-            doomed = await start_worker(settings, DELIVERY_DANGEROUS_CRASH_POINT="after_post")
+            doomed = await start_worker(
+                settings, **harness_switches(DELIVERY_DANGEROUS_CRASH_POINT="after_post")
+            )
             assert await asyncio.wait_for(doomed.wait(), 60) == 137
+            assert doomed.stderr is not None
+            # A process running with a test-only switch says so, loudly, at start-up
+            lines = [orjson.loads(line) for line in (await doomed.stderr.read()).splitlines()]
+            (warning,) = [e for e in lines if e["event"] == "test_only_switches_active"]
+            assert warning["level"] == "critical"
+            assert warning["switches"] == ["DELIVERY_DANGEROUS_CRASH_POINT"]
             assert [a.webhook_id for a in receiver.delivered()] == ["evt_crash_post"]
             row = await conn.fetchrow("SELECT state, lease_until FROM delivery.deliveries")
             assert row["state"] == "pending" and row["lease_until"] is not None
@@ -62,7 +72,9 @@ async def test_killed_after_recording_the_success_never_posts_again(settings):
         await subscriptions.add(conn, url=receiver.url("/h"), patterns="*")
         await publish(conn, trade(1, id="evt_crash_record"))
         async with running(settings, worker=False):
-            doomed = await start_worker(settings, DELIVERY_DANGEROUS_CRASH_POINT="after_record")
+            doomed = await start_worker(
+                settings, **harness_switches(DELIVERY_DANGEROUS_CRASH_POINT="after_record")
+            )
             assert await asyncio.wait_for(doomed.wait(), 60) == 137
             assert await conn.fetchval("SELECT state FROM delivery.deliveries") == "delivered"
         # When another worker runs until no work is left (a delivery still leased or due, had

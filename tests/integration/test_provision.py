@@ -20,6 +20,7 @@ from delivery.testing.env import IN_CI
 from delivery.testing.postgres import LocalPostgres, find_postgres_bindir
 from delivery.testing.processes import ProvisionError, free_port
 from delivery.testing.rabbitmq import LocalRabbitMQ
+from delivery.testing.rabbitmq_probes import rabbit_error
 from delivery.testing.services import (
     ENV_AMQP_URL,
     ENV_DATABASE_URL,
@@ -125,14 +126,15 @@ async def publish(url: str, queue_name: str, body: bytes, *, timeout_s: float = 
         await connection.close()
 
 
-async def get_one(url: str, queue_name: str) -> bytes | None:
+async def get_one(url: str, queue_name: str, *, timeout_s: float = 5.0) -> bytes | None:
     connection = await aio_pika.connect(url, timeout=10)
     try:
         channel = await connection.channel()
         queue = await channel.declare_queue(queue_name, durable=True)
         # Acked only once read: a get that times out on a loaded machine leaves the message in
-        # the queue (with no_ack it would be gone, and the next poll would find nothing).
-        message = await queue.get(no_ack=False, fail=False, timeout=5)
+        # the queue (with no_ack the broker forgets it as soon as it hands it out, and every
+        # later poll finds the queue empty).
+        message = await queue.get(no_ack=False, fail=False, timeout=timeout_s)
         if message is None:
             return None
         await message.ack()
@@ -336,6 +338,27 @@ async def test_rabbitmq_restart_keeps_port_and_durable_messages(rabbit: LocalRab
 
 @pytest.mark.integration
 @needs_rabbitmq
+async def test_a_get_that_gives_up_waiting_leaves_the_message_for_the_next_one(
+    rabbit: LocalRabbitMQ,
+) -> None:
+    # What the kill test below relies on while it polls a recovering node: a get whose answer
+    # comes after the client stopped waiting (timeouts around one round trip: some expire
+    # before the request leaves, some after the broker answered) must not have taken the
+    # message with it.
+    await publish(rabbit.url, "patience", b"kept")
+    timeouts_s = (0.0001, 0.0002, 0.0003, 0.0005, 0.0007, 0.001, 0.0015, 0.002, 0.003, 0.005)
+    for timeout_s in timeouts_s * 3:
+        try:
+            got = await get_one(rabbit.url, "patience", timeout_s=timeout_s)
+        except TimeoutError:
+            continue
+        assert got == b"kept"
+        await publish(rabbit.url, "patience", b"kept")  # a get that answered took it: put back
+    assert await get_one(rabbit.url, "patience") == b"kept"
+
+
+@pytest.mark.integration
+@needs_rabbitmq
 async def test_rabbitmq_kill_leaves_no_process_and_confirmed_messages_survive(
     rabbit: LocalRabbitMQ,
 ) -> None:
@@ -346,19 +369,27 @@ async def test_rabbitmq_kill_leaves_no_process_and_confirmed_messages_survive(
 
     assert rabbit_node_processes(rabbit.node) == []
     rabbit.start()
-    # Queues are recovered asynchronously after an unclean stop: wait for it, with a deadline
-    # that only a failure reaches (with three suites sharing two cores, the message store's
-    # recovery after a kill -9 took over 30 s).
-    got: list[bytes | None] = []
+    # Polled until the message is read, with a deadline only a failure reaches: on a loaded
+    # machine the first gets after a kill -9 can time out or fail while the node settles, and
+    # each must leave the message for the next (see the test above).
+    got: list[object] = []  # each poll's message body, None (queue empty) or error
 
     async def recovered() -> bool:
         try:
             got.append(await get_one(rabbit.url, "crash"))
-        except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError):
+        except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError) as exc:
+            got.append(exc)
             return False  # still booting its queues
         return got[-1] is not None
 
-    await wait_until(recovered, timeout_s=120, what="the queue recovered", interval_s=0.2)
+    try:
+        await wait_until(recovered, timeout_s=120, what="the queue recovered", interval_s=0.2)
+    except TimeoutError:
+        # Say why, for the next time it fails: what the gets answered, and the node's log.
+        pytest.fail(
+            f"no message after {len(got)} polls (first {got[0]!r}, last {got[-1]!r}); "
+            f"node log: {rabbit_error(rabbit.log_path)}"
+        )
     assert got[-1] == b"confirmed"
 
 

@@ -53,9 +53,9 @@ _MUTANTS: tuple[Mutant, ...] = (
                 "        if True:\n            for message in accepted:",
             ),
             (
-                "                    if not self._settings.dangerous_ack_before_commit:\n"
-                "                        for message in accepted:",
-                "                    if False:\n                        for message in accepted:",
+                "        if self._settings.dangerous_ack_before_commit:\n"
+                "            return  # acked before the commit",
+                "        if True:\n            return  # acked before the commit",
             ),
         ),
         "messages are acked before their batch commits",
@@ -124,6 +124,31 @@ _MUTANTS: tuple[Mutant, ...] = (
         (("await _settle(message.reject(requeue=False))",
           "await _settle(message.reject(requeue=True))"),),
         "an unparseable message is requeued instead of dead-lettered",
+        guarantee=POISON,
+    ),
+    Mutant(
+        "dispatch-forged-acked",
+        "delivery/worker/dispatch.py",
+        (
+            (
+                '                await self._reject_poison(message, reason, "no_outbox_row")',
+                "                await _settle(message.ack())",
+            ),
+        ),
+        "a message naming an event the outbox lacks is acked: dropped without a record",
+        guarantee=POISON,
+    ),
+    Mutant(
+        "poison-forged-reason-lost",
+        "delivery/worker/poison.py",
+        (
+            (
+                "        if death.cause is not Cause.UNPROCESSABLE:\n"
+                "            death = await self._not_ours(message, death)",
+                "        if False:\n            death = await self._not_ours(message, death)",
+            ),
+        ),
+        "a message no relay sent is recorded as a broker rejection, not as one the outbox lacks",
         guarantee=POISON,
     ),
     Mutant(
@@ -681,6 +706,7 @@ _F = "tests/integration/test_fault_paths.py::"
 _G = "tests/integration/test_guarantees.py::"
 _P = "tests/integration/test_pacing.py::"
 _D = "tests/integration/test_drain.py::"
+_FM = "tests/integration/test_forged_messages.py::"
 _H = "tests/integration/test_hostile.py::"
 _HOSTILE = _H + "test_hostile_subscribers_beside_a_healthy_one_end_delivered_or_dead_within_the_schedule"
 _SSRF = (
@@ -688,6 +714,12 @@ _SSRF = (
     "test_a_blocked_target_gets_no_request_and_the_attempt_is_permanent"
 )
 KILLS: dict[str, tuple[str, ...]] = {
+    "dispatch-forged-acked": (
+        _FM + "test_a_message_with_no_outbox_row_is_poison_with_the_reason_and_never_posted",
+    ),
+    "poison-forged-reason-lost": (
+        _FM + "test_a_message_with_no_outbox_row_is_poison_with_the_reason_and_never_posted",
+    ),
     "scheduler-ignores-pause": (
         _P + "test_a_pause_recorded_in_postgresql_holds_back_every_worker",
     ),

@@ -58,6 +58,29 @@ def test_command_line_overrides_win(env):
 
 
 @pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("DELIVERY_DANGEROUS_ACK_BEFORE_COMMIT", "1"),
+        ("DELIVERY_DANGEROUS_CRASH_POINT", "after_post"),
+    ],
+)
+def test_test_only_switches_are_refused_without_a_test_harness(env, name, value):
+    env.delenv("DELIVERY_TEST_HARNESS", raising=False)
+    env.setenv(name, value)
+    with pytest.raises(ConfigError, match=f"^{name}: a test-only switch") as info:
+        load_settings()
+    assert "\n" not in str(info.value)
+
+    env.setenv("DELIVERY_TEST_HARNESS", "true")
+    assert load_settings().test_only_switches() == [name]
+
+
+def test_no_test_only_switch_is_active_by_default(env):
+    env.setenv("DELIVERY_TEST_HARNESS", "true")
+    assert load_settings().test_only_switches() == []
+
+
+@pytest.mark.parametrize(
     ("given", "level"), [("INFO", "info"), ("Warning", "warning"), ("debug", "debug")]
 )
 def test_log_level_and_format_are_case_insensitive(env, given, level):
