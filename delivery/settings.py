@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     # Where `delivery migrate` finds its SQL files (default: migrations/ beside the package).
     migrations_dir: str = ""
 
-    # OpenTelemetry spans per webhook attempt (needs `pip install 'delivery[otel]'`); the
+    # OpenTelemetry spans per webhook attempt (needs `pip install 'delivery-webhooks[otel]'`); the
     # exporter reads the SDK's own variables (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME).
     otel_enabled: bool = False
 

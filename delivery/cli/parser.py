@@ -6,6 +6,7 @@ import argparse
 from typing import NoReturn
 
 from delivery.cli.output import EXIT_USAGE
+from delivery.version import DISTRIBUTION, VERSION
 
 
 class _Parser(argparse.ArgumentParser):
@@ -17,10 +18,14 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="delivery", description="Reliable signed webhook delivery.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"{DISTRIBUTION} {VERSION}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     migrate = commands.add_parser("migrate", help="apply database migrations")
     migrate.add_argument("--dir", help="migrations directory (default: the bundled one)")
+    migrate.add_argument(
+        "--status", action="store_true", help="list applied and pending migrations; apply none"
+    )
 
     for name, text in (
         ("run", "relay + workers in one process"),

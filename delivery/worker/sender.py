@@ -9,6 +9,7 @@ from types import TracebackType
 
 import aiohttp
 
+from delivery.version import USER_AGENT
 from delivery.worker.retry import parse_retry_after_s
 
 
@@ -31,7 +32,7 @@ class Sender:
         connect_timeout_s: float,
         timeout_s: float,
         excerpt_bytes: int,
-        user_agent: str = "delivery-webhooks/0.1",
+        user_agent: str = USER_AGENT,
     ) -> None:
         self._max_connections = max_connections
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
