@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     database_url: str = ""
     amqp_url: str = ""
     admin_port: int = Field(default=9600, ge=0, le=65535)
+    # Loopback unless asked: /metrics and /runbooks are for the scraper and on-call, not the
+    # internet. The image sets 0.0.0.0, where the container's network is the boundary.
+    admin_host: str = Field(default="127.0.0.1", pattern=r"^[A-Za-z0-9_.:-]{1,253}$")
     retry_schedule_s: Annotated[tuple[float, ...], NoDecode] = Field(
         default=parse_schedule_s(DEFAULT_RETRY_SCHEDULE), alias="DELIVERY_RETRY_SCHEDULE"
     )
