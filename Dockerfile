@@ -8,7 +8,7 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # Build stage: the locked dependencies (every file checked against requirements.lock's hashes)
-# and the project's wheel, into one virtualenv; compiled with a compiler we do not ship.
+# and the project, into one virtualenv; compiled with a compiler we do not ship.
 FROM ${PYTHON_IMAGE} AS build
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
@@ -23,7 +23,8 @@ COPY delivery ./delivery
 COPY workers ./workers
 COPY migrations ./migrations
 COPY runbooks ./runbooks
-RUN /opt/delivery/bin/pip install --no-cache-dir --no-deps . \
+# Built with the locked setuptools (the lock holds the build requirements too), not a fresh one.
+RUN /opt/delivery/bin/pip install --no-cache-dir --no-deps --no-build-isolation . \
     && /opt/delivery/bin/pip check
 
 # Runtime stage: slim, no compiler, a numeric non-root user (so `runAsNonRoot` can verify it).

@@ -1,21 +1,24 @@
 """The admin server: on loopback unless DELIVERY_ADMIN_HOST says otherwise, the image's
-healthcheck against it (and with the port off), and the runbooks it serves where the alert
-rules' runbook_url points."""
+healthcheck against it (and with the port off), the runbooks it serves where the alert rules'
+runbook_url points, and the version its metrics and the webhooks' User-Agent carry."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import subprocess
 import sys
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from delivery.bundled import bundled_dir
 from delivery.ops.admin import serve_admin
 from delivery.ops.health import Health
 from delivery.testing.env import environment_without_settings
 from delivery.testing.processes import free_port
+from delivery.worker.sender import Sender
 
 pytestmark = pytest.mark.integration
 
@@ -82,3 +85,34 @@ async def test_the_admin_server_serves_the_shipped_runbooks_and_nothing_else():
         for name in ("nope.md", "..%2Fpyproject.toml", "%2E%2E%2FREADME.md", "README.txt"):
             async with http.get(base + name) as answer:
                 assert answer.status == 404, name
+
+
+async def test_the_metric_and_the_user_agent_carry_the_installed_version():
+    installed = importlib.metadata.version("delivery-webhooks")
+    seen: list[str] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        seen.append(request.headers["user-agent"])
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    hook_port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", hook_port).start()
+    admin_port = free_port()
+    try:
+        async with (
+            serve_admin(Health(), admin_port),
+            aiohttp.ClientSession() as http,
+            Sender(max_connections=1, connect_timeout_s=2, timeout_s=5, excerpt_bytes=0) as sender,
+        ):
+            async with http.get(f"http://127.0.0.1:{admin_port}/metrics") as answer:
+                exposition = await answer.text()
+            result = await sender.post(f"http://127.0.0.1:{hook_port}/hook", {}, b"{}")
+    finally:
+        await runner.cleanup()
+    assert f'delivery_build_info{{version="{installed}"}} 1.0' in exposition
+    assert result.status == 204
+    assert seen == [f"delivery-webhooks/{installed}"]

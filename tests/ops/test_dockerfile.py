@@ -71,10 +71,11 @@ def _locked() -> dict[str, tuple[str, list[str]]]:
     return pins
 
 
-def test_the_lock_pins_every_runtime_dependency_with_hashes():
-    runtime = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+def test_the_lock_pins_every_runtime_and_build_dependency_with_hashes():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    needed = pyproject["project"]["dependencies"] + pyproject["build-system"]["requires"]
     pins = _locked()
-    for line in runtime:
+    for line in needed:
         req = Requirement(line)
         name = canonicalize_name(req.name)
         assert name in pins, f"{name} is a runtime dependency missing from requirements.lock"
@@ -87,4 +88,5 @@ def test_the_lock_pins_every_runtime_dependency_with_hashes():
 def test_the_image_installs_its_dependencies_from_the_lock_with_hashes_required():
     runs = " ".join(instructions("RUN"))
     assert "--require-hashes" in runs and "-r requirements.lock" in runs
+    assert "--no-build-isolation" in runs  # the project is built with the locked setuptools
     assert any("requirements.lock" in c for c in instructions("COPY"))
