@@ -11,7 +11,7 @@ Hierarchy::
     ├── PoisonMessageError ......... dead-letter the message; it can never be processed
     ├── SignatureError ............. reject the webhook (a receiver's answer, 401)
     ├── QueueMissingError .......... start the consumer again; it declares its queue anew
-    └── StoppedBeforeConnected ..... nothing: shutdown began before the broker answered
+    └── StoppedBeforeConnected ..... nothing: shutdown began before the broker or database answered
 
 Raised where: ``ConfigError`` by settings, migrations, tracing and the admin server
 (``MigrationChangedError`` by ``delivery.store.migrations``);
@@ -20,7 +20,8 @@ Raised where: ``ConfigError`` by settings, migrations, tracing and the admin ser
 (``delivery.broker.wire``, through ``delivery.events.routing_facts``);
 ``SignatureError`` by ``delivery.signing.verify``; ``QueueMissingError`` by the queue-depth
 watcher (``delivery.broker.depths``) that dispatch runs;
-``StoppedBeforeConnected`` by ``delivery.broker.connection.connect``.
+``StoppedBeforeConnected`` by ``delivery.broker.connection.connect`` and the process's
+first database connect (``workers.process``).
 
 Two kinds of error live elsewhere, on purpose. The dev tooling's ``ProvisionError`` (a
 throwaway server could not be found or started) is in ``delivery.testing.processes``: the
@@ -79,5 +80,5 @@ class QueueMissingError(DeliveryPlatformError):
 
 
 class StoppedBeforeConnected(DeliveryPlatformError):
-    """Shutdown began before the first broker connection succeeded: there is nothing to
-    close or hand back; the component just ends."""
+    """Shutdown began before the first broker or database connection succeeded: there is
+    nothing to close or hand back; the component (or the process) just ends."""

@@ -14,15 +14,17 @@ import asyncio
 import signal
 from collections.abc import Awaitable, Callable
 
+import asyncpg
 import structlog
 
 from delivery.aio import backoff_s, wait_any
 from delivery.broker.relay import Relay
+from delivery.errors import StoppedBeforeConnected
 from delivery.ops import tracing
 from delivery.ops.admin import serve_admin
 from delivery.ops.health import Health
 from delivery.settings import Settings
-from delivery.store.pool import create_pool
+from delivery.store.pool import create_pool, is_connection_error
 from delivery.worker.burst import stop_when_idle
 from delivery.worker.deliverer import Deliverer
 from delivery.worker.dispatch import Dispatcher
@@ -56,6 +58,30 @@ async def supervise(
             await wait_any(stop, timeout_s=delay)
         else:
             return
+
+
+async def _open_pool(settings: Settings, stop: asyncio.Event) -> asyncpg.Pool:
+    """The pool, once the database answers. A process started while PostgreSQL is down or its
+    link is cut waits for it with backoff, as it does for the broker, instead of exiting; a
+    refusal that no retry can fix (bad password, no such database) still ends it at once.
+    ``StoppedBeforeConnected`` when ``stop`` is set first."""
+    failures = 0
+    while True:
+        try:
+            return await create_pool(
+                settings.database_url,
+                min_size=settings.db_pool_min,
+                max_size=settings.db_pool_max,
+            )
+        except Exception as exc:
+            if not is_connection_error(exc):
+                raise
+            failures += 1
+            delay = backoff_s(failures, base_s=0.5, max_s=_RESTART_BACKOFF_MAX_S)
+            log.warning("database_unreachable", error=repr(exc)[:300], retry_in_s=delay)
+            await wait_any(stop, timeout_s=delay)
+            if stop.is_set():
+                raise StoppedBeforeConnected("postgresql") from exc
 
 
 def _install_signals(
@@ -106,14 +132,16 @@ async def run_process(
     force = asyncio.Event()
     health = Health()
     remove_signals = _install_signals(stop, force, health) if handle_signals else (lambda: None)
-    try:
-        pool = await create_pool(
-            settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
-        )
-    except BaseException:
-        await tracing.stop(settings)
-        raise
     role = "run" if relay and worker else ("relay" if relay else "worker")
+    try:
+        pool = await _open_pool(settings, stop)
+    except BaseException as exc:
+        remove_signals()
+        await tracing.stop(settings)
+        if isinstance(exc, StoppedBeforeConnected):  # SIGTERM before the database answered
+            log.info("stopped", role=role)
+            return
+        raise
     burst: asyncio.Task[str | None] | None = None
     try:
         async with (

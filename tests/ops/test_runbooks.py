@@ -44,6 +44,7 @@ REPRODUCED_BY: dict[str, set[str]] = {
     "subscriber-duplicates.md": {"kill-workers", "pg-cut"},
     "scaling-out.md": {"producer-spike"},
     "poison-message.md": {"flaps-while-db-stalled"},
+    "rolling-upgrade.md": {"rolling-sigterm"},
 }
 # Operator procedures and failures no scenario causes: their section says so in one line.
 NOT_REPRODUCED = {
