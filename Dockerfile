@@ -34,7 +34,8 @@ ENV PATH=/opt/delivery/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     DELIVERY_ADMIN_HOST=0.0.0.0 \
     DELIVERY_ADMIN_PORT=9600 \
-    DELIVERY_LOG_FORMAT=json
+    DELIVERY_LOG_FORMAT=json \
+    DELIVERY_ALLOW_PRIVATE_TARGETS=false
 RUN groupadd --system --gid 10001 delivery \
     && useradd --system --uid 10001 --gid 10001 --home-dir /app --no-create-home delivery
 COPY --from=build /opt/delivery /opt/delivery

@@ -57,6 +57,8 @@ class Ours(System):
                 "DELIVERY_ADMIN_PORT": "0",
                 "DELIVERY_LOG_LEVEL": "warning",
                 "DELIVERY_LOG_FORMAT": "json",
+                # The bench's subscribers listen on 127.0.0.1 (the SSRF guard refuses it).
+                "DELIVERY_ALLOW_PRIVATE_TARGETS": "true",
                 **self.extra_env,
             }
         )

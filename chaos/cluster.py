@@ -49,6 +49,8 @@ PLATFORM_ENV: dict[str, str] = {
     # itself runs every 15 s, only when the dispatch queue is empty).
     "DELIVERY_REDRIVE_AFTER_S": "3",
     "DELIVERY_LOG_FORMAT": "json",
+    # The chaos subscribers listen on 127.0.0.1, which the SSRF guard refuses by default.
+    "DELIVERY_ALLOW_PRIVATE_TARGETS": "true",
     "DELIVERY_LOG_LEVEL": "info",
 }
 _READY_TIMEOUT_S = 90.0

@@ -6,7 +6,8 @@ Hierarchy::
     ├── ConfigError ................ fix the environment and start again (CLI exit 2)
     │   └── MigrationChangedError .. restore the applied migration file; nothing was applied
     ├── InputError ................. fix the input; nothing was written (CLI exit 2)
-    │   └── NotFoundError .......... name an object that exists
+    │   ├── NotFoundError .......... name an object that exists
+    │   └── BlockedTargetError ..... point the subscription at a public address
     ├── PublishConflictError ....... publish the same events again (CLI exit 1)
     ├── PoisonMessageError ......... dead-letter the message; it can never be processed
     ├── SignatureError ............. reject the webhook (a receiver's answer, 401)
@@ -16,6 +17,8 @@ Hierarchy::
 Raised where: ``ConfigError`` by settings, migrations, tracing and the admin server
 (``MigrationChangedError`` by ``delivery.store.migrations``);
 ``InputError`` by event, subscription and dead-letter validation and the CLI;
+``BlockedTargetError`` by the SSRF guard (``delivery.targets``), when a subscription is made
+and again when the worker connects (``delivery.worker.resolver``);
 ``PublishConflictError`` by ``delivery.outbox``; ``PoisonMessageError`` by the wire decoder
 (``delivery.broker.wire``, through ``delivery.events.routing_facts``);
 ``SignatureError`` by ``delivery.signing.verify``; ``QueueMissingError`` by the queue-depth
@@ -58,6 +61,12 @@ class InputError(DeliveryPlatformError):
 
 class NotFoundError(InputError):
     """The named object (subscription, dead letter) does not exist."""
+
+
+class BlockedTargetError(InputError):
+    """A subscription URL's host is, or resolves to, an address inside our own network
+    (loopback, private, link-local, metadata...): point it at a public address, or allow
+    private targets where that is meant (``DELIVERY_ALLOW_PRIVATE_TARGETS``)."""
 
 
 class PublishConflictError(DeliveryPlatformError):

@@ -5,23 +5,35 @@ Nothing below this module reads ``os.environ``: processes load ``Settings`` once
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from delivery.durations import parse_schedule_s
+from delivery.durations import check_schedule_s, parse_schedule_s
 from delivery.errors import ConfigError
 
 ENV_PREFIX = "DELIVERY_"
 DEFAULT_RETRY_SCHEDULE = "5s,5m,30m,2h,5h,10h,10h"
+_HOUR_S = 3_600.0
+_DAY_S = 86_400.0
+# One attempt's longest wait (also the bound of a subscription's own --timeout).
+MAX_HTTP_TIMEOUT_S = 300.0
 
 
 class Settings(BaseSettings):
     """Every knob with a sane default; each command requires the service URLs it uses."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, populate_by_name=True
+        env_prefix=ENV_PREFIX,
+        extra="ignore",
+        frozen=True,
+        populate_by_name=True,
+        # inf and nan pass ``gt=0`` and then break every interval computed from them.
+        allow_inf_nan=False,
     )
 
     # The contract's variables.
@@ -34,15 +46,15 @@ class Settings(BaseSettings):
     retry_schedule_s: Annotated[tuple[float, ...], NoDecode] = Field(
         default=parse_schedule_s(DEFAULT_RETRY_SCHEDULE), alias="DELIVERY_RETRY_SCHEDULE"
     )
-    shutdown_timeout_s: float = Field(default=30.0, gt=0)
+    shutdown_timeout_s: float = Field(default=30.0, gt=0, le=_HOUR_S)
 
     # Broker naming: every exchange and queue name starts with this, so tenants or tests can
     # share one vhost without seeing each other.
     amqp_prefix: str = Field(default="delivery", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     # Broker-side redelivery bound for a message our workers cannot process (poison). Set well
     # above expected connection flaps: webhook attempts are counted by the application instead.
-    amqp_delivery_limit: int = Field(default=20, ge=1)
-    publish_timeout_s: float = Field(default=10.0, gt=0)
+    amqp_delivery_limit: int = Field(default=20, ge=1, le=1_000)
+    publish_timeout_s: float = Field(default=10.0, gt=0, le=600)
 
     relay_batch_size: int = Field(default=500, ge=1, le=10_000)
     # Events of one type packed into one AMQP message (1: a message per event). The broker's
@@ -50,42 +62,46 @@ class Settings(BaseSettings):
     relay_events_per_message: int = Field(default=50, ge=1, le=1_000)
     # Relay batches in flight at once per relay process.
     relay_concurrency: int = Field(default=2, ge=1, le=16)
-    relay_poll_interval_s: float = Field(default=1.0, gt=0)
+    relay_poll_interval_s: float = Field(default=1.0, gt=0, le=300)
     # An event published this long ago that no worker has dispatched, while the dispatch queue
     # is empty, was lost by the broker after its confirm: the relay publishes it again.
-    redrive_after_s: float = Field(default=60.0, gt=0)
-    max_redrives: int = Field(default=3, ge=0)
+    redrive_after_s: float = Field(default=60.0, gt=0, le=_DAY_S)
+    max_redrives: int = Field(default=3, ge=0, le=100)
 
     worker_prefetch: int = Field(default=256, ge=1, le=65_535)
-    dispatch_batch_size: int = Field(default=128, ge=1)
+    dispatch_batch_size: int = Field(default=128, ge=1, le=10_000)
     # Deliveries one process holds at once: waiting for a request slot, posting, or recording.
-    max_in_flight: int = Field(default=512, ge=1)
+    max_in_flight: int = Field(default=512, ge=1, le=100_000)
     # Concurrent requests to one subscriber from one process.
-    per_subscription_max_in_flight: int = Field(default=16, ge=1)
+    per_subscription_max_in_flight: int = Field(default=16, ge=1, le=10_000)
     # Deliveries of one subscriber a process may hold waiting for one of those request slots,
     # so a fast subscriber's slots are refilled locally instead of by a claim per finished POST.
     # A slow subscriber thus holds at most 16 + 48 of the process's 512 (the same eighth as
     # 16 of 128 before the queue existed), and never more than a quarter of max_in_flight.
-    per_subscription_max_queued: int = Field(default=48, ge=0)
-    delivery_lease_s: float = Field(default=120.0, gt=0)
-    scheduler_poll_interval_s: float = Field(default=1.0, gt=0)
+    per_subscription_max_queued: int = Field(default=48, ge=0, le=100_000)
+    delivery_lease_s: float = Field(default=120.0, gt=0, le=_DAY_S)
+    scheduler_poll_interval_s: float = Field(default=1.0, gt=0, le=300)
 
     # Circuit breaker: after this many consecutive retryable failures a subscription's deliveries
     # wait (without burning attempts) until a single probe succeeds, tried every cooldown.
-    circuit_failure_threshold: int = Field(default=5, ge=1)
-    circuit_cooldown_s: float = Field(default=30.0, gt=0)
+    circuit_failure_threshold: int = Field(default=5, ge=1, le=10_000)
+    circuit_cooldown_s: float = Field(default=30.0, gt=0, le=_DAY_S)
     # A subscription failing without a single success for this long is disabled; its events are
     # kept as dead letters (`subscriptions enable` + `dlq replay` delivers them).
-    auto_disable_after_s: float = Field(default=5 * 86_400.0, gt=0)
+    auto_disable_after_s: float = Field(default=5 * _DAY_S, gt=0, le=365 * _DAY_S)
 
-    http_connect_timeout_s: float = Field(default=5.0, gt=0)
-    http_timeout_s: float = Field(default=30.0, gt=0)
-    response_excerpt_bytes: int = Field(default=1024, ge=0)
+    # The SSRF guard: false refuses subscription targets inside our own network (loopback,
+    # private, link-local, metadata...) when they are made and again at connect time.
+    allow_private_targets: bool = False
+
+    http_connect_timeout_s: float = Field(default=5.0, gt=0, le=MAX_HTTP_TIMEOUT_S)
+    http_timeout_s: float = Field(default=30.0, gt=0, le=MAX_HTTP_TIMEOUT_S)
+    response_excerpt_bytes: int = Field(default=1024, ge=0, le=65_536)
     # Grace period during which a rotated-out secret still signs, so subscribers can switch.
-    secret_rotation_grace_s: float = Field(default=86_400.0, ge=0)
+    secret_rotation_grace_s: float = Field(default=_DAY_S, ge=0, le=30 * _DAY_S)
 
-    db_pool_min: int = Field(default=1, ge=0)
-    db_pool_max: int = Field(default=10, ge=1)
+    db_pool_min: int = Field(default=1, ge=0, le=1_000)
+    db_pool_max: int = Field(default=10, ge=1, le=1_000)
 
     # Test-only: exit abruptly at a named point of an attempt ("after_post", "after_record"),
     # to prove crash recovery. Never set in production.
@@ -103,12 +119,26 @@ class Settings(BaseSettings):
 
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # The NO_COLOR convention (no-color.org): set and not empty, the console log has no colours.
+    no_color: bool = Field(default=False, validation_alias="NO_COLOR")
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("no_color", mode="before")
+    @classmethod
+    def _present(cls, value: Any) -> Any:
+        return value != "" if isinstance(value, str) else value
 
     @field_validator("retry_schedule_s", mode="before")
     @classmethod
     def _parse_schedule(cls, value: Any) -> Any:
         if isinstance(value, str):
             return parse_schedule_s(value)
+        if isinstance(value, list | tuple):
+            return check_schedule_s(tuple(float(v) for v in value))
         return value
 
 
@@ -120,6 +150,29 @@ def _variable_name(loc: tuple[int | str, ...]) -> str:
     if info is not None and info.alias:
         return info.alias
     return ENV_PREFIX + field.upper()
+
+
+def variable_names() -> dict[str, str]:
+    """Every setting's environment variable, by field name."""
+    names = {}
+    for field, info in Settings.model_fields.items():
+        alias = info.validation_alias if isinstance(info.validation_alias, str) else info.alias
+        names[field] = alias or ENV_PREFIX + field.upper()
+    return names
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A warning for each ``DELIVERY_*`` variable that no setting reads: a typo such as
+    ``DELIVERY_MAX_INFLIGHT`` is otherwise ignored without a word, and its default used."""
+    known = set(variable_names().values())
+    warnings = []
+    for name in sorted(os.environ if environ is None else environ):
+        upper = name.upper()  # pydantic-settings reads variables in any case
+        if upper.startswith(ENV_PREFIX) and upper not in known:
+            close = difflib.get_close_matches(upper, known, n=1, cutoff=0.8)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            warnings.append(f"{name} is not a setting and is ignored{hint}")
+    return warnings
 
 
 def load_settings(

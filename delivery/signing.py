@@ -18,6 +18,10 @@ from delivery.errors import InputError, SignatureError
 
 SECRET_PREFIX = "whsec_"
 SECRET_BYTES = 32
+# An operator's secret: at least 24 random bytes (guessing is hopeless), at most 64 (HMAC-SHA256
+# hashes a longer key first, so more adds nothing).
+MIN_SECRET_BYTES = 24
+MAX_SECRET_BYTES = 64
 DEFAULT_TOLERANCE_S = 300
 
 
@@ -32,9 +36,20 @@ def secret_key(secret: str) -> bytes:
         key = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise InputError("secret: must be whsec_ followed by base64") from None
-    if len(key) < 24:
-        raise InputError("secret: must hold at least 24 random bytes")
+    if len(key) < MIN_SECRET_BYTES:
+        raise InputError(f"secret: must hold at least {MIN_SECRET_BYTES} random bytes")
     return key
+
+
+def validate_secret(secret: str) -> str:
+    """A secret an operator gives: ``whsec_`` + base64 of 24 to 64 bytes, or ``InputError``."""
+    if not secret.startswith(SECRET_PREFIX):
+        raise InputError("secret: must start with whsec_")
+    if len(secret) > len(SECRET_PREFIX) + 4 * MAX_SECRET_BYTES:  # before decoding a huge one
+        raise InputError(f"secret: must hold at most {MAX_SECRET_BYTES} bytes")
+    if len(secret_key(secret)) > MAX_SECRET_BYTES:
+        raise InputError(f"secret: must hold at most {MAX_SECRET_BYTES} bytes")
+    return secret
 
 
 def sign(keys: Iterable[bytes], msg_id: str, timestamp: int, body: bytes) -> str:
@@ -67,19 +82,36 @@ def verify(
     now_s: int,
     tolerance_s: int = DEFAULT_TOLERANCE_S,
 ) -> None:
-    """What a subscriber does: raise ``SignatureError`` unless a v1 signature matches."""
+    """What a subscriber does: raise ``SignatureError`` unless a v1 signature matches.
+
+    It raises nothing else, whatever it is given (a bad secret, odd header types, non-ASCII
+    signatures), so a receiver answers 401 to any malformed request, never a 500."""
+    try:
+        _verify(secret, headers, body, now_s=now_s, tolerance_s=tolerance_s)
+    except SignatureError:
+        raise
+    except Exception as exc:
+        raise SignatureError(f"malformed webhook or secret ({type(exc).__name__})") from None
+
+
+def _verify(
+    secret: str, headers: Mapping[str, str], body: bytes, *, now_s: int, tolerance_s: int
+) -> None:
     lowered = {k.lower(): v for k, v in headers.items()}
     try:
         msg_id = lowered["webhook-id"]
-        timestamp = int(lowered["webhook-timestamp"])
+        stamp = lowered["webhook-timestamp"]
         header = lowered["webhook-signature"]
-    except (KeyError, ValueError):
-        raise SignatureError("missing or malformed webhook headers") from None
+    except KeyError:
+        raise SignatureError("missing webhook headers") from None
+    if not (isinstance(stamp, str) and stamp.isascii() and stamp.isdigit() and len(stamp) <= 12):
+        raise SignatureError("malformed webhook-timestamp")
+    timestamp = int(stamp)
     if abs(now_s - timestamp) > tolerance_s:
         raise SignatureError("timestamp outside tolerance")
-    expected = sign([secret_key(secret)], msg_id, timestamp, body).split(",", 1)[1]
+    expected = sign([secret_key(secret)], msg_id, timestamp, body).split(",", 1)[1].encode()
     for candidate in header.split(" "):
         version, _, signature = candidate.partition(",")
-        if version == "v1" and hmac.compare_digest(signature, expected):
+        if version == "v1" and hmac.compare_digest(signature.encode(), expected):
             return
     raise SignatureError("no matching signature")

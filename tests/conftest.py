@@ -73,6 +73,7 @@ async def settings(services: Services, db_url: str) -> AsyncIterator[Settings]:
         delivery_lease_s=10,
         log_format="console",
         log_level="warning",
+        allow_private_targets=True,  # the tests' subscribers listen on 127.0.0.1
     )
     await delete_broker_objects(services.amqp_url, Names(prefix))
 

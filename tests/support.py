@@ -86,6 +86,7 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         DELIVERY_HTTP_TIMEOUT_S=str(settings.http_timeout_s),
         DELIVERY_SHUTDOWN_TIMEOUT_S=str(settings.shutdown_timeout_s),
         DELIVERY_LOG_FORMAT="json",
+        DELIVERY_ALLOW_PRIVATE_TARGETS="true",  # the tests' subscribers listen on 127.0.0.1
     )
     env.update(extra)
     return env
@@ -129,7 +130,11 @@ async def hand_driven_dispatcher(settings: Settings) -> AsyncIterator[tuple[Deli
     pool = await create_pool(settings.database_url, min_size=1, max_size=4)
     try:
         async with Sender(
-            max_connections=8, connect_timeout_s=1, timeout_s=1, excerpt_bytes=100
+            max_connections=8,
+            connect_timeout_s=1,
+            timeout_s=1,
+            excerpt_bytes=100,
+            allow_private_targets=True,
         ) as sender:
             deliverer = Deliverer(settings, pool, sender)
             health = Health()

@@ -151,6 +151,7 @@ async def run_process(
                 connect_timeout_s=settings.http_connect_timeout_s,
                 timeout_s=settings.http_timeout_s,
                 excerpt_bytes=settings.response_excerpt_bytes,
+                allow_private_targets=settings.allow_private_targets,
             ) as sender,
         ):
             log.info("started", role=role, admin_port=port or None)

@@ -43,6 +43,7 @@ async def drain(database_url: str, amqp_url: str, rows: int, batch: int) -> floa
             amqp_prefix=name,
             relay_batch_size=batch,
             admin_port=0,
+            allow_private_targets=True,
         )
         pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
         relay = Relay(settings, pool, Health())

@@ -52,12 +52,21 @@ async def queue_depths(amqp_url: str, names: Names) -> dict[str, int | None]:
         await connection.close()
 
 
-async def queue_report(amqp_url: str | None, names: Names) -> dict[str, int | None] | str:
-    """The depths, or why there are none: ``DELIVERY_AMQP_URL not set`` or ``unreachable: ...``."""
+async def queue_report(
+    amqp_url: str | None, names: Names
+) -> tuple[dict[str, int | None], str | None]:
+    """The depths by queue name, and why they are unknown (``None``: they are known). The
+    same queues either way, so ``status --json`` keeps one shape: when the broker cannot be
+    asked, every depth is ``None`` and the reason is ``DELIVERY_AMQP_URL is not set`` or
+    ``unreachable: ...``."""
+    unknown: dict[str, int | None] = dict.fromkeys((names.dispatch_queue, names.dead_queue))
+    if not amqp_url:
+        return unknown, "DELIVERY_AMQP_URL is not set"
     try:
-        return await queue_depths(amqp_url, names) if amqp_url else "DELIVERY_AMQP_URL not set"
+        return await queue_depths(amqp_url, names), None
     except Exception as exc:
-        return f"unreachable: {type(exc).__name__}"
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        return unknown, f"unreachable: {type(exc).__name__}" + (f": {detail}" if detail else "")
 
 
 async def watch_depths(

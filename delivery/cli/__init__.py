@@ -7,15 +7,17 @@ the exit codes and printing; ``main`` (the ``delivery`` entry point) ties them t
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
+import traceback
 from collections.abc import Awaitable
 
-from delivery.cli.commands import _COMMANDS, _REQUIRES
+from delivery.cli.commands import _COMMANDS, _PROCESSES, _REQUIRES
 from delivery.cli.output import EXIT_FAILURE, EXIT_USAGE
 from delivery.cli.parser import build_parser
 from delivery.errors import ConfigError, InputError
-from delivery.settings import Settings, load_settings
+from delivery.settings import Settings, load_settings, unknown_variables
 
 
 def _run_loop(main: Awaitable[int]) -> int:
@@ -28,6 +30,9 @@ def _run_loop(main: Awaitable[int]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command not in _PROCESSES:  # a long-running process logs them, in its log format
+        for warning in unknown_variables():
+            sys.stderr.write(f"delivery {args.command}: warning: {warning}\n")
     try:
         settings: Settings | None = None
         if args.command != "demo":
@@ -39,15 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except (InputError, ConfigError) as exc:
-        if args.debug:
-            raise
-        sys.stderr.write(f"delivery {args.command}: {exc}\n")
+        _report(args, exc, str(exc))
         return EXIT_USAGE
     except Exception as exc:
-        if args.debug:
-            raise
-        sys.stderr.write(f"delivery {args.command}: {_describe(exc)}\n")
+        _report(args, exc, _describe(exc))
         return EXIT_FAILURE
+
+
+def _report(args: argparse.Namespace, exc: BaseException, line: str) -> None:
+    """One line on stderr; with ``--debug`` the traceback first (the exit code stays the same)."""
+    if args.debug:
+        traceback.print_exception(exc)
+    sys.stderr.write(f"delivery {args.command}: {line}\n")
 
 
 def _describe(exc: BaseException) -> str:

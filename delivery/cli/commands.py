@@ -10,11 +10,14 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TextIO
 
 import orjson
+import structlog
 
 from delivery.cli.operations import cmd_dlq, cmd_status, cmd_subscriptions
 from delivery.cli.output import EXIT_OK, EXIT_USAGE, _emit, _progress
 from delivery.errors import InputError
-from delivery.settings import Settings
+from delivery.settings import Settings, unknown_variables
+
+log = structlog.get_logger("delivery.cli")
 
 
 async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -93,7 +96,9 @@ async def cmd_process(args: argparse.Namespace, settings: Settings) -> int:
     from delivery.runner import process_runner
 
     run_process = process_runner()
-    configure_logging(settings.log_format, settings.log_level)
+    configure_logging(settings.log_format, settings.log_level, no_color=settings.no_color)
+    for warning in unknown_variables():
+        log.warning("unknown_setting", warning=warning)
     role = args.command
     await run_process(settings, relay=role in ("run", "relay"), worker=role in ("run", "worker"))
     return EXIT_OK
@@ -120,6 +125,8 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Any], Awaitable[int]]] = {
     "status": cmd_status,
     "demo": cmd_demo,
 }
+# The long-running processes: they log (structlog, in DELIVERY_LOG_FORMAT) rather than print.
+_PROCESSES = frozenset({"run", "relay", "worker"})
 # What each command cannot run without.
 _REQUIRES: dict[str, tuple[str, ...]] = {
     "run": ("database_url", "amqp_url"),

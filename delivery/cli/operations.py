@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from delivery.cli.output import EXIT_OK, _emit, _progress
+from delivery.cli.output import EXIT_FAILURE, EXIT_OK, _emit, _progress
 from delivery.errors import InputError
 from delivery.settings import Settings
 
@@ -31,67 +32,138 @@ def _print_subscription(sub: Any, as_json: bool, *, with_secret: bool = False) -
         sys.stdout.write(f"{key:>28}: {value}\n")
 
 
+def _secret(args: argparse.Namespace) -> str | None:
+    """``--secret``, or the secret in ``--secret-file`` (standard input with ``-``), so it need
+    never show on a command line (``ps``, shell history)."""
+    path: str | None = args.secret_file
+    given: str | None = args.secret
+    if path is None:
+        return given
+    if path == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            with open(path, encoding="utf-8") as stream:
+                text = stream.read()
+        except OSError as exc:
+            raise InputError(f"--secret-file: {path}: {exc.strerror}") from None
+    secret = text.strip()
+    if not secret:
+        raise InputError(f"--secret-file: {'standard input' if path == '-' else path} is empty")
+    return secret
+
+
 async def cmd_subscriptions(args: argparse.Namespace, settings: Settings) -> int:
+    from delivery.store import subscriptions as subs
+
+    async def work(conn: Any) -> int:
+        if args.action == "add":
+            return await _add_subscription(conn, args, settings)
+        if args.action == "list":
+            return await _list_subscriptions(conn, args)
+        subscription_id = subs.parse_subscription_id(args.id)
+        return await _act_on_subscription(conn, args, settings, subscription_id)
+
+    return await _with_conn(settings, work)
+
+
+async def _add_subscription(conn: Any, args: argparse.Namespace, settings: Settings) -> int:
     from delivery.durations import parse_schedule_s
+    from delivery.store import subscriptions as subs
+    from delivery.targets import check_target
+
+    schedule = None
+    if args.retry_schedule is not None:
+        try:
+            schedule = parse_schedule_s(args.retry_schedule)
+        except ValueError as exc:
+            raise InputError(f"--retry-schedule: {exc}") from None
+    url = subs.validate_url(args.url)
+    if not settings.allow_private_targets:
+        await check_target(url)
+    # The answer is made before the commit: if it cannot be, nothing was written.
+    async with conn.transaction():
+        sub = await subs.add(
+            conn,
+            url=url,
+            patterns=args.events,
+            account_id=args.account,
+            secret=_secret(args),
+            retry_schedule_s=schedule,
+            timeout_s=args.timeout,
+        )
+        answer = sub.public_dict(with_secret=True)
+    _emit(answer)
+    return EXIT_OK
+
+
+async def _list_subscriptions(conn: Any, args: argparse.Namespace) -> int:
+    from delivery.store import subscriptions as subs
+    from delivery.targets import mask_url
+
+    items = await subs.list_all(conn)
+    if args.json:
+        _emit([s.public_dict() for s in items])
+        return EXIT_OK
+    sys.stdout.write(f"{'ID':<21} {'STATE':<9} {'EVENTS':<30} {'ACCOUNT':<12} URL\n")
+    for s in items:
+        events = ",".join(s.event_patterns)
+        account = s.account_id or "*"
+        sys.stdout.write(
+            f"{s.id:<21} {s.state:<9} {events:<30} {account:<12} {mask_url(s.url)}\n"
+        )
+    return EXIT_OK
+
+
+async def _act_on_subscription(
+    conn: Any, args: argparse.Namespace, settings: Settings, subscription_id: str
+) -> int:
     from delivery.store import subscriptions as subs
     from delivery.store.dead_letters import park_pending
     from delivery.store.states import SubscriptionState
 
-    async def work(conn: Any) -> int:
-        action = args.action
-        if action == "add":
-            schedule = None
-            if args.retry_schedule:
-                try:
-                    schedule = parse_schedule_s(args.retry_schedule)
-                except ValueError as exc:
-                    raise InputError(f"--retry-schedule: {exc}") from None
-            sub = await subs.add(
-                conn,
-                url=args.url,
-                patterns=args.events,
-                account_id=args.account,
-                secret=args.secret,
-                retry_schedule_s=schedule,
-                timeout_s=args.timeout,
+    action = args.action
+    if action == "show":
+        _print_subscription(await subs.get(conn, subscription_id), args.json)
+    elif action in ("disable", "enable"):
+        disable = action == "disable"
+        state = SubscriptionState.DISABLED if disable else SubscriptionState.ACTIVE
+        async with conn.transaction():
+            sub = await subs.set_state(conn, subscription_id, state, reason="disabled by operator")
+            if disable:
+                await park_pending(conn, subscription_id, "subscription disabled by operator")
+        _print_subscription(sub, args.json)
+    elif action == "rotate-secret":
+        async with conn.transaction():  # as for add: no new secret unless it can be shown
+            sub = await subs.rotate_secret(
+                conn, subscription_id, grace_s=settings.secret_rotation_grace_s
             )
-            _print_subscription(sub, True, with_secret=True)
-        elif action == "list":
-            items = await subs.list_all(conn)
-            if args.json:
-                _emit([s.public_dict() for s in items])
-            else:
-                sys.stdout.write(f"{'ID':<21} {'STATE':<9} {'EVENTS':<30} {'ACCOUNT':<12} URL\n")
-                for s in items:
-                    events = ",".join(s.event_patterns)
-                    sys.stdout.write(
-                        f"{s.id:<21} {s.state:<9} {events:<30} {s.account_id or '*':<12} {s.url}\n"
-                    )
-        elif action == "show":
-            _print_subscription(await subs.get(conn, args.id), args.json)
-        elif action in ("disable", "enable"):
-            disable = action == "disable"
-            state = SubscriptionState.DISABLED if disable else SubscriptionState.ACTIVE
-            async with conn.transaction():
-                sub = await subs.set_state(conn, args.id, state, reason="disabled by operator")
-                if disable:
-                    await park_pending(conn, args.id, "subscription disabled by operator")
-            _print_subscription(sub, args.json)
-        elif action == "rotate-secret":
-            sub = await subs.rotate_secret(conn, args.id, grace_s=settings.secret_rotation_grace_s)
-            _print_subscription(sub, True, with_secret=True)
-        elif action == "remove":
-            await subs.remove(conn, args.id)
-            _emit({"removed": args.id}) if args.json else sys.stdout.write(f"removed {args.id}\n")
-        return EXIT_OK
-
-    return await _with_conn(settings, work)
+            answer = sub.public_dict(with_secret=True)
+        _emit(answer)
+    elif action == "remove":
+        await subs.remove(conn, subscription_id, keep_history=not args.delete_history)
+        kept = "deleted" if args.delete_history else "kept"
+        if args.json:
+            _emit({"removed": subscription_id, "history": kept})
+        else:
+            sys.stdout.write(f"removed {subscription_id} (history {kept})\n")
+    return EXIT_OK
 
 
 async def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
     from delivery.events import format_timestamp
     from delivery.store import dead_letters as dlq
+    from delivery.store import subscriptions as subs
     from delivery.store.pool import create_pool
+
+    if args.subscription is not None:
+        subscription_id = subs.parse_subscription_id(args.subscription)
+
+        async def exists(conn: Any) -> int:
+            await subs.exists(conn, subscription_id)  # an unknown one is an error, not "none"
+            return EXIT_OK
+
+        await _with_conn(settings, exists)
 
     if args.action == "list":
 
@@ -144,11 +216,29 @@ async def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
             replayed, skipped = await dlq.replay(pool, selector, progress=_progress("replayed"))
             _emit({"replayed": replayed, "skipped_disabled_subscription": skipped})
         else:
+            if not args.yes and not await _confirm_purge(await dlq.count(pool, selector)):
+                sys.stderr.write("delivery dlq purge: not confirmed; nothing was purged\n")
+                return EXIT_FAILURE
             purged = await dlq.purge(pool, selector, progress=_progress("purged"))
             _emit({"purged": purged})
     finally:
         await pool.close()
     return EXIT_OK
+
+
+async def _confirm_purge(count: int) -> bool:
+    """Ask on the terminal before dropping dead letters for good. Without a terminal there is
+    nobody to ask: refuse (exit 2) rather than guess, and name ``--yes``."""
+    if count == 0:
+        return True
+    if not sys.stdin.isatty():
+        raise InputError(
+            "purge: standard input is not a terminal to confirm on; add --yes to purge"
+        )
+    sys.stderr.write(f"purge {count:,} dead letter(s) for good? [y/N] ")
+    sys.stderr.flush()
+    answer = await asyncio.to_thread(sys.stdin.readline)
+    return answer.strip().lower() in ("y", "yes")
 
 
 async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -159,17 +249,18 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     async def work(conn: Any) -> int:
         names = Names(settings.amqp_prefix)
         report = await collect(conn, lambda: queue_report(settings.amqp_url or None, names))
+        # Not ok (the broker could not be asked) is exit 1, whatever the output's form.
+        code = EXIT_OK if report["ok"] else EXIT_FAILURE
         if args.json:
             _emit(report)
-            return EXIT_OK
+            return code
         out = report["outbox"]
         sys.stdout.write(f"outbox: {out['pending']} pending, oldest {out['oldest_age_s']}s\n")
-        queues = report["queues"]
-        if isinstance(queues, dict):
-            for name, depth in queues.items():
-                sys.stdout.write(f"queue {name}: {'missing' if depth is None else depth}\n")
+        if report["queues_error"] is not None:
+            sys.stdout.write(f"queues: {report['queues_error']}\n")
         else:
-            sys.stdout.write(f"queues: {queues}\n")
+            for name, depth in report["queues"].items():
+                sys.stdout.write(f"queue {name}: {'missing' if depth is None else depth}\n")
         sys.stdout.write(
             f"{'SUBSCRIPTION':<21} {'STATE':<9} {'PENDING':>8} {'RETRYING':>8} {'DEAD':>6} "
             f"{'DELIVERED':>9}  LAST SUCCESS\n"
@@ -179,6 +270,6 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 f"{s['id']:<21} {s['state']:<9} {s['pending']:>8} {s['retrying']:>8} "
                 f"{s['dead']:>6} {s['delivered']:>9}  {s['last_success'] or '-'}\n"
             )
-        return EXIT_OK
+        return code
 
     return await _with_conn(settings, work)

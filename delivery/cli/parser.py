@@ -3,21 +3,61 @@
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from delivery.cli.output import EXIT_USAGE
 from delivery.version import DISTRIBUTION, VERSION
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("action", "parsers", _Subcommands)
+
     def error(self, message: str) -> NoReturn:
         # One line, exit 2: the contract's usage error.
         self.exit(EXIT_USAGE, f"delivery: {message} (see `{self.prog} --help`)\n")
 
 
+def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """``--debug`` and ``--json`` before or after the subcommand: a subcommand's copy has no
+    default, so it sets the value only when given and never resets the top-level one."""
+    default: object = False if top else argparse.SUPPRESS
+    parser.add_argument(
+        "--debug", action="store_true", default=default, help="show tracebacks on errors"
+    )
+    parser.add_argument(
+        "--json", action="store_true", default=default, help="machine-readable output"
+    )
+
+
+class _Subcommands(argparse._SubParsersAction):  # type: ignore[type-arg]
+    """Every subcommand (at any depth) takes the global options too."""
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = super().add_parser(name, **kwargs)
+        _global_options(parser, top=False)
+        return parser
+
+
+def _whole_number(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: ASCII digits only (``int`` also takes ``" 1_0 "`` and other scripts'
+    digits), within ``low..high``."""
+
+    def parse(text: str) -> int:
+        if not (text.isascii() and text.isdigit() and len(text) <= 12) or not (
+            low <= int(text) <= high
+        ):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from {low} to {high}")
+        return int(text)
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="delivery", description="Reliable signed webhook delivery.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    _global_options(parser, top=True)
     parser.add_argument("--version", action="version", version=f"{DISTRIBUTION} {VERSION}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -33,7 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("worker", "consume events and deliver webhooks"),
     ):
         proc = commands.add_parser(name, help=text)
-        proc.add_argument("--admin-port", type=int, help="port for /metrics, /healthz, /readyz")
+        proc.add_argument(
+            "--admin-port",
+            type=_whole_number(0, 65535),
+            help="port for /metrics, /healthz, /readyz",
+        )
 
     publish = commands.add_parser("publish", help="publish JSON-lines events into the outbox")
     publish.add_argument("file", nargs="?", help="file of JSON lines (default: standard input)")
@@ -44,38 +88,56 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("url")
     add.add_argument("--events", required=True, help="comma-separated globs: trade.*,account.*")
     add.add_argument("--account", help="only this account's events")
-    add.add_argument("--secret", help="whsec_... (default: generated)")
+    given = add.add_mutually_exclusive_group()
+    given.add_argument(
+        "--secret", help="whsec_... (default: generated; visible in ps, prefer --secret-file)"
+    )
+    given.add_argument(
+        "--secret-file",
+        metavar="PATH",
+        help="read the whsec_... secret from this file, or from standard input with -",
+    )
     add.add_argument("--retry-schedule", help="e.g. 5s,5m,30m (default: DELIVERY_RETRY_SCHEDULE)")
     add.add_argument(
         "--timeout", type=float, help="seconds per attempt (default: DELIVERY_HTTP_TIMEOUT_S)"
     )
-    add.add_argument("--json", action="store_true", help="(always JSON)")
-    lst = sub_actions.add_parser("list", help="list subscriptions")
-    lst.add_argument("--json", action="store_true")
+    sub_actions.add_parser("list", help="list subscriptions")
     for action in ("show", "disable", "enable", "rotate-secret", "remove"):
         p = sub_actions.add_parser(action, help=f"{action} a subscription")
         p.add_argument("id")
-        p.add_argument("--json", action="store_true")
+        if action == "remove":
+            p.add_argument(
+                "--delete-history",
+                action="store_true",
+                help="also delete its deliveries, attempts and dead letters (kept by default)",
+            )
 
     dlq = commands.add_parser("dlq", help="dead letters")
     dlq_actions = dlq.add_subparsers(dest="action", required=True, parser_class=_Parser)
     dl = dlq_actions.add_parser("list", help="list dead letters")
     dl.add_argument("--subscription")
-    dl.add_argument("--json", action="store_true")
-    dl.add_argument("--limit", type=int, default=1000)
+    dl.add_argument("--limit", type=_whole_number(1, 10_000), default=1000)
     dl.add_argument(
         "--poison", action="store_true", help="messages no worker could process, not deliveries"
     )
-    for action in ("replay", "purge"):
-        p = dlq_actions.add_parser(action, help=f"{action} dead letters")
+    replay = dlq_actions.add_parser("replay", help="send dead letters again (same webhook-id)")
+    purge = dlq_actions.add_parser("purge", help="drop dead letters (asks first on a terminal)")
+    for p in (replay, purge):
         p.add_argument("ids", nargs="*", metavar="ID")
         p.add_argument("--subscription")
         p.add_argument("--all", action="store_true")
+    purge.add_argument(
+        "--yes",
+        "-y",
+        action="store_true",
+        help="do not ask (required when standard input is not a terminal)",
+    )
 
-    status = commands.add_parser("status", help="backlog, queues and subscriptions at a glance")
-    status.add_argument("--json", action="store_true")
+    commands.add_parser("status", help="backlog, queues and subscriptions at a glance")
 
     demo = commands.add_parser("demo", help="a whole run on this machine, to watch")
-    demo.add_argument("--events", type=int, default=3000, help="how many events to publish")
+    demo.add_argument(
+        "--events", type=_whole_number(1, 1_000_000), default=3000, help="how many to publish"
+    )
     demo.add_argument("--keep", action="store_true", help="leave the throwaway services running")
     return parser

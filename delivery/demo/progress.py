@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import sys
 from dataclasses import dataclass, field
 
@@ -15,14 +16,24 @@ def say(line: str) -> None:
     sys.stderr.flush()
 
 
-def _bar(done: int, total: int, width: int = 24) -> str:
+def _bar(done: int, total: int, width: int) -> str:
     filled = min(width, width * done // total) if total else width
-    return "[" + "#" * filled + "." * (width - filled) + "]"
+    return "[" + "#" * filled + "." * (width - filled) + "] "
+
+
+def _count(done: int, total: int, what: str) -> str:
+    return f"{done:>{len(f'{total:,}')},}/{total:,} {what}"
+
+
+_GAP = "   "
+_MAX_BAR = 24  # the widest a bar gets, however wide the terminal
+_MIN_BAR = 5  # narrower than this, the bars are left out and the counts stay
 
 
 @dataclass
 class _Progress:
-    """Redrawn in place on a terminal (10 times a second); elsewhere one line a second."""
+    """Redrawn in place on a terminal (10 times a second); elsewhere one line a second. The
+    line fits the terminal's width (the bars shrink, then go), so a redraw never wraps."""
 
     receiver: Receiver
     total_events: int
@@ -30,18 +41,26 @@ class _Progress:
     published: int = 0
     tty: bool = field(default_factory=sys.stderr.isatty)
 
-    def line(self) -> str:
+    def line(self, columns: int) -> str:
         delivered = self.receiver.delivered_count()
+        counts = (
+            _count(self.published, self.total_events, "published"),
+            _count(delivered, self.total_deliveries, "delivered"),
+        )
+        # The last column stays free: a line that fills it wraps on some terminals.
+        room = columns - 1 - len("  ") - len(_GAP) - sum(len(c) for c in counts)
+        width = min(_MAX_BAR, room // 2 - len("[] "))
+        if width < _MIN_BAR:
+            return "  " + _GAP.join(counts)
         return (
-            f"  {_bar(self.published, self.total_events)} "
-            f"{self.published:>{len(f'{self.total_events:,}')},}/{self.total_events:,} published"
-            f"   {_bar(delivered, self.total_deliveries)} "
-            f"{delivered:>{len(f'{self.total_deliveries:,}')},}/{self.total_deliveries:,}"
-            " delivered"
+            f"  {_bar(self.published, self.total_events, width)}{counts[0]}"
+            f"{_GAP}{_bar(delivered, self.total_deliveries, width)}{counts[1]}"
         )
 
     def draw(self) -> None:
-        sys.stderr.write(("\r" + self.line()) if self.tty else (self.line() + "\n"))
+        line = self.line(shutil.get_terminal_size().columns)  # COLUMNS, the terminal, or 80
+        # On a terminal: back to the line's start, the line, and erase what a longer one left.
+        sys.stderr.write(f"\r{line}\x1b[K" if self.tty else line + "\n")
         sys.stderr.flush()
 
     async def run(self, done: asyncio.Event) -> None:

@@ -44,7 +44,7 @@ async def run_demo(
     if events < len(ACCOUNTS):
         sys.stderr.write(f"delivery demo: --events must be at least {len(ACCOUNTS)}\n")
         return 2
-    configure_logging("console", "warning")
+    configure_logging("console", "warning", no_color=Settings().no_color)
     began = time.time()
     sys.stderr.write(
         "delivery demo: producer -> outbox (PostgreSQL) -> relay -> RabbitMQ -> workers"
@@ -185,6 +185,7 @@ async def _run(
                 # Deliveries to a local receiver finish in milliseconds: a short drain deadline
                 # keeps the exit quick even when something is wrong.
                 shutdown_timeout_s=5,
+                allow_private_targets=True,  # the demo's receiver listens on 127.0.0.1
             )
             progress = _Progress(receiver, len(batch), sum(len(ids) for ids in expected.values()))
             outcome = await _with_platform(

@@ -134,6 +134,27 @@ def current_traceparent() -> str | None:
     return format_traceparent(context) if context.is_valid else None
 
 
+def current_log_ids() -> dict[str, str]:
+    """``trace_id`` and ``span_id`` of the current span for a log line (hex, as W3C spells
+    them); empty without a current span. Never imports OpenTelemetry."""
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is None:
+        return {}
+    context = trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return {}
+    return {"trace_id": f"{context.trace_id:032x}", "span_id": f"{context.span_id:016x}"}
+
+
+def log_ids(traceparent: str | None) -> dict[str, str]:
+    """``trace_id`` and ``span_id`` of a W3C ``traceparent`` (``00-<trace>-<span>-<flags>``)
+    for a log line; empty when there is none or it is malformed."""
+    parts = traceparent.split("-") if traceparent else []
+    if len(parts) != 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
+        return {}
+    return {"trace_id": parts[1], "span_id": parts[2]}
+
+
 # -- worker side -------------------------------------------------------------------------------
 
 

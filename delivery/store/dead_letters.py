@@ -155,6 +155,15 @@ async def replay(
     return replayed, skipped
 
 
+async def count(db: asyncpg.Pool | asyncpg.Connection, selector: Selector) -> int:
+    """How many dead letters ``selector`` names (what a purge would drop now)."""
+    where, args = selector.where()
+    found = await db.fetchval(
+        f"SELECT count(*) FROM delivery.deliveries d WHERE d.state = 'dead' AND {where}", *args
+    )
+    return int(found)
+
+
 async def purge(
     pool: asyncpg.Pool, selector: Selector, *, progress: Callable[[int], None] | None = None
 ) -> int:
@@ -176,9 +185,10 @@ async def park(db: asyncpg.Pool | asyncpg.Connection, delivery_ids: list[int], r
 
 
 def ids_from_args(values: Sequence[str]) -> tuple[int, ...]:
+    """Dead-letter ids as typed: ASCII digits only, within PostgreSQL's bigint."""
     out = []
     for value in values:
-        if not value.isdigit():
+        if not (value.isascii() and value.isdigit() and 0 < len(value) <= 18):
             raise InputError(f"dead letter id {value!r} is not a number (see `delivery dlq list`)")
         out.append(int(value))
     return tuple(out)

@@ -1,4 +1,5 @@
-"""The states a row can be in, as the tables' CHECK constraints spell them (migrations 0002-0004).
+"""The states a row can be in, as the tables' CHECK constraints spell them (migrations
+0002-0004, 0013).
 
 Python code that compares or writes a state uses these, so a typo is an attribute error that
 mypy sees; being ``str``s, they go to and come from PostgreSQL as the plain text they are. The
@@ -23,6 +24,7 @@ class SubscriptionState(StrEnum):
 
     ACTIVE = "active"
     DISABLED = "disabled"  # by an operator, a 410, or failing for too long
+    REMOVED = "removed"  # by an operator; kept only for its history, matched to nothing
 
 
 class CircuitState(StrEnum):

@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 
 from delivery.events import format_timestamp
+from delivery.targets import mask_url
 
 # How far behind the relay is: read by ``delivery status`` and by the relay for its gauges.
 _OUTBOX_BACKLOG = """
@@ -31,6 +32,7 @@ SELECT s.id, s.url, s.state, s.disabled_reason, s.event_patterns, s.account_id,
        min(d.next_attempt_at) FILTER (WHERE d.state = 'pending') AS next_attempt_at
 FROM delivery.subscriptions s
 LEFT JOIN delivery.deliveries d ON d.subscription_id = s.id
+WHERE s.state <> 'removed'
 GROUP BY s.id
 ORDER BY s.created_at, s.id
 """
@@ -49,16 +51,19 @@ async def outbox_backlog(db: asyncpg.Pool | asyncpg.Connection) -> OutboxBacklog
 
 
 async def collect(
-    conn: asyncpg.Connection, queues: Callable[[], Awaitable[dict[str, int | None] | str]]
+    conn: asyncpg.Connection,
+    queues: Callable[[], Awaitable[tuple[dict[str, int | None], str | None]]],
 ) -> dict[str, Any]:
-    """The report of ``delivery status``; ``queues`` reads the depths (``queue_report``)."""
+    """The report of ``delivery status``; ``queues`` reads the depths and why they are unknown
+    (``queue_report``). One shape whatever the broker says: ``ok`` is false, and
+    ``queues_error`` says why, when the depths could not be read."""
     outbox = await outbox_backlog(conn)
     subs = []
     for row in await conn.fetch(_PER_SUBSCRIPTION):
         subs.append(
             {
                 "id": row["id"],
-                "url": row["url"],
+                "url": mask_url(row["url"]),  # a row from before credentials were refused
                 "state": row["state"],
                 "circuit": row["circuit_state"],
                 "consecutive_failures": row["consecutive_failures"],
@@ -74,12 +79,14 @@ async def collect(
                 "next_attempt_at": _ts(row["next_attempt_at"]),
             }
         )
-    depths = await queues()
+    depths, queues_error = await queues()
     poison = await conn.fetchval("SELECT count(*) FROM delivery.poison_messages")
     return {
+        "ok": queues_error is None,
         "outbox": {"pending": outbox.pending, "oldest_age_s": round(outbox.oldest_s, 3)},
         "poison_messages": poison,
         "queues": depths,
+        "queues_error": queues_error,
         "subscriptions": subs,
     }
 

@@ -9,16 +9,21 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
+from pydantic import TypeAdapter, ValidationError
 
+from delivery.durations import check_schedule_s
 from delivery.errors import InputError, NotFoundError
-from delivery.events import EVENT_TYPES, format_timestamp
-from delivery.signing import generate_secret, secret_key
+from delivery.events import EVENT_TYPES, AccountId, format_timestamp
+from delivery.settings import MAX_HTTP_TIMEOUT_S
+from delivery.signing import generate_secret, secret_key, validate_secret
+from delivery.store.dead_letters import park_pending
 from delivery.store.states import CircuitState, SubscriptionState
+from delivery.targets import canonical_url, mask_url
 
 _PATTERN = re.compile(r"^[a-z0-9_.*?\[\]-]+$")
+_ACCOUNT_ID: TypeAdapter[str] = TypeAdapter(AccountId)
 FIELDS = (
     "id",
     "url",
@@ -100,6 +105,7 @@ class Subscription:
         """For ``--json`` output: timestamps as RFC 3339; secrets only when asked for."""
         out = asdict(self)
         out["event_patterns"] = list(self.event_patterns)
+        out["url"] = mask_url(self.url)  # a row from before credentials were refused
         for key in (
             "created_at",
             "updated_at",
@@ -120,15 +126,33 @@ class Subscription:
         return out
 
 
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
 def new_subscription_id() -> str:
     return "sub_" + secrets.token_hex(8)
 
 
+def parse_subscription_id(text: str) -> str:
+    """A subscription id as typed: ``InputError`` unless it could be one (``sub_`` + hex)."""
+    if not (text.isascii() and _ID.fullmatch(text)):
+        raise InputError(f"{text!r} is not a subscription id (see `delivery subscriptions list`)")
+    return text
+
+
 def validate_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InputError(f"url: {url!r} is not an http(s) URL with a host")
-    return url
+    """The canonical form of a subscription URL (see ``delivery.targets.canonical_url``)."""
+    return canonical_url(url)
+
+
+def validate_account_id(account_id: str | None) -> str | None:
+    """A subscription's account follows the rules of an event's ``account_id``."""
+    if account_id is None:
+        return None
+    try:
+        return _ACCOUNT_ID.validate_python(account_id)
+    except ValidationError as exc:
+        raise InputError(f"account: {exc.errors()[0]['msg']}") from None
 
 
 def parse_patterns(text: str | Sequence[str]) -> tuple[str, ...]:
@@ -156,14 +180,19 @@ async def add(
     retry_schedule_s: tuple[float, ...] | None = None,
     timeout_s: float | None = None,
 ) -> Subscription:
-    validate_url(url)
-    if timeout_s is not None and not 0 < timeout_s <= 300:
-        raise InputError("timeout: must be between 0 and 300 seconds")
+    # Everything is checked before the row is written: a refusal writes nothing.
+    url = validate_url(url)
+    if timeout_s is not None and not 0 < timeout_s <= MAX_HTTP_TIMEOUT_S:
+        raise InputError(f"timeout: must be between 0 and {MAX_HTTP_TIMEOUT_S:g} seconds")
     parsed = parse_patterns(patterns)
+    account_id = validate_account_id(account_id)
     if secret is not None:
-        if not secret.startswith("whsec_"):
-            raise InputError("secret: must start with whsec_")
-        secret_key(secret)
+        validate_secret(secret)
+    if retry_schedule_s is not None:
+        try:
+            retry_schedule_s = check_schedule_s(tuple(retry_schedule_s))
+        except ValueError as exc:
+            raise InputError(f"retry schedule: {exc}") from None
     row = await conn.fetchrow(
         f"""
         INSERT INTO delivery.subscriptions
@@ -183,8 +212,10 @@ async def add(
 
 
 async def list_all(conn: asyncpg.Connection) -> list[Subscription]:
+    """Every subscription but the removed ones (whose rows only keep their history)."""
     rows = await conn.fetch(
-        f"SELECT {_COLUMNS} FROM delivery.subscriptions ORDER BY created_at, id"
+        f"SELECT {_COLUMNS} FROM delivery.subscriptions WHERE state <> 'removed'"
+        " ORDER BY created_at, id"
     )
     return [Subscription.from_row(r) for r in rows]
 
@@ -195,7 +226,18 @@ async def get(conn: asyncpg.Connection, subscription_id: str) -> Subscription:
     )
     if row is None:
         raise NotFoundError(f"subscription {subscription_id!r} does not exist")
+    if row["state"] == SubscriptionState.REMOVED:
+        raise NotFoundError(f"subscription {subscription_id!r} was removed")
     return Subscription.from_row(row)
+
+
+async def exists(conn: asyncpg.Connection, subscription_id: str) -> None:
+    """``NotFoundError`` unless the subscription exists (or was removed: its history stays)."""
+    found = await conn.fetchval(
+        "SELECT true FROM delivery.subscriptions WHERE id = $1", subscription_id
+    )
+    if not found:
+        raise NotFoundError(f"subscription {subscription_id!r} does not exist")
 
 
 async def set_state(
@@ -211,7 +253,7 @@ async def set_state(
         SET state = $2, disabled_reason = CASE WHEN $2 = 'disabled' THEN $3 END, updated_at = now(),
             consecutive_failures = 0, circuit_state = 'closed', circuit_retry_at = NULL,
             failing_since = NULL
-        WHERE id = $1
+        WHERE id = $1 AND state <> 'removed'
         RETURNING {_COLUMNS}
         """,
         subscription_id,
@@ -219,7 +261,7 @@ async def set_state(
         reason,
     )
     if row is None:
-        raise NotFoundError(f"subscription {subscription_id!r} does not exist")
+        raise NotFoundError(await _missing(conn, subscription_id))
     return Subscription.from_row(row)
 
 
@@ -227,13 +269,13 @@ async def rotate_secret(
     conn: asyncpg.Connection, subscription_id: str, *, grace_s: float, new_secret: str | None = None
 ) -> Subscription:
     if new_secret is not None:
-        secret_key(new_secret)
+        validate_secret(new_secret)
     row = await conn.fetchrow(
         f"""
         UPDATE delivery.subscriptions
         SET previous_secret = secret, secret = $2,
             previous_secret_expires_at = now() + make_interval(secs => $3), updated_at = now()
-        WHERE id = $1
+        WHERE id = $1 AND state <> 'removed'
         RETURNING {_COLUMNS}
         """,
         subscription_id,
@@ -241,11 +283,45 @@ async def rotate_secret(
         grace_s,
     )
     if row is None:
-        raise NotFoundError(f"subscription {subscription_id!r} does not exist")
+        raise NotFoundError(await _missing(conn, subscription_id))
     return Subscription.from_row(row)
 
 
-async def remove(conn: asyncpg.Connection, subscription_id: str) -> None:
-    result = await conn.execute("DELETE FROM delivery.subscriptions WHERE id = $1", subscription_id)
-    if result.endswith(" 0"):
-        raise NotFoundError(f"subscription {subscription_id!r} does not exist")
+async def _missing(conn: asyncpg.Connection, subscription_id: str) -> str:
+    """Why ``subscription_id`` cannot be acted on: it never existed, or it was removed."""
+    state = await conn.fetchval(
+        "SELECT state FROM delivery.subscriptions WHERE id = $1", subscription_id
+    )
+    if state == SubscriptionState.REMOVED:
+        return f"subscription {subscription_id!r} was removed"
+    return f"subscription {subscription_id!r} does not exist"
+
+
+async def remove(
+    conn: asyncpg.Connection, subscription_id: str, *, keep_history: bool = True
+) -> None:
+    """Stop delivering to a subscription. Its deliveries, attempts and dead letters stay (its
+    pending deliveries become dead letters) unless ``keep_history`` is false: then the row and
+    all of that are deleted, as they are for an already removed one."""
+    if not keep_history:
+        result = await conn.execute(
+            "DELETE FROM delivery.subscriptions WHERE id = $1", subscription_id
+        )
+        if result.endswith(" 0"):
+            raise NotFoundError(f"subscription {subscription_id!r} does not exist")
+        return
+    async with conn.transaction():
+        removed = await conn.fetchval(
+            """
+            UPDATE delivery.subscriptions
+            SET state = 'removed', disabled_reason = 'removed by operator', updated_at = now(),
+                circuit_state = 'closed', circuit_retry_at = NULL, consecutive_failures = 0,
+                failing_since = NULL
+            WHERE id = $1 AND state <> 'removed'
+            RETURNING id
+            """,
+            subscription_id,
+        )
+        if removed is None:
+            raise NotFoundError(await _missing(conn, subscription_id))
+        await park_pending(conn, subscription_id, "subscription removed by operator")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import random
 import shlex
 import shutil
 import signal
@@ -40,14 +41,38 @@ _handed_out_ports: set[int] = set()
 _ports_lock = threading.Lock()
 
 
+def _ephemeral_port_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port(host: str = HOST) -> int:
-    """A TCP port on `host` that nobody listens on now (never the same one twice per process)."""
-    # The kernel may hand the same ephemeral port to two binds in a row once the first socket
-    # is closed; remembering what we gave out keeps an AMQP and a dist port from colliding.
-    for _ in range(50):
+    """A TCP port on `host` that nobody listens on now (never the same one twice per process).
+
+    Drawn below the kernel's ephemeral range: a port from inside it can be taken as the source
+    port of any outgoing connection (a POST, a database connect) between this check and the
+    server's bind, which a loaded test run does hit ("address already in use")."""
+    ephemeral_low, ephemeral_high = _ephemeral_port_range()
+    if ephemeral_low > 11000:
+        low, high = 10000, ephemeral_low - 1
+    elif ephemeral_high < 64000:
+        low, high = ephemeral_high + 1, 65535
+    else:  # no room outside it: fall back to any unprivileged port
+        low, high = 1024, 65535
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(low, high)
+        with _ports_lock:
+            if port in _handed_out_ports:
+                continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((host, 0))
-            port = int(sock.getsockname()[1])
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
         with _ports_lock:
             if port not in _handed_out_ports:
                 _handed_out_ports.add(port)

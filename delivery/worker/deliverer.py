@@ -184,6 +184,7 @@ class Deliverer:
             attempt=job.attempt,
             policy=policy,
             rng=self._rng,
+            permanent=result.permanent,
         )
         self._hooks.after_response(attempt, result, decision)
         await self._outcomes.record(

@@ -41,7 +41,9 @@ log = structlog.get_logger("delivery.dispatch")
 _DB_RETRY_DEADLINE_S = 30.0
 _DB_PAUSE_S = 2.0
 
-_SUBSCRIPTIONS = f"SELECT {select_list('s', '')} FROM delivery.subscriptions s"
+_SUBSCRIPTIONS = (
+    f"SELECT {select_list('s', '')} FROM delivery.subscriptions s WHERE s.state <> 'removed'"
+)
 # The inbox rows and the deliveries of the events that were new to it, in one statement (atomic
 # on its own: no BEGIN and COMMIT round trips). A redelivered event finds its inbox row, counts
 # the redelivery and creates nothing. $7: each event's further copies in this very batch (a

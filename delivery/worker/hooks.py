@@ -149,6 +149,9 @@ class LoggingHook(AttemptHook):
             "status": result.status,
             "duration_ms": round(result.duration_s * 1000, 1),
         }
+        if tracing.tracer is not None:
+            # The attempt's span has ended by now; its ids travel in the request's header.
+            context.update(tracing.log_ids(attempt.headers.get("traceparent")))
         if decision.outcome is Outcome.DELIVERED:
             log.debug("attempt", **context)
         else:

@@ -109,8 +109,12 @@ def decide(
     attempt: int,
     policy: RetryPolicy,
     rng: random.Random,
+    permanent: bool = False,
 ) -> Decision:
-    """What to do after attempt ``attempt`` answered ``status`` (or failed with ``error``)."""
+    """What to do after attempt ``attempt`` answered ``status`` (or failed with ``error``;
+    ``permanent``: a failure no retry can mend, such as a blocked target)."""
+    if status is None and permanent:
+        return Decision(Outcome.PERMANENT, reason=error or "no answer: not retryable")
     if status is None:
         kind = Outcome.RETRY
         what = error or "no answer"

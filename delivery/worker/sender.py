@@ -8,8 +8,12 @@ from dataclasses import dataclass
 from types import TracebackType
 
 import aiohttp
+import yarl
 
+from delivery.errors import BlockedTargetError
+from delivery.targets import refuse_addresses
 from delivery.version import USER_AGENT
+from delivery.worker.resolver import GuardedResolver, names_an_address
 from delivery.worker.retry import parse_retry_after_s
 
 
@@ -20,6 +24,15 @@ class AttemptResult:
     duration_s: float
     retry_after_s: float | None = None
     excerpt: str | None = None
+    permanent: bool = False  # no HTTP answer, and none will ever come (a blocked target)
+
+
+def _raw_host(url: str) -> str:
+    """The host as aiohttp reads it (``""`` if it cannot: aiohttp then refuses the URL)."""
+    try:
+        return yarl.URL(url).raw_host or ""
+    except ValueError:
+        return ""
 
 
 class Sender:
@@ -32,8 +45,10 @@ class Sender:
         connect_timeout_s: float,
         timeout_s: float,
         excerpt_bytes: int,
+        allow_private_targets: bool = False,
         user_agent: str = USER_AGENT,
     ) -> None:
+        self._guarded = not allow_private_targets
         self._max_connections = max_connections
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
         self._excerpt_bytes = excerpt_bytes
@@ -46,6 +61,7 @@ class Sender:
             limit_per_host=0,
             ttl_dns_cache=300,
             enable_cleanup_closed=True,
+            resolver=GuardedResolver() if self._guarded else None,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -77,6 +93,10 @@ class Sender:
             else aiohttp.ClientTimeout(total=timeout_s, sock_connect=self._timeout.sock_connect)
         )
         try:
+            if self._guarded:
+                host = _raw_host(url)
+                if names_an_address(host):  # aiohttp connects to it without resolving it
+                    refuse_addresses(host, [host])
             async with self._session.post(
                 url, data=body, headers=headers, timeout=timeout, allow_redirects=False
             ) as response:
@@ -88,6 +108,13 @@ class Sender:
                     retry_after_s=parse_retry_after_s(response.headers.get("retry-after")),
                     excerpt=excerpt.decode("utf-8", "replace") if excerpt else None,
                 )
+        except BlockedTargetError as exc:
+            return AttemptResult(
+                status=None,
+                error=f"blocked target: {exc}",
+                duration_s=time.perf_counter() - started,
+                permanent=True,
+            )
         except TimeoutError:
             error = f"timeout after {timeout.total}s"
         except aiohttp.ClientError as exc:

@@ -106,7 +106,13 @@ async def test_the_metric_and_the_user_agent_carry_the_installed_version():
         async with (
             serve_admin(Health(), admin_port),
             aiohttp.ClientSession() as http,
-            Sender(max_connections=1, connect_timeout_s=2, timeout_s=5, excerpt_bytes=0) as sender,
+            Sender(
+                max_connections=1,
+                connect_timeout_s=2,
+                timeout_s=5,
+                excerpt_bytes=0,
+                allow_private_targets=True,  # the test hook is on loopback
+            ) as sender,
         ):
             async with http.get(f"http://127.0.0.1:{admin_port}/metrics") as answer:
                 exposition = await answer.text()

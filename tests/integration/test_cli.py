@@ -11,8 +11,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from delivery import publish_many
 from delivery.testing.env import environment_without_settings
-from tests.support import settings_env
+from delivery.testing.factories import add_subscription, trade
+from delivery.testing.receiver import Receiver
+from tests.support import run_until_idle, settings_env
 
 pytestmark = pytest.mark.integration
 
@@ -133,7 +136,8 @@ async def test_subscriptions_lifecycle(settings):
 
     assert cli(settings, "subscriptions", "remove", sub["id"]).returncode == 0
     missing = cli(settings, "subscriptions", "show", sub["id"])
-    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    assert missing.returncode == 2 and "was removed" in missing.stderr
+    assert json.loads(cli(settings, "subscriptions", "list", "--json").stdout) == []
 
 
 @pytest.mark.parametrize(
@@ -148,6 +152,36 @@ async def test_subscriptions_lifecycle(settings):
         (["http://h/x", "--events", "*", "--secret", "nope"], "secret: must start with whsec_"),
         (["http://h/x", "--events", "*", "--retry-schedule", "5s,soon"], "--retry-schedule:"),
         (["http://h/x"], "the following arguments are required: --events"),
+        # Bounds: each of these was written (or written, then failed) before.
+        (
+            ["http://h/x", "--events", "*", "--retry-schedule", "5s,200000000d"],
+            "--retry-schedule: a retry step of 200000000d is not between 0s and 7d",
+        ),
+        (
+            ["http://h/x", "--events", "*", "--retry-schedule", "9" * 400 + "s"],
+            "--retry-schedule: ",
+        ),
+        (
+            ["http://h/x", "--events", "*", "--retry-schedule", ",".join(["1s"] * 51)],
+            "--retry-schedule: a retry schedule has 1 to 50 steps, not 51",
+        ),
+        (["http://h/x", "--events", "*", "--retry-schedule", ""], "--retry-schedule: "),
+        (["http://h/x", "--events", "*", "--timeout", "nan"], "timeout: must be between"),
+        (["http://h/x", "--events", "*", "--timeout", "inf"], "timeout: must be between"),
+        (["http://u:s3cret@h/x", "--events", "*"], "url: 'http://***@h/x' contains credentials"),
+        (["http://h/x\x07y", "--events", "*"], "control characters"),
+        (["http://h/x\u200by", "--events", "*"], "non-ASCII"),
+        (["http://h/" + "x" * 2100, "--events", "*"], "url: longer than 2048 characters"),
+        (["http://h/x", "--events", "*", "--account", ""], "account: "),
+        (["http://h/x", "--events", "*", "--account", "a" * 129], "account: "),
+        (
+            ["http://h/x", "--events", "*", "--secret", "whsec_" + "QUFB" * 7],
+            "secret: must hold at least 24 random bytes",
+        ),
+        (
+            ["http://h/x", "--events", "*", "--secret", "whsec_" + "QUFB" * 22],
+            "secret: must hold at most 64 bytes",
+        ),
     ],
 )
 async def test_bad_subscription_input_exits_2_with_one_line(settings, args, expected):
@@ -155,7 +189,97 @@ async def test_bad_subscription_input_exits_2_with_one_line(settings, args, expe
     assert result.returncode == 2
     assert expected in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    assert json.loads(cli(settings, "subscriptions", "list", "--json").stdout) == []
+    assert "s3cret" not in result.stderr
+    assert await subscription_rows(settings) == 0  # nothing was written
+
+
+async def subscription_rows(settings) -> int:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        return await conn.fetchval("SELECT count(*) FROM delivery.subscriptions")
+    finally:
+        await conn.close()
+
+
+# Only parsed and classified, never connected to: the guard refuses before any request.
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/h",
+        "http://localhost:9/h",  # a name that resolves to loopback
+        "http://2130706433/h",  # decimal
+        "http://0177.0.0.1/h",  # octal
+        "http://0x7f.1/h",  # hex, short
+        "http://127.1/h",  # short
+        "http://[::1]/h",
+        "http://[::ffff:127.0.0.1]/h",  # IPv4-mapped
+        "http://169.254.169.254/latest/meta-data/",  # cloud metadata
+        "http://metadata.google.internal/computeMetadata/v1/",
+        "http://10.0.0.7/h",
+        "http://[fd12::1]/h",  # unique-local
+        "http://0.0.0.0/h",
+        "http://224.0.0.1/h",  # multicast
+    ],
+)
+async def test_private_targets_are_refused_when_a_subscription_is_made(settings, url):
+    result = cli(
+        settings,
+        "subscriptions",
+        "add",
+        url,
+        "--events",
+        "*",
+        DELIVERY_ALLOW_PRIVATE_TARGETS="false",
+    )
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1 and "Traceback" not in line
+    assert line.startswith("delivery subscriptions: url: 'http") and "is refused" in line
+    assert await subscription_rows(settings) == 0
+
+
+@pytest.mark.parametrize(
+    ("command", "variable", "value"),
+    [
+        ("worker", "DELIVERY_HTTP_TIMEOUT_S", "inf"),
+        ("relay", "DELIVERY_HTTP_CONNECT_TIMEOUT_S", "nan"),
+        ("status", "DELIVERY_SECRET_ROTATION_GRACE_S", "1e12"),
+        ("run", "DELIVERY_DELIVERY_LEASE_S", "-1"),
+        ("worker", "DELIVERY_RETRY_SCHEDULE", "5s,200000000d"),
+        ("worker", "DELIVERY_MAX_IN_FLIGHT", "1e3"),
+    ],
+)
+async def test_an_out_of_range_setting_stops_start_up_naming_it(settings, command, variable, value):
+    result = cli(settings, command, **{variable: value})
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"delivery {command}: {variable}: ")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["dlq", "replay", "\u00b2"], "is not a number"),  # isdigit() said yes, int() no
+        (["dlq", "purge", "\u0661\u0662"], "is not a number"),  # Arabic-Indic digits
+        (["dlq", "replay", "1" * 30], "is not a number"),  # past bigint
+        (["dlq", "list", "--limit", "-1"], "--limit: "),
+        (["dlq", "list", "--limit", "0"], "--limit: "),
+        (["dlq", "list", "--limit", "100000000"], "--limit: "),
+        (["dlq", "list", "--limit", "1_000"], "--limit: "),
+        (["dlq", "list", "--subscription", "sub_00000000deadbeef"], "does not exist"),
+        (["dlq", "replay", "--subscription", "sub_00000000deadbeef"], "does not exist"),
+        (["dlq", "purge", "--subscription", "sub_00000000deadbeef"], "does not exist"),
+        (["subscriptions", "show", "sub_00000000deadbeef"], "does not exist"),
+        (["subscriptions", "remove", "sub_00000000deadbeef"], "does not exist"),
+        (["subscriptions", "disable", "../etc/passwd"], "is not a subscription id"),
+        (["subscriptions", "rotate-secret", "sub_x\n"], "is not a subscription id"),
+    ],
+)
+async def test_ids_are_parsed_strictly_and_an_unknown_one_exits_2(settings, args, expected):
+    result = cli(settings, *args)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 async def test_missing_configuration_is_one_line(settings):
@@ -218,3 +342,46 @@ def settings_env_for_url(url: str) -> dict[str, str]:
     env = environment_without_settings()
     env["DELIVERY_DATABASE_URL"] = url
     return env
+
+
+async def test_remove_keeps_the_history_unless_asked_not_to(settings):
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        async with Receiver() as receiver:
+            sub = await add_subscription(conn, receiver, "/h", patterns="*")
+            await publish_many(conn, [trade(1, id="evt_before")])
+            await run_until_idle(settings)
+            # A delivery still pending when the subscription goes (its event not relayed yet).
+            await conn.execute(
+                "INSERT INTO delivery.deliveries (event_id, subscription_id) VALUES ('evt_p', $1)",
+                sub.id,
+            )
+            removed = cli(settings, "subscriptions", "remove", sub.id, "--json")
+            assert removed.returncode == 0, removed.stderr
+            assert json.loads(removed.stdout) == {"removed": sub.id, "history": "kept"}
+            history = await conn.fetch(
+                "SELECT d.event_id, d.state, d.dead_reason, count(a.id) AS attempts"
+                " FROM delivery.deliveries d LEFT JOIN delivery.attempts a ON a.delivery_id = d.id"
+                " GROUP BY d.id ORDER BY d.event_id"
+            )
+            assert [tuple(r) for r in history] == [
+                ("evt_before", "delivered", None, 1),
+                ("evt_p", "dead", "subscription removed by operator", 0),
+            ]
+            # Gone for every purpose but its history: no new deliveries, not listed, not acted on.
+            await publish_many(conn, [trade(2, id="evt_after")])
+            await run_until_idle(settings)
+            assert receiver.unique_ids("/h") == {"evt_before"}
+            assert await conn.fetchval("SELECT count(*) FROM delivery.deliveries") == 2
+            assert json.loads(cli(settings, "subscriptions", "list", "--json").stdout) == []
+            enable = cli(settings, "subscriptions", "enable", sub.id)
+            assert enable.returncode == 2 and "was removed" in enable.stderr
+            assert cli(settings, "dlq", "list", "--subscription", sub.id).returncode == 0
+
+            purged = cli(settings, "subscriptions", "remove", sub.id, "--delete-history")
+            assert purged.returncode == 0, purged.stderr
+            assert await conn.fetchval("SELECT count(*) FROM delivery.deliveries") == 0
+            assert await conn.fetchval("SELECT count(*) FROM delivery.attempts") == 0
+            assert await subscription_rows(settings) == 0
+    finally:
+        await conn.close()

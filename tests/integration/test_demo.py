@@ -41,6 +41,7 @@ def test_demo_delivers_every_event_with_verified_signatures(services):
     env = environment_without_settings()
     # The session's services: the demo then works in a database and queue prefix of its own.
     env.update(DELIVERY_DATABASE_URL=services.database_url, DELIVERY_AMQP_URL=services.amqp_url)
+    env["COLUMNS"] = "80"  # the progress display fits an 80-column terminal
     result = subprocess.run(
         [sys.executable, "-m", "delivery", "demo", "--events", "300"],
         capture_output=True,
@@ -56,6 +57,9 @@ def test_demo_delivers_every_event_with_verified_signatures(services):
     for route in ROUTES:
         assert route.name in result.stdout
     assert "published 300 events" in result.stdout
+    progress = [line for line in result.stderr.splitlines() if line.endswith(" delivered")]
+    assert progress, result.stderr
+    assert all(len(line) < 80 for line in progress), progress
 
 
 @pytest.mark.integration

@@ -126,6 +126,7 @@ async def worker(settings: Settings, *, scheduler: bool = False) -> AsyncIterato
         connect_timeout_s=2,
         timeout_s=settings.http_timeout_s,
         excerpt_bytes=200,
+        allow_private_targets=True,
     ) as sender:
         health = Health()
         deliverer = Deliverer(settings, pool, sender)
@@ -668,7 +669,11 @@ def _free_port() -> int:
 
 async def _post(port: int) -> AttemptResult:
     async with Sender(
-        max_connections=4, connect_timeout_s=2, timeout_s=5, excerpt_bytes=100
+        max_connections=4,
+        connect_timeout_s=2,
+        timeout_s=5,
+        excerpt_bytes=100,
+        allow_private_targets=True,
     ) as sender:
         return await sender.post(f"http://127.0.0.1:{port}/h", {"webhook-id": "evt_x"}, b"{}")
 
@@ -720,7 +725,13 @@ async def test_a_subscriber_that_never_answers_is_a_timeout_without_status_and_i
 
     async with (
         tcp_server(hang) as port,
-        Sender(max_connections=4, connect_timeout_s=2, timeout_s=0.2, excerpt_bytes=100) as sender,
+        Sender(
+            max_connections=4,
+            connect_timeout_s=2,
+            timeout_s=0.2,
+            excerpt_bytes=100,
+            allow_private_targets=True,
+        ) as sender,
     ):
         result = await sender.post(f"http://127.0.0.1:{port}/h", {}, b"{}")
     assert result.status is None

@@ -69,7 +69,11 @@ async def worker_parts(
     processes), driven by the test through ``claim_once``."""
     stop, force = asyncio.Event(), asyncio.Event()
     async with Sender(
-        max_connections=8, connect_timeout_s=2, timeout_s=10, excerpt_bytes=100
+        max_connections=8,
+        connect_timeout_s=2,
+        timeout_s=10,
+        excerpt_bytes=100,
+        allow_private_targets=True,
     ) as sender:
         deliverers = [Deliverer(settings, pool, sender) for _ in range(count)]
         runs = [asyncio.create_task(d.run(stop, force)) for d in deliverers]

@@ -184,6 +184,14 @@ def test_free_port_never_hands_out_the_same_port_twice() -> None:
     assert len(set(ports)) == 20
 
 
+def test_free_ports_lie_outside_the_kernels_ephemeral_range() -> None:
+    """An ephemeral port can become the source port of any outgoing connection between the
+    check and the server's bind; a port below that range cannot."""
+    low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = [free_port() for _ in range(200)]
+    assert not [p for p in ports if low <= p <= high]
+
+
 def test_asyncpg_url_drops_the_sqlalchemy_driver() -> None:
     assert asyncpg_url("postgresql+psycopg2://t:t@h:1/db") == "postgresql://t:t@h:1/db"
     assert asyncpg_url("postgres://t@h/db") == "postgresql://t@h/db"

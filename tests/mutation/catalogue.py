@@ -358,6 +358,26 @@ _MUTANTS: tuple[Mutant, ...] = (
         "ClientResponseError (each tried in tests/integration/test_fault_paths.py), so no "
         "refused, reset or closed connection reaches this branch: it is defence in depth",
     ),
+    # -- SSRF guard at connect time ------------------------------------------------------------
+    Mutant(
+        "ssrf-resolver-unguarded",
+        "delivery/worker/sender.py",
+        (("resolver=GuardedResolver() if self._guarded else None,", "resolver=None,"),),
+        "a name that resolves to a private address (DNS rebinding) is connected to",
+    ),
+    Mutant(
+        "ssrf-address-unchecked",
+        "delivery/worker/sender.py",
+        (("if names_an_address(host):  # aiohttp connects to it without resolving it",
+          "if False:"),),
+        "a subscription URL naming a private address by number is connected to",
+    ),
+    Mutant(
+        "ssrf-blocked-retried",
+        "delivery/worker/retry.py",
+        (("if status is None and permanent:", "if False:"),),
+        "a blocked target is retried on the schedule instead of failing as permanent at once",
+    ),
     # -- signing ------------------------------------------------------------------------------
     Mutant(
         "rotation-new-secret-only",
@@ -543,6 +563,10 @@ _DL = "tests/integration/test_dead_letters.py::"
 _F = "tests/integration/test_fault_paths.py::"
 _G = "tests/integration/test_guarantees.py::"
 _D = "tests/integration/test_drain.py::"
+_SSRF = (
+    "tests/integration/test_ssrf.py::"
+    "test_a_blocked_target_gets_no_request_and_the_attempt_is_permanent"
+)
 KILLS: dict[str, tuple[str, ...]] = {
     "dispatch-batch-copies-uncounted": (
         "tests/integration/test_pipeline.py::test_copies_of_an_event_in_one_batch_count_as_redeliveries",
@@ -611,6 +635,12 @@ KILLS: dict[str, tuple[str, ...]] = {
         _G + "test_a_redirect_is_the_attempts_outcome_and_is_never_followed",
     ),
     "sender-unbounded-excerpt": (_G + "test_only_an_excerpt_of_a_long_reply_is_stored",),
+    "ssrf-resolver-unguarded": (_SSRF + "[localhost]",),
+    "ssrf-address-unchecked": (_SSRF + "[127.0.0.1]",),
+    "ssrf-blocked-retried": (
+        _R + "test_a_blocked_target_is_permanent_at_once_with_its_reason",
+        _SSRF + "[localhost]",
+    ),
     "dispatch-commit-failure-not-nacked": (
         _F + "test_a_batch_whose_commit_fails_is_nacked_with_its_capacity_given_back",
     ),

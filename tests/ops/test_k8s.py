@@ -9,6 +9,7 @@ environment and command their pods would get, and answer their own probes."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import copy
 import os
@@ -374,7 +375,7 @@ def _allows_a_disruption(budget: dict[str, Any], replicas: int) -> bool:
 
 def _commands() -> set[str]:
     parser = build_parser()
-    (subparsers,) = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+    (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     return set(subparsers.choices)  # type: ignore[attr-defined]
 
 

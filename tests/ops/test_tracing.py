@@ -5,6 +5,9 @@ imports, and turning tracing on fails at start-up with one line."""
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -12,6 +15,7 @@ from collections.abc import Iterator
 
 import asyncpg
 import pytest
+import structlog
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -20,7 +24,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from delivery import publish
 from delivery.errors import ConfigError
-from delivery.ops import tracing
+from delivery.ops import logs, tracing
 from delivery.settings import Settings
 from delivery.store import subscriptions
 from delivery.testing.env import environment_without_settings
@@ -244,3 +248,31 @@ async def test_with_tracing_off_the_stored_traceparent_passes_through_unchanged(
     received = {a.webhook_id: a.traceparent for a in receiver.delivered()}
     assert received == stored
     assert attempt_spans(spans) == []
+
+
+def test_a_log_line_inside_a_current_span_carries_its_ids(spans, monkeypatch):
+    stream = io.StringIO()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        logs.configure_logging("json", "info", stream=stream)
+        log = structlog.get_logger("tests.tracing")
+        with trace.get_tracer("tests").start_as_current_span("work") as span:
+            log.info("off")  # tracing off: no ids, even inside a span
+            monkeypatch.setattr(tracing, "tracer", trace.get_tracer("delivery"))
+            log.info("inside")
+            logging.getLogger("some.library").warning("theirs")
+        log.info("outside")
+    finally:
+        structlog.reset_defaults()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logs._installed = None
+
+    lines = {r["event"]: r for r in map(json.loads, stream.getvalue().splitlines())}
+    context = span.get_span_context()
+    ids = {"trace_id": f"{context.trace_id:032x}", "span_id": f"{context.span_id:016x}"}
+    for event in ("inside", "theirs"):
+        assert {k: lines[event].get(k) for k in ids} == ids, lines[event]
+    assert "trace_id" not in lines["off"] and "trace_id" not in lines["outside"]
+    assert lines["theirs"]["logger"] == "some.library"

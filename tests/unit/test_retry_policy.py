@@ -185,6 +185,20 @@ def test_decide_turns_results_into_outcomes_with_reasons():
     assert gone.outcome is Outcome.GONE
 
 
+def test_a_blocked_target_is_permanent_at_once_with_its_reason():
+    blocked = decide(
+        status=None,
+        error="blocked target: localhost resolves to 127.0.0.1 (loopback)",
+        retry_after_s=None,
+        attempt=1,
+        policy=RetryPolicy((1.0, 2.0)),
+        rng=random.Random(5),
+        permanent=True,
+    )
+    assert blocked.outcome is Outcome.PERMANENT
+    assert blocked.reason == "blocked target: localhost resolves to 127.0.0.1 (loopback)"
+
+
 def test_connection_class_errors_are_retried_and_data_errors_are_not():
     import asyncpg
 

@@ -1,5 +1,6 @@
 """Standard Webhooks signatures: the spec's published vector, rotation, verification."""
 
+import base64
 import time
 from datetime import UTC, datetime
 
@@ -11,6 +12,7 @@ from delivery.signing import (
     generate_secret,
     secret_key,
     sign,
+    validate_secret,
     verify,
     webhook_headers,
 )
@@ -105,3 +107,43 @@ def test_during_a_rotation_each_secret_alone_verifies_with_the_standard_webhooks
         Webhook(new).sign("evt_rotating", when, body.decode()),
         Webhook(old).sign("evt_rotating", when, body.decode()),
     ]
+
+
+def test_an_operators_secret_holds_24_to_64_bytes():
+    assert validate_secret(whsec(24)) and validate_secret(whsec(64))
+    for size in (23, 65, 4096):
+        with pytest.raises(InputError, match=r"^secret: must hold at (least 24|most 64) "):
+            validate_secret(whsec(size))
+    with pytest.raises(InputError, match=r"^secret: must start with whsec_"):
+        validate_secret("c2VjcmV0")
+
+
+def whsec(size: int) -> str:
+    return "whsec_" + base64.b64encode(b"k" * size).decode()
+
+
+_GOOD = webhook_headers([secret_key(SPEC_SECRET)], SPEC_ID, SPEC_TS, SPEC_BODY)
+
+
+@pytest.mark.parametrize(
+    ("secret", "headers", "body"),
+    [
+        ("whsec_not base64!", _GOOD, SPEC_BODY),  # a bad secret
+        ("whsec_c2hvcnQ=", _GOOD, SPEC_BODY),  # a short one
+        (None, _GOOD, SPEC_BODY),  # not a string at all
+        (SPEC_SECRET, {**_GOOD, "webhook-signature": "v1,é"}, SPEC_BODY),  # non-ASCII signature
+        (SPEC_SECRET, {**_GOOD, "webhook-signature": None}, SPEC_BODY),
+        (SPEC_SECRET, {**_GOOD, "webhook-timestamp": "١٦١٤٢٦٥٣٣٠"}, SPEC_BODY),  # Arabic digits
+        (SPEC_SECRET, {**_GOOD, "webhook-timestamp": "9" * 5000}, SPEC_BODY),
+        (SPEC_SECRET, {**_GOOD, "webhook-timestamp": 1614265330}, SPEC_BODY),  # an int
+        (SPEC_SECRET, {**_GOOD, "webhook-timestamp": "1_614_265_330"}, SPEC_BODY),
+        (SPEC_SECRET, {b"webhook-id": b"x"}, SPEC_BODY),  # bytes keys
+        (SPEC_SECRET, {1: 2}, SPEC_BODY),
+        (SPEC_SECRET, None, SPEC_BODY),
+        (SPEC_SECRET, _GOOD, "not bytes"),
+        (SPEC_SECRET, _GOOD, None),
+    ],
+)
+def test_verify_raises_nothing_but_signature_error(secret, headers, body):
+    with pytest.raises(SignatureError):
+        verify(secret, headers, body, now_s=SPEC_TS)
