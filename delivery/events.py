@@ -11,6 +11,7 @@ retries alike).
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections.abc import Mapping
@@ -34,8 +35,12 @@ from delivery.errors import InputError, PoisonMessageError
 EventId = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
 ]
-AccountId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
-Text = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+# Free text refuses control characters (C0, DEL, C1): PostgreSQL cannot store a NUL, and the
+# others end up in subscribers' logs and operators' terminals.
+_NO_CONTROL = r"^[^\x00-\x1f\x7f-\x9f]+$"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+AccountId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=_NO_CONTROL)]
+Text = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=_NO_CONTROL)]
 # Strict: a JSON number is refused, so a float can never sneak into a money field.
 Decimal = Annotated[str, StringConstraints(pattern=r"^-?\d{1,30}(\.\d{1,18})?$", strict=True)]
 PositiveDecimal = Annotated[str, StringConstraints(pattern=r"^\d{1,30}(\.\d{1,18})?$", strict=True)]
@@ -144,6 +149,20 @@ def new_event_id() -> str:
     return f"evt_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(8)}"
 
 
+def shown(text: str, limit: int = 64) -> str:
+    """``text`` safe inside a one-line message: control and other unprintable characters
+    escaped, cut at ``limit`` characters (a 1 MB key must not become a 1 MB error line)."""
+    cut = text[:limit]
+    safe = "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in cut)
+    return safe + ("..." if len(text) > limit else "")
+
+
+def _control_character(value: object) -> str | None:
+    """``U+0000`` for the first control character in ``value``, if it is a string with one."""
+    found = _CONTROL.search(value) if isinstance(value, str) else None
+    return f"U+{ord(found.group()):04X}" if found else None
+
+
 def describe_validation_error(exc: ValidationError) -> str:
     """One line naming each bad field: ``data.price: ...; account_id: field required``."""
     problems = []
@@ -152,11 +171,13 @@ def describe_validation_error(exc: ValidationError) -> str:
         # Drop the union tag pydantic inserts ("trade.executed") from the path.
         if len(loc) > 1 and loc[0] in EVENT_TYPES:
             loc = loc[1:]
-        where = ".".join(loc) or "event"
+        where = ".".join(shown(p) for p in loc) or "event"
         kind = err["type"]
+        control = _control_character(err.get("input"))
         if kind == "union_tag_invalid":
             ctx = err.get("ctx") or {}
-            msg = f"unknown event type {ctx.get('tag')!r} (known: {', '.join(EVENT_TYPES)})"
+            tag = shown(str(ctx.get("tag")))
+            msg = f"unknown event type '{tag}' (known: {', '.join(EVENT_TYPES)})"
             where = "type"
         elif kind == "union_tag_not_found":
             msg, where = "is required", "type"
@@ -166,12 +187,16 @@ def describe_validation_error(exc: ValidationError) -> str:
             msg = "is not a field of this event type"
         elif kind == "string_type" and loc and loc[-1] in {"quantity", "price", "delta", "balance"}:
             msg = 'must be a decimal string like "101.25", not a number'
+        elif kind == "string_pattern_mismatch" and control:
+            msg = f"contains a control character ({control})"
         elif kind == "string_pattern_mismatch" and loc and loc[-1] == "id":
             msg = "must be at most 64 characters of A-Z a-z 0-9 _ . : -"
         elif kind == "string_pattern_mismatch":
             msg = "has an invalid format"
+        elif kind == "string_unicode":
+            msg = "is not valid Unicode (a lone surrogate)"
         else:
-            msg = str(err["msg"])
+            msg = shown(str(err["msg"]), limit=200)
         problems.append(f"{where}: {msg}")
     return "; ".join(problems)
 
@@ -190,14 +215,37 @@ def parse_event(raw: Mapping[str, Any], *, now: datetime | None = None) -> NewEv
         raise InputError(describe_validation_error(exc)) from None
     if traceparent is not None and not _valid_traceparent(traceparent):
         raise InputError("traceparent: must be a W3C traceparent like 00-<32 hex>-<16 hex>-01")
+    try:
+        # An offset can carry a valid local time out of the datetime range (year 1 or 9999).
+        occurred_at = (model.occurred_at or now or datetime.now(UTC)).astimezone(UTC)
+    except OverflowError:
+        raise InputError("occurred_at: is out of range once converted to UTC") from None
     return NewEvent(
         id=model.id or new_event_id(),
         type=model.type,
         account_id=model.account_id,
-        occurred_at=(model.occurred_at or now or datetime.now(UTC)).astimezone(UTC),
+        occurred_at=occurred_at,
         data=model.data.model_dump(mode="json"),
         traceparent=traceparent,
     )
+
+
+def check_new_event(event: NewEvent) -> NewEvent:
+    """A ``NewEvent`` built by hand, validated as ``parse_event`` validates an envelope (the
+    dataclass itself checks nothing): ``InputError`` naming the field, else the normalised
+    event."""
+    if not isinstance(event.id, str):
+        raise InputError("id: is required")
+    envelope: dict[str, Any] = {
+        "id": event.id,
+        "type": event.type,
+        "account_id": event.account_id,
+        "occurred_at": event.occurred_at,
+        "data": event.data,
+    }
+    if event.traceparent is not None:
+        envelope["traceparent"] = event.traceparent
+    return parse_event(envelope)
 
 
 def _valid_traceparent(value: object) -> bool:

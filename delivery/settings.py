@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     # A subscription failing without a single success for this long is disabled; its events are
     # kept as dead letters (`subscriptions enable` + `dlq replay` delivers them).
     auto_disable_after_s: float = Field(default=5 * _DAY_S, gt=0, le=365 * _DAY_S)
+    # A 429 holds back its whole subscription for its Retry-After, at most this long (and at
+    # most the schedule's longest step); 0: a 429 paces the subscription but never holds it.
+    throttle_max_pause_s: float = Field(default=300.0, ge=0, le=_DAY_S)
 
     # The SSRF guard: false refuses subscription targets inside our own network (loopback,
     # private, link-local, metadata...) when they are made and again at connect time.

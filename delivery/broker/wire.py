@@ -113,7 +113,8 @@ def event_count(message: AbstractIncomingMessage) -> int:
     if message.content_type != PACK:
         return 1
     created = (message.headers or {}).get("x-created-at-us")
-    return len(created) if isinstance(created, list) else 1
+    # At least one: a forged pack claiming none would not count against the dispatch batch.
+    return max(1, len(created)) if isinstance(created, list) else 1
 
 
 def decode(message: AbstractIncomingMessage) -> list[WireEvent]:

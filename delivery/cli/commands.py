@@ -1,20 +1,18 @@
-"""The commands that run the platform or feed it: migrate, publish, run / relay / worker, demo;
-and the table of every command (the operator's commands are in ``operations``)."""
+"""The commands that run the platform or feed it: migrate, run / relay / worker, demo; and the
+table of every command (the operator's commands are in ``operations``, publish in ``publish``)."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TextIO
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-import orjson
 import structlog
 
 from delivery.cli.operations import cmd_dlq, cmd_status, cmd_subscriptions
-from delivery.cli.output import EXIT_OK, EXIT_USAGE, _emit, _progress
-from delivery.errors import InputError
+from delivery.cli.output import EXIT_OK, _emit
+from delivery.cli.publish import cmd_publish
 from delivery.settings import Settings, unknown_variables
 
 log = structlog.get_logger("delivery.cli")
@@ -31,63 +29,6 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_OK
     applied = await migrate(settings.database_url, directory)
     _emit({"applied": [f"{m.version:04d}_{m.name}" for m in applied]})
-    return EXIT_OK
-
-
-def _read_lines(stream: TextIO) -> Iterator[tuple[int, str]]:
-    for number, line in enumerate(stream, start=1):
-        if line.strip():
-            yield number, line
-
-
-async def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
-    import asyncpg
-
-    from delivery.events import NewEvent, parse_event
-    from delivery.outbox import publish_many
-
-    events: list[NewEvent] = []
-    problems: list[str] = []
-    with contextlib.ExitStack() as stack:
-        if args.file in (None, "-"):
-            stream: TextIO = sys.stdin
-        else:
-            try:
-                # A local file read before any network I/O: blocking here is harmless.
-                stream = stack.enter_context(open(args.file, encoding="utf-8"))  # noqa: ASYNC230
-            except OSError as exc:
-                raise InputError(f"{args.file}: {exc.strerror}") from None
-        for number, line in _read_lines(stream):
-            try:
-                raw = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                problems.append(f"line {number}: invalid JSON: {exc}")
-                continue
-            try:
-                events.append(parse_event(raw))
-            except InputError as exc:
-                problems.append(f"line {number}: {exc}")
-    if problems:
-        for problem in problems:
-            sys.stderr.write(f"delivery publish: {problem}\n")
-        sys.stderr.write(f"delivery publish: {len(problems)} bad line(s); nothing was written\n")
-        return EXIT_USAGE
-    conn = await asyncpg.connect(settings.database_url)
-    published = duplicates = 0
-    report = _progress("published")
-    try:
-        # One transaction for the whole input: all lines are written, or none.
-        async with conn.transaction():
-            for start in range(0, len(events), 1000):
-                result = await publish_many(conn, events[start : start + 1000])
-                published += len(result.published)
-                duplicates += len(result.duplicates)
-                report(published + duplicates)
-    finally:
-        await conn.close()
-    if sys.stderr.isatty() and len(events) > 1000:
-        sys.stderr.write("\n")
-    _emit({"published": published, "duplicates": duplicates})
     return EXIT_OK
 
 

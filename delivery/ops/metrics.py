@@ -100,6 +100,22 @@ CIRCUIT_TRANSITIONS = Counter(
 CIRCUITS_OPEN = Gauge(
     "delivery_circuits_open", "Subscriptions whose circuit is open (refreshed by the scheduler)"
 )
+THROTTLED = Counter(
+    "delivery_throttled_total",
+    "Attempts answered 429: the subscription is held back (Retry-After) and paced",
+)
+SUBSCRIPTIONS_PACED = Gauge(
+    "delivery_subscriptions_paced",
+    "Subscriptions held back by a 429's Retry-After now (refreshed by the scheduler)",
+)
+PACING_WAIT = Counter(
+    "delivery_pacing_wait_seconds_total",
+    "Time requests waited for their throttled subscriber's pace in this process",
+)
+PACING_HAND_BACKS = Counter(
+    "delivery_pacing_hand_backs_total",
+    "Deliveries held in this process handed back unsent because their subscriber paused it",
+)
 QUEUE_DEPTH = Gauge("delivery_queue_messages", "Messages ready in a broker queue", ["queue"])
 # delivery_build_info{version="..."} 1: which release each scraped process runs.
 BUILD_INFO = Info("delivery_build", "The running release of delivery-webhooks")

@@ -23,7 +23,7 @@ FROM delivery.outbox WHERE published_at IS NULL
 """
 _PER_SUBSCRIPTION = """
 SELECT s.id, s.url, s.state, s.disabled_reason, s.event_patterns, s.account_id,
-       s.circuit_state, s.consecutive_failures, s.failing_since,
+       s.circuit_state, s.consecutive_failures, s.failing_since, s.paced_until,
        count(*) FILTER (WHERE d.state = 'pending' AND d.attempts = 0) AS pending,
        count(*) FILTER (WHERE d.state = 'pending' AND d.attempts > 0) AS retrying,
        count(*) FILTER (WHERE d.state = 'dead') AS dead,
@@ -68,6 +68,7 @@ async def collect(
                 "circuit": row["circuit_state"],
                 "consecutive_failures": row["consecutive_failures"],
                 "failing_since": _ts(row["failing_since"]),
+                "paced_until": _ts(row["paced_until"]),
                 "disabled_reason": row["disabled_reason"],
                 "events": list(row["event_patterns"]),
                 "account_id": row["account_id"],

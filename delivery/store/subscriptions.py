@@ -40,6 +40,7 @@ FIELDS = (
     "circuit_retry_at",
     "consecutive_failures",
     "failing_since",
+    "paced_until",
     "created_at",
     "updated_at",
 )
@@ -68,6 +69,7 @@ class Subscription:
     circuit_retry_at: datetime | None
     consecutive_failures: int
     failing_since: datetime | None
+    paced_until: datetime | None  # a 429's Retry-After holds the subscription back until then
     created_at: datetime
     updated_at: datetime
 
@@ -84,6 +86,10 @@ class Subscription:
     @property
     def circuit_open(self) -> bool:
         return self.circuit_state == CircuitState.OPEN
+
+    def paced(self, now: datetime) -> bool:
+        """Held back by a subscriber's 429 (``Retry-After``) at ``now``."""
+        return self.paced_until is not None and self.paced_until > now
 
     def matches(self, event_type: str, account_id: str) -> bool:
         if self.account_id is not None and self.account_id != account_id:
@@ -112,6 +118,7 @@ class Subscription:
             "previous_secret_expires_at",
             "circuit_retry_at",
             "failing_since",
+            "paced_until",
         ):
             if out[key] is not None:
                 out[key] = format_timestamp(out[key])

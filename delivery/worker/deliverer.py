@@ -25,7 +25,8 @@ from delivery.worker.capacity import Capacity, Reservation
 from delivery.worker.hooks import Attempt, AttemptHook, Hooks, default_hooks
 from delivery.worker.jobs import Job, lease_for
 from delivery.worker.outcomes import AttemptOutcome, OutcomeRecorder
-from delivery.worker.retry import RetryPolicy, decide
+from delivery.worker.pacing import Pacer
+from delivery.worker.retry import Outcome, RetryPolicy, decide
 from delivery.worker.sender import Sender
 
 log = structlog.get_logger("delivery.deliverer")
@@ -69,6 +70,8 @@ class Deliverer:
         self._outcomes = OutcomeRecorder(settings, pool)
         #: What this process may hold; dispatch and the scheduler reserve from it.
         self.capacity = capacity or Capacity.from_settings(settings)
+        #: The pace of each subscriber that answered 429; dispatch and the scheduler consult it.
+        self.pacer = Pacer()
         self._hooks = Hooks(default_hooks(settings) if hooks is None else hooks)
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -131,6 +134,13 @@ class Deliverer:
         try:
             if not self.capacity.closed:  # draining: it goes back without waiting for a slot
                 await reservation.request_slot()
+                if not await self._wait_for_turn(job):
+                    # Its subscriber asked for a pause (429): back to PostgreSQL instead of
+                    # into the pause, where claims take its due retries first once it is over.
+                    reservation.end_request()
+                    await self._hand_back(job)
+                    metrics.PACING_HAND_BACKS.inc()
+                    return
             if self.capacity.closed:
                 # Draining: queued work (and work submitted since) goes back to PostgreSQL for
                 # another worker instead of starting a request the deadline may cut.
@@ -152,6 +162,21 @@ class Deliverer:
             metrics.IN_FLIGHT.dec()
             reservation.release()
 
+    async def _wait_for_turn(self, job: Job) -> bool:
+        """Wait for the subscriber's pace (a fraction of a second at most); ``False`` when it
+        is paused (a 429's Retry-After), so the delivery should go back."""
+        waited_s = 0.0
+        while (wait_s := self.pacer.turn(job.subscription.id)) > 0:
+            if self.pacer.paused(job.subscription.id):
+                return False
+            if self.capacity.closed:
+                break
+            await asyncio.sleep(wait_s)
+            waited_s += wait_s
+        if waited_s:
+            metrics.PACING_WAIT.inc(waited_s)
+        return True
+
     async def _hand_back(self, job: Job) -> None:
         self._leases.pop(job.delivery_id, None)  # never renewed again once given back
         try:
@@ -170,6 +195,7 @@ class Deliverer:
         )
         attempt = Attempt(job, started_at, headers)
         self._hooks.before_attempt(attempt)
+        sent_s = self.pacer.now_s()
         try:
             result = await self._sender.post(sub.url, headers, job.body, timeout_s=sub.timeout_s)
         except BaseException as exc:  # cancelled at the drain deadline: handed back
@@ -184,8 +210,15 @@ class Deliverer:
             attempt=job.attempt,
             policy=policy,
             rng=self._rng,
+            max_pause_s=self._settings.throttle_max_pause_s,
             permanent=result.permanent,
         )
+        # The pace changes before the outcome is committed, so what waits here for this
+        # subscriber sees a pause at once.
+        if decision.pause_s is not None:
+            self.pacer.throttled(sub.id, sent_s=sent_s, pause_s=decision.pause_s)
+        elif decision.outcome is Outcome.DELIVERED:
+            self.pacer.succeeded(sub.id)
         self._hooks.after_response(attempt, result, decision)
         await self._outcomes.record(
             AttemptOutcome(job.delivery_id, sub.id, job.attempt, started_at, result, decision)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import asyncpg
 import structlog
@@ -237,6 +238,7 @@ class Dispatcher:
             transaction=False,
         )
         subscriptions = [Subscription.from_row(r) for r in rows]
+        now = datetime.now(UTC)
         first: dict[str, WireEvent] = {}
         copies: dict[str, int] = {}
         for event in parsed:  # a repeat inside the batch is the same event
@@ -250,8 +252,10 @@ class Dispatcher:
                 if not sub.matches(facts.type, facts.account_id):
                     continue
                 active = sub.state == SubscriptionState.ACTIVE
-                # An open circuit's deliveries wait in PostgreSQL for the scheduler's probe.
-                attempt_now = active and not sub.circuit_open
+                # An open circuit's deliveries wait in PostgreSQL for the scheduler's probe,
+                # and a paused subscriber's (429) for the end of its pause.
+                paused = sub.paced(now) or self._deliverer.pacer.paused(sub.id)
+                attempt_now = active and not sub.circuit_open and not paused
                 reservation = held.reserve(sub.id) if attempt_now else None
                 pairs.append(_Pair(event, sub, reservation, dead=not active))
         arrays = (

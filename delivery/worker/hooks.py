@@ -101,6 +101,8 @@ class MetricsHook(AttemptHook):
             metrics.END_TO_END.observe(max(0.0, time.time() - created_at_s))
         elif outcome is Outcome.RETRY:
             metrics.RETRIES_SCHEDULED.inc()
+        if decision.throttled:
+            metrics.THROTTLED.inc()
         elif outcome in (Outcome.EXHAUSTED, Outcome.PERMANENT, Outcome.GONE):
             metrics.DEAD_LETTERS.labels(outcome.value).inc()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -104,6 +104,16 @@ WHERE s.id = o.id
 RETURNING o.old_state, s.circuit_state AS new_state,
     s.state = 'active'
     AND s.failing_since < clock_timestamp() - make_interval(secs => $4) AS too_long
+"""
+# A 429's Retry-After holds back the whole subscription, in every worker (never shortened).
+# It counts from the answer ($2: when it came, plus the pause), not from this commit, so a
+# slow commit does not lengthen it; never past the pause ($3) from now, whatever the clocks say.
+_PAUSE = """
+UPDATE delivery.subscriptions
+SET paced_until = greatest(
+    paced_until, least($2::timestamptz, clock_timestamp() + make_interval(secs => $3))
+)
+WHERE id = $1
 """
 _DISABLE_SUBSCRIPTION = """
 UPDATE delivery.subscriptions
@@ -208,11 +218,22 @@ class OutcomeRecorder:
 
     async def _track_circuits(self, conn: asyncpg.Connection, items: list[AttemptOutcome]) -> None:
         """Per subscription, in id order (concurrent batches lock subscriptions in the same
-        order): a success resets the count, the failures after the last success add to it."""
+        order): a success resets the count, the failures after the last success add to it.
+        A 429 is no failure (the subscriber is up and asks to slow down): it pauses instead."""
         by_subscription: dict[str, list[Outcome]] = defaultdict(list)
+        pauses: dict[str, tuple[datetime, float]] = {}
         for item in items:
-            by_subscription[item.subscription_id].append(item.decision.outcome)
+            outcomes = by_subscription[item.subscription_id]
+            pause_s = item.decision.pause_s
+            if pause_s is None:
+                outcomes.append(item.decision.outcome)
+            elif pause_s > 0:
+                until = item.started_at + timedelta(seconds=item.result.duration_s + pause_s)
+                held = pauses.get(item.subscription_id, (until, pause_s))
+                pauses[item.subscription_id] = max(held, (until, pause_s))
         for sub_id in sorted(by_subscription):
+            if sub_id in pauses:
+                await conn.execute(_PAUSE, sub_id, *pauses[sub_id])
             outcomes = by_subscription[sub_id]
             if Outcome.GONE in outcomes:
                 await self._disable(conn, sub_id, "HTTP 410 Gone: subscription disabled", "gone")

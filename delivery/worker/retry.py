@@ -2,7 +2,8 @@
 
 An attempt's result is classified into an ``Outcome``; ``next_delay_s`` turns the attempt
 number, the schedule, an optional ``Retry-After`` and a random source into the wait before the
-next attempt, or ``None`` when the schedule is exhausted.
+next attempt, or ``None`` when the schedule is exhausted. A 429 is also a request to slow
+down: ``pause_s`` is how long it holds back the whole subscription.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from enum import StrEnum
 JITTER_FRACTION = 0.2
 # Retried statuses (the contract): request timeout, too early, too many requests, and 5xx.
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
+# "Too many requests": the subscriber is up and asks us to slow down. It holds back the
+# subscription and paces it; it never counts toward its circuit.
+THROTTLED_STATUS = 429
+# A 429 without a (usable) Retry-After still holds the subscription back this long.
+DEFAULT_PAUSE_S = 1.0
 
 
 class Outcome(StrEnum):
@@ -42,7 +48,7 @@ def parse_retry_after_s(value: str | None, *, now: datetime | None = None) -> fl
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # not isdigit() alone: it accepts "²", float() not
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -94,11 +100,27 @@ def next_delay_s(
     return jittered
 
 
+def pause_s(
+    policy: RetryPolicy, *, retry_after_s: float | None, max_pause_s: float
+) -> float:
+    """How long a 429 holds back its whole subscription: its ``Retry-After`` (or a second),
+    capped like a delivery's own Retry-After by the schedule's longest step, and by
+    ``max_pause_s`` (so a hostile subscriber cannot park itself, and every worker, for days)."""
+    wanted = DEFAULT_PAUSE_S if retry_after_s is None else retry_after_s
+    return max(0.0, min(wanted, policy.longest_step_s, max_pause_s))
+
+
 @dataclass(frozen=True)
 class Decision:
     outcome: Outcome
     delay_s: float | None = None  # with RETRY: wait before the next attempt
     reason: str | None = None  # with EXHAUSTED / PERMANENT / GONE: kept with the dead letter
+    # With a 429: hold the whole subscription back this long (it is throttled, not failing).
+    pause_s: float | None = None
+
+    @property
+    def throttled(self) -> bool:
+        return self.pause_s is not None
 
 
 def decide(
@@ -109,6 +131,7 @@ def decide(
     attempt: int,
     policy: RetryPolicy,
     rng: random.Random,
+    max_pause_s: float = 300.0,
     permanent: bool = False,
 ) -> Decision:
     """What to do after attempt ``attempt`` answered ``status`` (or failed with ``error``;
@@ -127,7 +150,11 @@ def decide(
         return Decision(Outcome.GONE, reason="HTTP 410 Gone: subscription disabled")
     if kind is Outcome.PERMANENT:
         return Decision(Outcome.PERMANENT, reason=f"{what}: not retryable")
+    pause = None
+    if status == THROTTLED_STATUS:
+        pause = pause_s(policy, retry_after_s=retry_after_s, max_pause_s=max_pause_s)
     delay = next_delay_s(policy, attempt, retry_after_s=retry_after_s, rng=rng)
     if delay is None:
-        return Decision(Outcome.EXHAUSTED, reason=f"{what}: gave up after {attempt} attempts")
-    return Decision(Outcome.RETRY, delay_s=delay)
+        reason = f"{what}: gave up after {attempt} attempts"
+        return Decision(Outcome.EXHAUSTED, reason=reason, pause_s=pause)
+    return Decision(Outcome.RETRY, delay_s=delay, pause_s=pause)

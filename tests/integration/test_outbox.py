@@ -3,10 +3,12 @@ publishes and batches, and a duplicate id moves nothing."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import asyncpg
 import pytest
 
-from delivery import publish, publish_many
+from delivery import InputError, parse_event, publish, publish_many
 from delivery.testing.factories import balance, trade
 
 pytestmark = pytest.mark.integration
@@ -69,3 +71,18 @@ async def test_a_duplicate_id_is_reported_and_leaves_the_accounts_counter_alone(
         == 3
     )
     await conn.close()
+
+
+async def test_a_new_event_built_by_hand_is_validated_and_a_bad_one_writes_nothing(settings):
+    # NewEvent is a plain dataclass: a control character in its id used to reach the outbox,
+    # where the worker could never record an attempt for it.
+    good = parse_event(trade(1, account="acc_a", id="evt_good"))
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        for bad in (replace(good, id="evt_\x00nul"), replace(good, account_id="acc\x1b[2J")):
+            with pytest.raises(InputError, match=r"event 2: (id|account_id): contains a control"):
+                await publish_many(conn, [good, bad])
+        assert await conn.fetchval("SELECT count(*) FROM delivery.outbox") == 0
+        assert (await publish_many(conn, [good])).published == ["evt_good"]
+    finally:
+        await conn.close()

@@ -38,6 +38,7 @@ CLASSIFICATION = "network errors, timeouts, 408, 425, 429 and 5xx are retried; o
 OUTBOX = "an event exists iff its transaction committed, with a gapless per-account sequence"
 SIGNATURE = "every POST carries a valid Standard Webhooks signature"
 BOUNDS = "concurrency per subscriber and per process is bounded"
+PACING = "a 429 holds back and paces its subscription; it never opens the circuit"
 
 _MUTANTS: tuple[Mutant, ...] = (
     # -- dispatch ---------------------------------------------------------------------------
@@ -223,6 +224,11 @@ _MUTANTS: tuple[Mutant, ...] = (
                 "          AND next_attempt_at <= clock_timestamp()\n",
                 "        WHERE subscription_id = subs.id AND state = 'pending'\n",
             ),
+            (
+                "             WHERE subscription_id = subs.id AND state = 'pending' AND attempts > 0\n"
+                "               AND next_attempt_at <= clock_timestamp()\n",
+                "             WHERE subscription_id = subs.id AND state = 'pending' AND attempts > 0\n",
+            ),
         ),
         "a retry is claimed before its time has come",
         guarantee=RETRY_AFTER,
@@ -248,6 +254,11 @@ _MUTANTS: tuple[Mutant, ...] = (
                 "        ORDER BY next_attempt_at",
                 "        ORDER BY next_attempt_at",
             ),
+            (
+                "               AND (lease_until IS NULL OR lease_until < clock_timestamp())\n"
+                "             ORDER BY next_attempt_at LIMIT subs.free)",
+                "             ORDER BY next_attempt_at LIMIT subs.free)",
+            ),
         ),
         "a delivery leased to a worker is claimed again by another",
         guarantee=RECORDED_ONCE,
@@ -258,6 +269,23 @@ _MUTANTS: tuple[Mutant, ...] = (
         (("await wait_any(stop, timeout_s=backoff_s(failures))", "continue"),),
         "a failing claim is retried at once, in a tight loop",
     ),
+    Mutant(
+        "scheduler-ignores-pause",
+        "delivery/worker/scheduler.py",
+        (("      AND (s.paced_until IS NULL OR s.paced_until <= clock_timestamp())\n", ""),),
+        "a worker claims a paused subscription's deliveries before its Retry-After ends",
+        guarantee=PACING,
+    ),
+    Mutant(
+        "scheduler-probes-fresh-first",
+        "delivery/worker/scheduler.py",
+        (
+            ("        ORDER BY retry DESC, next_attempt_at\n", "        ORDER BY next_attempt_at\n"),
+            ("    ORDER BY d.attempts = 0, d.next_attempt_at\n", "    ORDER BY d.next_attempt_at\n"),
+        ),
+        "a probe after a cooldown is a fresh first attempt while a retry is due",
+        guarantee=PACING,
+    ),
     # -- deliverer ----------------------------------------------------------------------------
     Mutant(
         "deliverer-drops-retry-after",
@@ -265,6 +293,14 @@ _MUTANTS: tuple[Mutant, ...] = (
         (("retry_after_s=result.retry_after_s,", "retry_after_s=None,"),),
         "the deliverer ignores the subscriber's Retry-After",
         guarantee=RETRY_AFTER,
+    ),
+    Mutant(
+        "deliverer-ignores-throttle",
+        "delivery/worker/deliverer.py",
+        (("            self.pacer.throttled(sub.id, sent_s=sent_s, pause_s=decision.pause_s)",
+          "            pass"),),
+        "a 429 does not pace its subscription in the process (queued work goes into the pause)",
+        guarantee=PACING,
     ),
     Mutant(
         "drain-deadline-zero",
@@ -474,6 +510,15 @@ _MUTANTS: tuple[Mutant, ...] = (
         guarantee=RECORDED_ONCE,
     ),
     Mutant(
+        "throttle-opens-circuit",
+        "delivery/worker/outcomes.py",
+        (("            if pause_s is None:\n                outcomes.append(item.decision.outcome)",
+          "            outcomes.append(item.decision.outcome)\n            if pause_s is None:\n"
+          "                pass"),),
+        "a 429 counts toward the circuit like a failure",
+        guarantee=PACING,
+    ),
+    Mutant(
         "circuit-opens-late",
         "delivery/worker/outcomes.py",
         (("    circuit_state = CASE WHEN s.consecutive_failures + $5 >= $2 THEN 'open'",
@@ -562,12 +607,25 @@ _S = "tests/unit/test_signing.py::"
 _DL = "tests/integration/test_dead_letters.py::"
 _F = "tests/integration/test_fault_paths.py::"
 _G = "tests/integration/test_guarantees.py::"
+_P = "tests/integration/test_pacing.py::"
 _D = "tests/integration/test_drain.py::"
 _SSRF = (
     "tests/integration/test_ssrf.py::"
     "test_a_blocked_target_gets_no_request_and_the_attempt_is_permanent"
 )
 KILLS: dict[str, tuple[str, ...]] = {
+    "scheduler-ignores-pause": (
+        _P + "test_a_pause_recorded_in_postgresql_holds_back_every_worker",
+    ),
+    "scheduler-probes-fresh-first": (
+        _P + "test_a_probe_after_a_circuit_cooldown_is_a_due_retry_not_a_fresh_event",
+    ),
+    "deliverer-ignores-throttle": (
+        _P + "test_a_rate_limited_subscriber_gets_everything_with_bounded_attempts",
+    ),
+    "throttle-opens-circuit": (
+        _P + "test_a_subscriber_refusing_each_first_attempt_gets_every_event_in_two_attempts",
+    ),
     "dispatch-batch-copies-uncounted": (
         "tests/integration/test_pipeline.py::test_copies_of_an_event_in_one_batch_count_as_redeliveries",
     ),

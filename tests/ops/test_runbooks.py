@@ -50,6 +50,7 @@ REPRODUCED_BY: dict[str, set[str]] = {
 NOT_REPRODUCED = {
     "dead-letters-growing.md",
     "subscriber-410.md",
+    "subscriber-throttling.md",
     "leaked-signing-secret.md",
     "replay-after-incident.md",
 }

@@ -1,11 +1,20 @@
 """The envelope and catalogue: clear one-line errors naming the field."""
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
 
 from delivery.errors import InputError, PoisonMessageError
-from delivery.events import EVENT_TYPES, Envelope, parse_event, render_body, routing_facts
+from delivery.events import (
+    EVENT_TYPES,
+    Envelope,
+    NewEvent,
+    check_new_event,
+    parse_event,
+    render_body,
+    routing_facts,
+)
 
 TRADE = {
     "type": "trade.executed",
@@ -92,3 +101,58 @@ def test_body_rendering_is_deterministic_and_parseable():
         routing_facts(b"not json")
     with pytest.raises(PoisonMessageError, match="lacks id"):
         routing_facts(b'{"id": "x"}')
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"account_id": "acc\x00"}, "account_id: contains a control character (U+0000)"),
+        ({"id": "evt\x00"}, "id: contains a control character (U+0000)"),
+        (
+            {"data": {**TRADE["data"], "instrument": "BTC\x1b[31m"}},
+            "data.instrument: contains a control character (U+001B)",
+        ),
+        ({"data": {**TRADE["data"], "order_id": "o\u0085"}}, "data.order_id: contains a control"),
+        ({"account_id": "acc\ud800"}, "account_id: is not valid Unicode"),
+    ],
+)
+def test_nul_and_control_characters_are_refused_naming_the_field(change, message):
+    # PostgreSQL cannot store a NUL; the others end up in subscribers' logs and terminals.
+    with pytest.raises(InputError) as info:
+        parse_event({**TRADE, **change})
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {**TRADE, "type": "trade.\nexploded" * 100},
+        {**TRADE, "data": {**TRADE["data"], "ev\nil\x1b[2J": 1}},
+        {**TRADE, "data": {**TRADE["data"], "x" * 100_000: 1}},
+    ],
+)
+def test_a_refusal_is_one_short_printable_line_whatever_the_input(raw):
+    with pytest.raises(InputError) as info:
+        parse_event(raw)
+    message = str(info.value)
+    assert message.isprintable() and len(message) < 400
+
+
+def test_an_offset_that_carries_occurred_at_out_of_range_is_an_input_error():
+    with pytest.raises(InputError, match="occurred_at: is out of range"):
+        parse_event({**TRADE, "occurred_at": "9999-12-31T23:59:59-23:59"})
+
+
+def test_a_new_event_built_by_hand_is_validated_like_an_envelope():
+    good = NewEvent("evt_1", "account.closed", "a", datetime(2026, 1, 1, tzinfo=UTC), {"reason": "x"})
+    assert check_new_event(good) == good
+    for bad, message in [
+        (replace(good, id="evt\x00"), "id: contains a control character"),
+        (replace(good, account_id="a\x07"), "account_id: contains a control character"),
+        (replace(good, type="trade.exploded"), "type: unknown event type"),
+        (replace(good, data={"reason": 1}), "data.reason:"),
+        (replace(good, occurred_at=datetime(2026, 1, 1)), "occurred_at:"),
+        (replace(good, traceparent="00-zz"), "traceparent:"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            check_new_event(bad)

@@ -8,12 +8,14 @@ import pytest
 
 from delivery.durations import format_schedule, parse_schedule_s
 from delivery.worker.retry import (
+    DEFAULT_PAUSE_S,
     Outcome,
     RetryPolicy,
     classify_status,
     decide,
     next_delay_s,
     parse_retry_after_s,
+    pause_s,
 )
 
 POLICY = RetryPolicy(parse_schedule_s("5s,5m,30m,2h,5h,10h,10h"))
@@ -209,3 +211,31 @@ def test_connection_class_errors_are_retried_and_data_errors_are_not():
     assert is_connection_error(asyncpg.exceptions.AdminShutdownError())
     assert not is_connection_error(asyncpg.exceptions.UniqueViolationError())
     assert not is_connection_error(ValueError())
+
+
+def test_a_429_holds_back_its_subscription_for_its_retry_after_and_nothing_else_does():
+    rng = random.Random(1)
+    throttled = decide(
+        status=429, error=None, retry_after_s=7, attempt=1, policy=POLICY, rng=rng, max_pause_s=300
+    )
+    assert throttled.outcome is Outcome.RETRY and throttled.throttled
+    assert throttled.pause_s == 7
+    for status, error in ((503, None), (408, None), (None, "timeout"), (400, None), (200, None)):
+        other = decide(
+            status=status, error=error, retry_after_s=7, attempt=1, policy=POLICY, rng=rng
+        )
+        assert other.pause_s is None and not other.throttled
+    # The last attempt's 429 still holds the subscription back (its other deliveries wait).
+    last = decide(
+        status=429, error=None, retry_after_s=7, attempt=8, policy=POLICY, rng=rng, max_pause_s=300
+    )
+    assert last.outcome is Outcome.EXHAUSTED and last.pause_s == 7
+
+
+def test_a_subscription_pause_is_capped_like_a_delivery_retry_after():
+    short = RetryPolicy((1.0, 2.0))
+    assert pause_s(POLICY, retry_after_s=None, max_pause_s=300) == DEFAULT_PAUSE_S
+    assert pause_s(short, retry_after_s=3600, max_pause_s=300) == 2.0  # the longest step
+    assert pause_s(POLICY, retry_after_s=10 * 365 * 86400, max_pause_s=300) == 300
+    assert pause_s(POLICY, retry_after_s=30, max_pause_s=0) == 0
+    assert pause_s(POLICY, retry_after_s=0, max_pause_s=300) == 0

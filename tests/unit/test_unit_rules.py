@@ -38,6 +38,7 @@ def _subscription(*, account_id: str | None, patterns: tuple[str, ...]) -> Subsc
         circuit_retry_at=None,
         consecutive_failures=0,
         failing_since=None,
+        paced_until=None,
         created_at=_NOW,
         updated_at=_NOW,
     )
