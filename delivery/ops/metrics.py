@@ -116,6 +116,18 @@ PACING_HAND_BACKS = Counter(
     "delivery_pacing_hand_backs_total",
     "Deliveries held in this process handed back unsent because their subscriber paused it",
 )
+ATTEMPT_LOOPS_BROKEN = Counter(
+    "delivery_attempt_loops_broken_total",
+    "Deliveries dead-lettered after being handed back too many times without a recorded outcome",
+)
+OUTCOMES_DEGRADED = Counter(
+    "delivery_outcomes_degraded_total",
+    "Attempt outcomes PostgreSQL refused as they were, recorded without excerpt and error text",
+)
+SUBSCRIPTIONS_UNLOADABLE = Counter(
+    "delivery_subscriptions_unloadable_total",
+    "Subscription rows dispatch could not load and skipped (per dispatched batch)",
+)
 QUEUE_DEPTH = Gauge("delivery_queue_messages", "Messages ready in a broker queue", ["queue"])
 # delivery_build_info{version="..."} 1: which release each scraped process runs.
 BUILD_INFO = Info("delivery_build", "The running release of delivery-webhooks")
@@ -131,7 +143,7 @@ def _initialise_label_values() -> None:
     """Labelled series exist from the start at 0, so `increase()` sees their first event."""
     for outcome in ("delivered", "retry", "exhausted", "permanent", "gone"):
         ATTEMPTS.labels(outcome)
-    for reason in ("exhausted", "permanent", "gone"):
+    for reason in ("exhausted", "permanent", "gone", "unrecorded"):
         DEAD_LETTERS.labels(reason)
     for state in ("active", "disabled"):
         SUBSCRIPTIONS.labels(state)

@@ -11,6 +11,7 @@ import asyncpg
 
 from delivery.errors import InputError
 from delivery.events import format_timestamp
+from delivery.text import safe_text
 
 _BATCH = 1000
 
@@ -85,12 +86,28 @@ async def list_poison(conn: asyncpg.Connection, *, limit: int = 1000) -> list[di
     rows = await conn.fetch(
         """
         SELECT id, received_at, message_id, routing_key, reason, death_count,
-               left(convert_from(body, 'UTF8'), 200) AS body_excerpt
+               substring(body FROM 1 FOR 800) AS body_start
         FROM delivery.poison_messages ORDER BY id LIMIT $1
         """,
         limit,
     )
-    return [{**dict(r), "received_at": format_timestamp(r["received_at"])} for r in rows]
+    # Decoded here, bad bytes escaped: a poison message is whatever someone published, and
+    # convert_from() failed the whole listing on one that was not UTF-8.
+    return [
+        {
+            **{k: v for k, v in r.items() if k != "body_start"},
+            "message_id": _shown(r["message_id"]),
+            "routing_key": _shown(r["routing_key"]),
+            "reason": _shown(r["reason"]),
+            "received_at": format_timestamp(r["received_at"]),
+            "body_excerpt": safe_text(r["body_start"] or b"", limit_chars=200),
+        }
+        for r in rows
+    ]
+
+
+def _shown(value: str | None) -> str | None:
+    return None if value is None else safe_text(value, limit_chars=500)
 
 
 async def _batched(
@@ -146,7 +163,7 @@ async def replay(
         """
         UPDATE delivery.deliveries d
         SET state = 'pending', attempts = 0, next_attempt_at = clock_timestamp(),
-            lease_until = NULL, dead_at = NULL, dead_reason = NULL
+            lease_until = NULL, dead_at = NULL, dead_reason = NULL, unrecorded_handbacks = 0
         FROM delivery.subscriptions s
         WHERE d.id = ANY($1::bigint[]) AND s.id = d.subscription_id AND s.state = 'active'
         """,

@@ -21,17 +21,33 @@ from delivery.ops import metrics
 from delivery.settings import Settings
 from delivery.signing import webhook_headers
 from delivery.store.pool import with_retries
+from delivery.store.states import DeliveryState
+from delivery.text import safe_text
 from delivery.worker.capacity import Capacity, Reservation
 from delivery.worker.hooks import Attempt, AttemptHook, Hooks, default_hooks
 from delivery.worker.jobs import Job, lease_for
 from delivery.worker.outcomes import AttemptOutcome, OutcomeRecorder
 from delivery.worker.pacing import Pacer
 from delivery.worker.retry import Outcome, RetryPolicy, decide
-from delivery.worker.sender import Sender
+from delivery.worker.sender import Sender, failed_attempt
 
 log = structlog.get_logger("delivery.deliverer")
 
 _HAND_BACK = "UPDATE delivery.deliveries SET lease_until = NULL WHERE id = $1 AND state = 'pending'"
+# A delivery whose attempt crashed, or whose outcome could not be written, is given back and
+# counted; after MAX_UNRECORDED_HANDBACKS it goes to the dead letters with the reason instead
+# of being POSTed again and again (a reply nobody foresaw once made 2,963 POSTs a minute).
+MAX_UNRECORDED_HANDBACKS = 3
+_HAND_BACK_UNRECORDED = """
+UPDATE delivery.deliveries
+SET lease_until = NULL,
+    unrecorded_handbacks = unrecorded_handbacks + 1,
+    state = CASE WHEN unrecorded_handbacks + 1 >= $2 THEN 'dead' ELSE state END,
+    dead_at = CASE WHEN unrecorded_handbacks + 1 >= $2 THEN clock_timestamp() ELSE dead_at END,
+    dead_reason = CASE WHEN unrecorded_handbacks + 1 >= $2 THEN $3 ELSE dead_reason END
+WHERE id = $1 AND state = 'pending'
+RETURNING state
+"""
 # Leases of the deliveries this process holds are renewed while it holds them, so a delivery
 # waiting for a slow outcome commit (lock waits, a slow disk) is not attempted again by another
 # worker. Only a lease still held is extended: a handed-back or recorded one stays as it is.
@@ -154,9 +170,9 @@ class Deliverer:
             # The subscriber may have received it; the retry carries the same webhook-id.
             await asyncio.shield(self._hand_back(job))
             raise
-        except Exception:
+        except Exception as exc:
             log.exception("delivery_attempt_crashed", delivery_id=job.delivery_id)
-            await self._hand_back(job)
+            await self._hand_back_unrecorded(job, exc)
         finally:
             self._leases.pop(job.delivery_id, None)
             metrics.IN_FLIGHT.dec()
@@ -186,21 +202,54 @@ class Deliverer:
         except Exception as exc:  # the lease then simply expires
             log.warning("hand_back_failed", delivery_id=job.delivery_id, error=repr(exc)[:200])
 
+    async def _hand_back_unrecorded(self, job: Job, error: Exception) -> None:
+        """Give back a delivery that has no outcome, counting it; the last time allowed, it
+        goes to the dead letters instead (an operator replays it once the cause is fixed)."""
+        self._leases.pop(job.delivery_id, None)
+        reason = safe_text(
+            f"handed back {MAX_UNRECORDED_HANDBACKS} times without a recorded outcome "
+            f"(last: {type(error).__name__}: {error})",
+            limit_chars=300,
+        )
+        try:
+            state = await with_retries(
+                self._pool,
+                lambda c: c.fetchval(
+                    _HAND_BACK_UNRECORDED, job.delivery_id, MAX_UNRECORDED_HANDBACKS, reason
+                ),
+                deadline_s=5,
+            )
+        except Exception as exc:  # the lease then simply expires
+            log.warning("hand_back_failed", delivery_id=job.delivery_id, error=repr(exc)[:200])
+            return
+        if state == DeliveryState.DEAD:
+            metrics.ATTEMPT_LOOPS_BROKEN.inc()
+            metrics.DEAD_LETTERS.labels("unrecorded").inc()
+            log.error("attempt_loop_broken", delivery_id=job.delivery_id, reason=reason)
+
     async def _attempt(self, job: Job, reservation: Reservation) -> None:
-        """Sign, post, decide, record; the hooks see each step."""
+        """Sign, post, decide, record; the hooks see each step. Whatever goes wrong before the
+        outcome is written (a secret that cannot sign, a reply nobody foresaw) is the attempt's
+        result, recorded on the schedule like any failure: never an immediate re-POST."""
         sub = job.subscription
         started_at = datetime.now(UTC)
-        headers = webhook_headers(
-            sub.signing_keys(started_at), job.event_id, int(time.time()), job.body
-        )
-        attempt = Attempt(job, started_at, headers)
-        self._hooks.before_attempt(attempt)
+        attempt = Attempt(job, started_at, {})
         sent_s = self.pacer.now_s()
         try:
-            result = await self._sender.post(sub.url, headers, job.body, timeout_s=sub.timeout_s)
-        except BaseException as exc:  # cancelled at the drain deadline: handed back
-            self._hooks.on_handed_back(attempt, exc)
-            raise
+            attempt.headers = webhook_headers(
+                sub.signing_keys(started_at), job.event_id, int(time.time()), job.body
+            )
+        except Exception as exc:
+            result = failed_attempt(exc, 0.0)
+        else:
+            self._hooks.before_attempt(attempt)
+            try:
+                result = await self._sender.post(
+                    sub.url, attempt.headers, job.body, timeout_s=sub.timeout_s
+                )
+            except BaseException as exc:  # cancelled at the drain deadline: handed back
+                self._hooks.on_handed_back(attempt, exc)
+                raise
         reservation.end_request()
         policy = RetryPolicy(sub.retry_schedule_s) if sub.retry_schedule_s else self._default_policy
         decision = decide(

@@ -45,6 +45,8 @@ _DB_PAUSE_S = 2.0
 _SUBSCRIPTIONS = (
     f"SELECT {select_list('s', '')} FROM delivery.subscriptions s WHERE s.state <> 'removed'"
 )
+_SUBSCRIPTION_IDS = "SELECT id FROM delivery.subscriptions WHERE state <> 'removed'"
+_SUBSCRIPTION = f"{_SUBSCRIPTIONS} AND s.id = $1"
 # The inbox rows and the deliveries of the events that were new to it, in one statement (atomic
 # on its own: no BEGIN and COMMIT round trips). A redelivered event finds its inbox row, counts
 # the redelivery and creates nothing. $7: each event's further copies in this very batch (a
@@ -230,14 +232,7 @@ class Dispatcher:
         """Match the batch's events to the subscriptions, reserve capacity for the deliveries to
         attempt at once, and commit the inbox and delivery rows (a retry keeps the reservations).
         Pairs of an event the inbox has seen before create nothing."""
-        rows = await with_retries(
-            self._pool,
-            lambda conn: conn.fetch(_SUBSCRIPTIONS),
-            what="dispatch",
-            deadline_s=_DB_RETRY_DEADLINE_S,
-            transaction=False,
-        )
-        subscriptions = [Subscription.from_row(r) for r in rows]
+        subscriptions = await self._load_subscriptions()
         now = datetime.now(UTC)
         first: dict[str, WireEvent] = {}
         copies: dict[str, int] = {}
@@ -279,6 +274,52 @@ class Dispatcher:
             (r["event_id"], r["subscription_id"]): r["id"] for r in rows if r["id"] is not None
         }
         return pairs, created, fresh
+
+    async def _load_subscriptions(self) -> list[Subscription]:
+        """Every subscription; one whose row cannot be loaded (a value Python cannot hold, like
+        a year-33715 expiry) is skipped, logged and counted instead of failing every batch."""
+
+        async def load(conn: asyncpg.Connection) -> list[Subscription]:
+            return [Subscription.from_row(r) for r in await conn.fetch(_SUBSCRIPTIONS)]
+
+        try:
+            return await with_retries(
+                self._pool,
+                load,
+                what="dispatch",
+                deadline_s=_DB_RETRY_DEADLINE_S,
+                transaction=False,
+            )
+        except Exception as exc:
+            if is_connection_error(exc):
+                raise
+        # One at a time, to find the bad rows (rare: only after a failure like the above).
+        return await with_retries(
+            self._pool,
+            self._load_one_by_one,
+            what="dispatch",
+            deadline_s=_DB_RETRY_DEADLINE_S,
+            transaction=False,
+        )
+
+    @staticmethod
+    async def _load_one_by_one(conn: asyncpg.Connection) -> list[Subscription]:
+        loaded = []
+        for subscription_id in [r["id"] for r in await conn.fetch(_SUBSCRIPTION_IDS)]:
+            try:
+                row = await conn.fetchrow(_SUBSCRIPTION, subscription_id)
+                if row is not None:
+                    loaded.append(Subscription.from_row(row))
+            except Exception as exc:
+                if is_connection_error(exc):
+                    raise
+                metrics.SUBSCRIPTIONS_UNLOADABLE.inc()
+                log.warning(
+                    "subscription_unloadable",
+                    subscription_id=subscription_id,
+                    error=repr(exc)[:200],
+                )
+        return loaded
 
     def _start_attempts(
         self, pairs: list[_Pair], created: dict[tuple[str, str], int], held: Reservations

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -20,8 +20,9 @@ import structlog
 from delivery.ops import metrics
 from delivery.settings import Settings
 from delivery.store.dead_letters import park_pending
-from delivery.store.pool import with_retries
+from delivery.store.pool import is_connection_error, with_retries
 from delivery.store.states import CircuitState, DeliveryState
+from delivery.text import safe_text
 from delivery.worker.retry import Decision, Outcome
 from delivery.worker.sender import AttemptResult
 
@@ -166,18 +167,16 @@ class OutcomeRecorder:
         await future
 
     async def _flush(self, batch: list[tuple[AttemptOutcome, asyncio.Future[None]]]) -> None:
-        items = [item for item, _f in batch]
-        all_delivered = all(i.decision.outcome is Outcome.DELIVERED for i in items)
-        # All successes: one statement on its own; otherwise a transaction with the circuits.
-        write = self._write_delivered if all_delivered else self._write
         try:
-            await with_retries(
-                self._pool,
-                lambda conn: write(conn, items),
-                what="outcomes",
-                transaction=not all_delivered,
-            )
+            await self._commit([item for item, _f in batch])
         except BaseException as exc:
+            if isinstance(exc, Exception) and len(batch) > 1 and not is_connection_error(exc):
+                # One bad row must not fail its neighbours (a healthy subscriber's success
+                # handed back and POSTed again, a 410 not disabling): each on its own.
+                log.warning("outcome_batch_failed", outcomes=len(batch), error=repr(exc)[:200])
+                for item, future in batch:
+                    await self._flush([(item, future)])
+                return
             for _item, future in batch:
                 if not future.done():
                     future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(exc))
@@ -187,6 +186,30 @@ class OutcomeRecorder:
         for _item, future in batch:
             if not future.done():
                 future.set_result(None)
+
+    async def _commit(self, items: list[AttemptOutcome]) -> None:
+        """Write ``items`` in one commit; one that PostgreSQL refuses for its values alone (a
+        data error) is written again without its excerpt and error text."""
+        try:
+            await self._write_batch(items)
+        except asyncpg.DataError as exc:
+            if len(items) > 1:
+                raise
+            (item,) = items
+            log.warning("outcome_degraded", delivery_id=item.delivery_id, error=repr(exc)[:200])
+            await self._write_batch([_degraded(item, exc)])
+            metrics.OUTCOMES_DEGRADED.inc()
+
+    async def _write_batch(self, items: list[AttemptOutcome]) -> None:
+        all_delivered = all(i.decision.outcome is Outcome.DELIVERED for i in items)
+        # All successes: one statement on its own; otherwise a transaction with the circuits.
+        write = self._write_delivered if all_delivered else self._write
+        await with_retries(
+            self._pool,
+            lambda conn: write(conn, items),
+            what="outcomes",
+            transaction=not all_delivered,
+        )
 
     @staticmethod
     def _outcome_arrays(items: list[AttemptOutcome]) -> list[list[Any]]:
@@ -273,6 +296,16 @@ class OutcomeRecorder:
             log.warning("subscription_disabled", subscription_id=subscription_id, reason=reason)
         # Its waiting deliveries are kept as dead letters (replayed once it is enabled again).
         await park_pending(conn, subscription_id, reason)
+
+
+def _degraded(item: AttemptOutcome, exc: Exception) -> AttemptOutcome:
+    """``item`` as PostgreSQL will take it: no excerpt, the error replaced by why."""
+    note = safe_text(f"outcome not storable as it was ({type(exc).__name__})", limit_chars=200)
+    result = replace(item.result, excerpt=None, error=note)
+    decision = item.decision
+    if decision.reason is not None:
+        decision = replace(decision, reason=note)
+    return replace(item, result=result, decision=decision)
 
 
 def _note_transition(subscription_id: str, old_state: str, new_state: str) -> None:

@@ -22,6 +22,10 @@ RETRYABLE_STATUSES = frozenset({408, 425, 429})
 THROTTLED_STATUS = 429
 # A 429 without a (usable) Retry-After still holds the subscription back this long.
 DEFAULT_PAUSE_S = 1.0
+# The longest wait before a retry, whatever the schedule says: PostgreSQL's timestamps end in
+# year 294276, and a step like 200000000d overflowed the outcome's write, which then failed
+# forever.
+MAX_DELAY_S = 366 * 86400.0
 
 
 class Outcome(StrEnum):
@@ -72,7 +76,7 @@ class RetryPolicy:
 
     @property
     def longest_step_s(self) -> float:
-        return max(self.schedule_s, default=0.0)
+        return min(max(self.schedule_s, default=0.0), MAX_DELAY_S)
 
 
 def next_delay_s(
@@ -93,7 +97,7 @@ def next_delay_s(
         raise ValueError("attempt numbers start at 1")
     if attempt > len(policy.schedule_s):
         return None
-    base = policy.schedule_s[attempt - 1]
+    base = min(policy.schedule_s[attempt - 1], MAX_DELAY_S / (1.0 + policy.jitter_fraction))
     jittered = base * (1.0 + rng.uniform(-policy.jitter_fraction, policy.jitter_fraction))
     if retry_after_s is not None and retry_after_s > jittered:
         return min(retry_after_s, policy.longest_step_s)

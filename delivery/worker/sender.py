@@ -10,11 +10,18 @@ from types import TracebackType
 import aiohttp
 import yarl
 
-from delivery.errors import BlockedTargetError
+from delivery.errors import BlockedTargetError, InputError
 from delivery.targets import refuse_addresses
+from delivery.text import safe_text
 from delivery.version import USER_AGENT
 from delivery.worker.resolver import GuardedResolver, names_an_address
 from delivery.worker.retry import parse_retry_after_s
+
+# Errors met before anything was sent that the same request would meet again (a URL aiohttp
+# cannot send to, a stored secret that cannot sign, a value that cannot be encoded): no retry
+# can help, so the attempt is a permanent failure. Anything a reply provokes is retried.
+_PERMANENT_ERRORS = (aiohttp.InvalidURL, InputError, ValueError, TypeError, UnicodeError)
+_ERROR_CHARS = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +73,9 @@ class Sender:
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=self._timeout,
-            headers={"user-agent": self._user_agent},
+            # identity: we store an excerpt of the reply and never decode it, so we do not
+            # invite gzip (aiohttp would otherwise advertise what it can decompress).
+            headers={"user-agent": self._user_agent, "accept-encoding": "identity"},
             # Subscribers get exactly our bytes; no cookies carried between subscribers.
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
@@ -106,7 +115,11 @@ class Sender:
                     error=None,
                     duration_s=time.perf_counter() - started,
                     retry_after_s=parse_retry_after_s(response.headers.get("retry-after")),
-                    excerpt=excerpt.decode("utf-8", "replace") if excerpt else None,
+                    excerpt=describe_body(
+                        excerpt,
+                        response.headers.get("content-encoding"),
+                        limit_chars=self._excerpt_bytes,
+                    ),
                 )
         except BlockedTargetError as exc:
             return AttemptResult(
@@ -117,8 +130,39 @@ class Sender:
             )
         except TimeoutError:
             error = f"timeout after {timeout.total}s"
+        except aiohttp.InvalidURL as exc:  # a ClientError, but no retry can fix the URL
+            return failed_attempt(exc, time.perf_counter() - started)
         except aiohttp.ClientError as exc:
             error = f"{type(exc).__name__}: {exc}"[:500]
         except OSError as exc:
             error = f"{type(exc).__name__}: {exc}"[:500]
-        return AttemptResult(status=None, error=error, duration_s=time.perf_counter() - started)
+        except Exception as exc:  # anything else a reply provokes: a failed attempt, retried
+            error = f"{type(exc).__name__}: {exc}"
+        return AttemptResult(
+            status=None,
+            error=safe_text(error, limit_chars=_ERROR_CHARS),
+            duration_s=time.perf_counter() - started,
+        )
+
+
+def failed_attempt(exc: Exception, duration_s: float) -> AttemptResult:
+    """An exception met while attempting, as the attempt's result: permanent when the same
+    request would meet it again, retryable otherwise."""
+    return AttemptResult(
+        status=None,
+        error=safe_text(f"{type(exc).__name__}: {exc}", limit_chars=_ERROR_CHARS),
+        duration_s=duration_s,
+        permanent=isinstance(exc, _PERMANENT_ERRORS),
+    )
+
+
+def describe_body(raw: bytes, content_encoding: str | None, *, limit_chars: int) -> str | None:
+    """The excerpt of a reply body; a compressed one is named, not decoded (we ask for identity,
+    and decoding an untrusted stream costs memory a subscriber chooses)."""
+    if not raw:
+        return None
+    encoding = (content_encoding or "").strip().lower()
+    if encoding and encoding != "identity":
+        note = f"[{safe_text(encoding, limit_chars=40)}-encoded body, not decoded] "
+        return safe_text(note.encode() + raw, limit_chars=limit_chars)
+    return safe_text(raw, limit_chars=limit_chars)

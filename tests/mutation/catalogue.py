@@ -39,6 +39,7 @@ OUTBOX = "an event exists iff its transaction committed, with a gapless per-acco
 SIGNATURE = "every POST carries a valid Standard Webhooks signature"
 BOUNDS = "concurrency per subscriber and per process is bounded"
 PACING = "a 429 holds back and paces its subscription; it never opens the circuit"
+RECORDED = "every attempt ends in a recorded outcome; one bad row never fails its neighbours"
 
 _MUTANTS: tuple[Mutant, ...] = (
     # -- dispatch ---------------------------------------------------------------------------
@@ -335,11 +336,81 @@ _MUTANTS: tuple[Mutant, ...] = (
         (
             (
                 '            log.exception("delivery_attempt_crashed", delivery_id=job.delivery_id)\n'
-                "            await self._hand_back(job)",
+                "            await self._hand_back_unrecorded(job, exc)",
                 '            log.exception("delivery_attempt_crashed", delivery_id=job.delivery_id)',
             ),
         ),
         "an attempt that crashed (its outcome could not be recorded) keeps its lease",
+    ),
+    Mutant(
+        "unrecorded-loop-unbounded",
+        "delivery/worker/deliverer.py",
+        (("    state = CASE WHEN unrecorded_handbacks + 1 >= $2 THEN 'dead' ELSE state END,",
+          "    state = state,"),),
+        "a delivery whose outcome never records is handed back and POSTed again forever",
+        guarantee=RECORDED,
+    ),
+    Mutant(
+        "outcomes-no-row-by-row-fallback",
+        "delivery/worker/outcomes.py",
+        (("if isinstance(exc, Exception) and len(batch) > 1 and not is_connection_error(exc):",
+          "if False:"),),
+        "one outcome PostgreSQL refuses fails every outcome of its batch",
+        guarantee=RECORDED,
+    ),
+    Mutant(
+        "outcome-data-error-not-degraded",
+        "delivery/worker/outcomes.py",
+        (("        except asyncpg.DataError as exc:\n", "        except ZeroDivisionError as exc:\n"),),
+        "an outcome PostgreSQL refuses for its values (a NUL in the excerpt) is never recorded",
+        guarantee=RECORDED,
+    ),
+    Mutant(
+        "sender-excerpt-not-escaped",
+        "delivery/worker/sender.py",
+        (
+            (
+                "                    excerpt=describe_body(\n"
+                "                        excerpt,\n"
+                '                        response.headers.get("content-encoding"),\n'
+                "                        limit_chars=self._excerpt_bytes,\n"
+                "                    ),\n",
+                '                    excerpt=excerpt.decode("utf-8", "replace") if excerpt else None,\n',
+            ),
+        ),
+        "a reply with NUL bytes (gzip, binary) is stored as it came, which PostgreSQL refuses",
+        guarantee=RECORDED,
+    ),
+    Mutant(
+        "sender-invites-gzip",
+        "delivery/worker/sender.py",
+        ((', "accept-encoding": "identity"}', "}"),),
+        "the sender advertises encodings it never decodes",
+    ),
+    Mutant(
+        "retry-after-unicode-digits",
+        "delivery/worker/retry.py",
+        (("if value.isascii() and value.isdigit():", "if value.isdigit():"),),
+        "a Retry-After of digits float() refuses ('\u00b2') crashes its attempt",
+        guarantee=RECORDED,
+    ),
+    Mutant(
+        "dispatch-fails-on-unloadable-subscription",
+        "delivery/worker/dispatch.py",
+        (
+            (
+                "        except Exception as exc:\n"
+                "            if is_connection_error(exc):\n"
+                "                raise\n"
+                "        # One at a time",
+                "        except ZeroDivisionError as exc:\n"
+                "            if is_connection_error(exc):\n"
+                "                raise\n"
+                "        # One at a time",
+            ),
+        ),
+        "one subscription row dispatch cannot load fails every batch",
+        guarantee=RECORDED,
     ),
     Mutant(
         "capacity-cap-off-by-one",
@@ -392,7 +463,8 @@ _MUTANTS: tuple[Mutant, ...] = (
         "DNS failures are ClientConnectorError, resets ClientOSError, a close without a reply "
         "ServerDisconnectedError, a cut mid-body ClientPayloadError, a garbage status line "
         "ClientResponseError (each tried in tests/integration/test_fault_paths.py), so no "
-        "refused, reset or closed connection reaches this branch: it is defence in depth",
+        "refused, reset or closed connection reaches this branch: it is defence in depth "
+        "(and without it the sender's last except, for any Exception, records it the same way)",
     ),
     # -- SSRF guard at connect time ------------------------------------------------------------
     Mutant(
@@ -609,6 +681,8 @@ _F = "tests/integration/test_fault_paths.py::"
 _G = "tests/integration/test_guarantees.py::"
 _P = "tests/integration/test_pacing.py::"
 _D = "tests/integration/test_drain.py::"
+_H = "tests/integration/test_hostile.py::"
+_HOSTILE = _H + "test_hostile_subscribers_beside_a_healthy_one_end_delivered_or_dead_within_the_schedule"
 _SSRF = (
     "tests/integration/test_ssrf.py::"
     "test_a_blocked_target_gets_no_request_and_the_attempt_is_permanent"
@@ -625,6 +699,23 @@ KILLS: dict[str, tuple[str, ...]] = {
     ),
     "throttle-opens-circuit": (
         _P + "test_a_subscriber_refusing_each_first_attempt_gets_every_event_in_two_attempts",
+    ),
+    "unrecorded-loop-unbounded": (
+        _H + "test_a_delivery_whose_outcome_never_records_goes_to_the_dead_letters_and_spares_its_neighbours",
+    ),
+    "outcomes-no-row-by-row-fallback": (
+        _H + "test_an_outcome_postgresql_refuses_is_recorded_without_its_text_and_spares_its_batch",
+    ),
+    "outcome-data-error-not-degraded": (
+        _H + "test_an_outcome_postgresql_refuses_is_recorded_without_its_text_and_spares_its_batch",
+    ),
+    "sender-excerpt-not-escaped": (_HOSTILE,),
+    "sender-invites-gzip": (_HOSTILE,),
+    "retry-after-unicode-digits": (
+        _R + "test_a_retry_after_of_non_ascii_digits_is_ignored_not_a_crash",
+    ),
+    "dispatch-fails-on-unloadable-subscription": (
+        _H + "test_dispatch_skips_a_subscription_it_cannot_load_and_delivers_to_the_others",
     ),
     "dispatch-batch-copies-uncounted": (
         "tests/integration/test_pipeline.py::test_copies_of_an_event_in_one_batch_count_as_redeliveries",

@@ -48,6 +48,7 @@ REPRODUCED_BY: dict[str, set[str]] = {
 }
 # Operator procedures and failures no scenario causes: their section says so in one line.
 NOT_REPRODUCED = {
+    "attempt-loop.md",
     "dead-letters-growing.md",
     "subscriber-410.md",
     "subscriber-throttling.md",

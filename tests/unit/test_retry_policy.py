@@ -9,6 +9,7 @@ import pytest
 from delivery.durations import format_schedule, parse_schedule_s
 from delivery.worker.retry import (
     DEFAULT_PAUSE_S,
+    MAX_DELAY_S,
     Outcome,
     RetryPolicy,
     classify_status,
@@ -239,3 +240,32 @@ def test_a_subscription_pause_is_capped_like_a_delivery_retry_after():
     assert pause_s(POLICY, retry_after_s=10 * 365 * 86400, max_pause_s=300) == 300
     assert pause_s(POLICY, retry_after_s=30, max_pause_s=0) == 0
     assert pause_s(POLICY, retry_after_s=0, max_pause_s=300) == 0
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "\u0661\u0662", "1\u00b2", "\U0001d7d7"])
+def test_a_retry_after_of_non_ascii_digits_is_ignored_not_a_crash(value):
+    # str.isdigit() accepts all of these; float() refuses some ("²"), and the crash inside the
+    # sender once handed the delivery back for an immediate re-POST, over and over.
+    assert value.isdigit()
+    assert parse_retry_after_s(value) is None
+
+
+def test_an_absurd_schedule_step_waits_at_most_the_longest_delay_postgresql_can_store():
+    # (settings and the CLI refuse such a step now; a row written before that can hold one)
+    huge = RetryPolicy((200_000_000 * 86400.0,))
+    rng = random.Random(1)
+    delay = next_delay_s(huge, 1, retry_after_s=None, rng=rng)
+    assert delay is not None and delay <= MAX_DELAY_S
+    assert next_delay_s(huge, 1, retry_after_s=1e300, rng=rng) == MAX_DELAY_S
+    decision = decide(status=503, error=None, retry_after_s=None, attempt=1, policy=huge, rng=rng)
+    assert decision.outcome is Outcome.RETRY and decision.delay_s <= MAX_DELAY_S
+
+
+def test_an_attempt_that_failed_for_a_reason_no_retry_can_fix_is_permanent():
+    rng = random.Random(3)
+    error = "InvalidUrlClientError: http://127.0.0.1:99999/"
+    kwargs = {"status": None, "error": error, "retry_after_s": None, "policy": POLICY, "rng": rng}
+    permanent = decide(attempt=1, permanent=True, **kwargs)
+    assert permanent.outcome is Outcome.PERMANENT
+    assert permanent.reason == error
+    assert decide(attempt=1, **kwargs).outcome is Outcome.RETRY
