@@ -23,7 +23,8 @@ import aiohttp
 from chaos.processes import ManagedProcess, Role
 from chaos.proxy import FaultProxy
 from delivery.broker.topology import Names, delete
-from delivery.store.migrations import migrate
+from delivery.settings import load_settings
+from delivery.store.migrations import migrate, migrations_dir
 from delivery.testing.env import environment_without_settings
 from delivery.testing.postgres import LocalPostgres
 from delivery.testing.processes import HOST, free_port
@@ -169,7 +170,9 @@ class Cluster:
         self.prefix = f"chaos.{safe}.{tag}"
         self.database = f"chaos_{safe}_{tag}".lower()
         await create_database(self.servers.pg.url, self.database)
-        await migrate(self.db_url)
+        # DELIVERY_MIGRATIONS_DIR as `delivery migrate` reads it (the processes' own
+        # environments are stripped of settings, and they never migrate).
+        await migrate(self.db_url, migrations_dir(load_settings(require=()).migrations_dir))
         await self._start_proxies()
         logs = self.out_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)

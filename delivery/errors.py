@@ -4,6 +4,7 @@ Hierarchy::
 
     DeliveryPlatformError
     ├── ConfigError ................ fix the environment and start again (CLI exit 2)
+    │   └── MigrationChangedError .. restore the applied migration file; nothing was applied
     ├── InputError ................. fix the input; nothing was written (CLI exit 2)
     │   ├── NotFoundError .......... name an object that exists
     │   └── BlockedTargetError ..... point the subscription at a public address
@@ -13,7 +14,8 @@ Hierarchy::
     ├── QueueMissingError .......... start the consumer again; it declares its queue anew
     └── StoppedBeforeConnected ..... nothing: shutdown began before the broker or database answered
 
-Raised where: ``ConfigError`` by settings, migrations, tracing and the admin server;
+Raised where: ``ConfigError`` by settings, migrations, tracing and the admin server
+(``MigrationChangedError`` by ``delivery.store.migrations``);
 ``InputError`` by event, subscription and dead-letter validation and the CLI;
 ``BlockedTargetError`` by the SSRF guard (``delivery.targets``), when a subscription is made
 and again when the worker connects (``delivery.worker.resolver``);
@@ -42,6 +44,11 @@ class DeliveryPlatformError(Exception):
 
 class ConfigError(DeliveryPlatformError):
     """A setting is missing or malformed: fix the environment and start again."""
+
+
+class MigrationChangedError(ConfigError):
+    """A migration file changed after it was applied: restore it (put the change in a new
+    migration) and migrate again; nothing was applied."""
 
 
 class InputError(DeliveryPlatformError):

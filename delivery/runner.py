@@ -45,6 +45,7 @@ def process_runner() -> ProcessRunner:
     if not found:
         raise ConfigError(
             f"no process runner is registered (entry point {NAME!r} of group {GROUP!r}):"
-            " install the package again (pip install -e .)"
+            " install the package again (pip install delivery-webhooks; pip install -e . in a"
+            " checkout)"
         )
     return cast(ProcessRunner, next(iter(found)).load())

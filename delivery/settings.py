@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     database_url: str = ""
     amqp_url: str = ""
     admin_port: int = Field(default=9600, ge=0, le=65535)
+    # Loopback unless asked: /metrics and /runbooks are for the scraper and on-call, not the
+    # internet. The image sets 0.0.0.0, where the container's network is the boundary.
+    admin_host: str = Field(default="127.0.0.1", pattern=r"^[A-Za-z0-9_.:-]{1,253}$")
     retry_schedule_s: Annotated[tuple[float, ...], NoDecode] = Field(
         default=parse_schedule_s(DEFAULT_RETRY_SCHEDULE), alias="DELIVERY_RETRY_SCHEDULE"
     )
@@ -118,7 +121,7 @@ class Settings(BaseSettings):
     # Where `delivery migrate` finds its SQL files (default: migrations/ beside the package).
     migrations_dir: str = ""
 
-    # OpenTelemetry spans per webhook attempt (needs `pip install 'delivery[otel]'`); the
+    # OpenTelemetry spans per webhook attempt (needs `pip install 'delivery-webhooks[otel]'`); the
     # exporter reads the SDK's own variables (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME).
     otel_enabled: bool = False
 

@@ -157,7 +157,7 @@ async def run_process(
     burst: asyncio.Task[str | None] | None = None
     try:
         async with (
-            serve_admin(health, settings.admin_port) as port,
+            serve_admin(health, settings.admin_port, settings.admin_host) as port,
             Sender(
                 max_connections=settings.max_in_flight,
                 connect_timeout_s=settings.http_connect_timeout_s,

@@ -4,8 +4,8 @@ table of every command (the operator's commands are in ``operations``, publish i
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -19,10 +19,14 @@ log = structlog.get_logger("delivery.cli")
 
 
 async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from delivery.store.migrations import DEFAULT_MIGRATIONS_DIR, migrate
+    from delivery.store.migrations import migrate, migrations_dir, status
 
-    chosen = args.dir or settings.migrations_dir
-    directory = Path(chosen) if chosen else DEFAULT_MIGRATIONS_DIR
+    directory = migrations_dir(args.dir or settings.migrations_dir)
+    if args.status:
+        for row in await status(settings.database_url, directory):
+            when = row.applied_at.isoformat(timespec="seconds") if row.applied_at else ""
+            sys.stdout.write(f"{row.state:<8} {row.file:<40} {when}".rstrip() + "\n")
+        return EXIT_OK
     applied = await migrate(settings.database_url, directory)
     _emit({"applied": [f"{m.version:04d}_{m.name}" for m in applied]})
     return EXIT_OK
@@ -43,8 +47,12 @@ async def cmd_process(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_demo(args: argparse.Namespace, settings: Settings | None) -> int:
     from delivery.demo.run import run_demo
+    from delivery.settings import load_settings
+    from delivery.store.migrations import migrations_dir
 
-    return await run_demo(events=args.events, keep=args.keep)
+    # The demo provisions its own services; of the settings it needs only where migrations are.
+    chosen = (settings or load_settings(require=())).migrations_dir
+    return await run_demo(events=args.events, keep=args.keep, migrations=migrations_dir(chosen))
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace, Any], Awaitable[int]]] = {

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from delivery.cli.output import EXIT_USAGE
+from delivery.version import DISTRIBUTION, VERSION
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,10 +58,14 @@ def _whole_number(low: int, high: int) -> Callable[[str], int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="delivery", description="Reliable signed webhook delivery.")
     _global_options(parser, top=True)
+    parser.add_argument("--version", action="version", version=f"{DISTRIBUTION} {VERSION}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     migrate = commands.add_parser("migrate", help="apply database migrations")
     migrate.add_argument("--dir", help="migrations directory (default: the bundled one)")
+    migrate.add_argument(
+        "--status", action="store_true", help="list applied and pending migrations; apply none"
+    )
 
     for name, text in (
         ("run", "relay + workers in one process"),

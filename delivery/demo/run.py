@@ -16,6 +16,7 @@ import random
 import secrets
 import sys
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import aio_pika
@@ -29,14 +30,16 @@ from delivery.demo.summary import _describe, _summary
 from delivery.ops.logs import configure_logging
 from delivery.outbox import validate_all
 from delivery.settings import Settings
-from delivery.store.migrations import migrate
+from delivery.store.migrations import DEFAULT_MIGRATIONS_DIR, migrate
 from delivery.store.subscriptions import Subscription, add
 from delivery.testing.processes import ProvisionError
 from delivery.testing.receiver import Receiver
 from delivery.testing.services import Services, create_database, drop_database, provision_services
 
 
-async def run_demo(*, events: int = 3000, keep: bool = False) -> int:
+async def run_demo(
+    *, events: int = 3000, keep: bool = False, migrations: Path = DEFAULT_MIGRATIONS_DIR
+) -> int:
     """Run the demo; 0 when every event reached every matching subscription, correctly signed."""
     if events < len(ACCOUNTS):
         sys.stderr.write(f"delivery demo: --events must be at least {len(ACCOUNTS)}\n")
@@ -75,6 +78,7 @@ async def run_demo(*, events: int = 3000, keep: bool = False) -> int:
                 prefix=prefix,
                 count=events,
                 began=began,
+                migrations=migrations,
             )
         except asyncio.CancelledError:  # Ctrl-C
             interrupted = True
@@ -133,8 +137,16 @@ async def _delete_broker_objects(amqp_url: str, names: Names) -> None:
                 await channel.exchange_delete(exchange)
 
 
-async def _run(*, database_url: str, amqp_url: str, prefix: str, count: int, began: float) -> int:
-    await migrate(database_url)
+async def _run(
+    *,
+    database_url: str,
+    amqp_url: str,
+    prefix: str,
+    count: int,
+    began: float,
+    migrations: Path,
+) -> int:
+    await migrate(database_url, migrations)
     say(f"created database {urlsplit(database_url).path.lstrip('/')} and migrated it")
     conn = await asyncpg.connect(database_url)
     try:

@@ -3,7 +3,9 @@ outcomes, states and component names; never event ids, subscription ids or URLs.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+from delivery.version import VERSION
 
 _LATENCY_BUCKETS_S = (
     0.001,
@@ -127,6 +129,9 @@ SUBSCRIPTIONS_UNLOADABLE = Counter(
     "Subscription rows dispatch could not load and skipped (per dispatched batch)",
 )
 QUEUE_DEPTH = Gauge("delivery_queue_messages", "Messages ready in a broker queue", ["queue"])
+# delivery_build_info{version="..."} 1: which release each scraped process runs.
+BUILD_INFO = Info("delivery_build", "The running release of delivery-webhooks")
+BUILD_INFO.info({"version": VERSION})
 DELIVERIES_PENDING = Gauge(
     "delivery_deliveries_pending",
     "Deliveries waiting for an attempt (due or scheduled)",

@@ -1,4 +1,4 @@
-"""OpenTelemetry tracing: an optional extra (``pip install 'delivery[otel]'``).
+"""OpenTelemetry tracing: an optional extra (``pip install 'delivery-webhooks[otel]'``).
 
 One span per webhook attempt (``webhook.deliver``, kind CLIENT), a child of the producer's
 ``traceparent`` stored with the event; the request then carries the attempt span's context, so
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 MISSING_EXTRA = (
     "DELIVERY_OTEL_ENABLED is true but OpenTelemetry is not installed: "
-    "pip install 'delivery[otel]' (or turn tracing off)"
+    "pip install 'delivery-webhooks[otel]' (or turn tracing off)"
 )
 ATTEMPT_SPAN = "webhook.deliver"
 DEFAULT_SERVICE_NAME = "delivery"  # unless OTEL_SERVICE_NAME (or OTEL_RESOURCE_ATTRIBUTES) says

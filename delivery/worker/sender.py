@@ -13,6 +13,7 @@ import yarl
 from delivery.errors import BlockedTargetError, InputError
 from delivery.targets import refuse_addresses
 from delivery.text import safe_text
+from delivery.version import USER_AGENT
 from delivery.worker.resolver import GuardedResolver, names_an_address
 from delivery.worker.retry import parse_retry_after_s
 
@@ -52,7 +53,7 @@ class Sender:
         timeout_s: float,
         excerpt_bytes: int,
         allow_private_targets: bool = False,
-        user_agent: str = "delivery-webhooks/0.1",
+        user_agent: str = USER_AGENT,
     ) -> None:
         self._guarded = not allow_private_targets
         self._max_connections = max_connections

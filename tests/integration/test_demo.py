@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -13,6 +14,7 @@ import pytest
 from delivery.demo.scenario import ACCOUNTS, ROUTES, realistic_events
 from delivery.demo.summary import OK_LINE
 from delivery.outbox import validate_all
+from delivery.store.migrations import DEFAULT_MIGRATIONS_DIR
 from delivery.testing.env import environment_without_settings
 
 
@@ -58,3 +60,29 @@ def test_demo_delivers_every_event_with_verified_signatures(services):
     progress = [line for line in result.stderr.splitlines() if line.endswith(" delivered")]
     assert progress, result.stderr
     assert all(len(line) < 80 for line in progress), progress
+
+
+@pytest.mark.integration
+def test_demo_migrates_from_delivery_migrations_dir(services, tmp_path):
+    # A copy of the migrations plus one that fails on purpose: the demo fails on it only if it
+    # migrates from the directory the variable names.
+    migrations = tmp_path / "migrations"
+    shutil.copytree(DEFAULT_MIGRATIONS_DIR, migrations)
+    (migrations / "0999_fails_on_purpose.sql").write_text("SELECT 1 / 0;\n")
+    env = environment_without_settings()
+    env.update(
+        DELIVERY_DATABASE_URL=services.database_url,
+        DELIVERY_AMQP_URL=services.amqp_url,
+        DELIVERY_MIGRATIONS_DIR=str(migrations),
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "delivery", "demo", "--events", "300"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "division by zero" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -17,6 +17,7 @@ import signal
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
@@ -126,6 +127,7 @@ def _alert_blocks() -> list[tuple[str, str]]:
 
 
 def test_every_alert_has_severity_summary_description_and_an_existing_runbook():
+    base = _runbook_base_url()
     for name, block in _alert_blocks():
         for key in ("severity", "summary", "description", "runbook_url"):
             assert re.search(rf"^\s+{key}:", block, flags=re.MULTILINE), f"{name}: no {key}"
@@ -134,10 +136,24 @@ def test_every_alert_has_severity_summary_description_and_an_existing_runbook():
         )
         urls = re.findall(r"^\s+runbook_url: *\"?([^\s\"]+)\"?\s*$", block, flags=re.MULTILINE)
         assert len(urls) == 1, f"{name}: expected one runbook_url, found {urls}"
-        path = ROOT / urls[0]
-        assert urls[0].startswith("runbooks/") and path.is_file(), (
+        assert urls[0].startswith(base), f"{name}: runbook_url {urls[0]} is not under {base}"
+        path = RUNBOOKS / urls[0].removeprefix(base)
+        assert path.parent == RUNBOOKS and path.is_file(), (
             f"{name}: runbook_url {urls[0]} is not a file in runbooks/"
         )
+
+
+def _runbook_base_url() -> str:
+    """The one base of every runbook_url, as alerts.yml's header documents it."""
+    (base,) = re.findall(r"^# runbook base URL: (\S+)$", ALERTS.read_text(), flags=re.MULTILINE)
+    return base
+
+
+def test_the_runbook_base_url_is_absolute_and_where_the_admin_server_serves_runbooks():
+    # The admin server serving each runbook at /runbooks/NAME.md: tests/integration/test_admin.
+    parts = urlsplit(_runbook_base_url())
+    assert parts.scheme in ("http", "https") and parts.netloc
+    assert parts.path == "/runbooks/"
 
 
 def test_runbook_index_lists_every_runbook():
@@ -536,8 +552,14 @@ async def test_every_promql_expression_runs_on_prometheus_scraping_a_running_pip
                         assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
                         body = await _query(http, prom, rule["query"])
                         assert body["status"] == "success", (rule["name"], body.get("error"))
+                        # The rule's runbook_url, with the base pointed at this pipeline's
+                        # admin server, answers with the shipped page.
                         runbook = rule["annotations"]["runbook_url"]
-                        assert (ROOT / runbook).is_file(), f"{rule['name']}: {runbook}"
+                        name = runbook.removeprefix(_runbook_base_url())
+                        local = f"http://{LOCALHOST}:{admin_port}/runbooks/{name}"
+                        async with http.get(local) as page:
+                            assert page.status == 200, f"{rule['name']}: {runbook}"
+                            assert await page.text() == (RUNBOOKS / name).read_text()
     finally:
         await conn.close()
 

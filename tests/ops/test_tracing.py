@@ -114,7 +114,7 @@ def test_enabled_without_the_extra_stops_at_start_up(monkeypatch):
     with pytest.raises(ConfigError) as raised:
         tracing.start(Settings(otel_enabled=True))
     assert "DELIVERY_OTEL_ENABLED" in str(raised.value)
-    assert "pip install 'delivery[otel]'" in str(raised.value)
+    assert "pip install 'delivery-webhooks[otel]'" in str(raised.value)
     assert tracing.tracer is None
 
 
@@ -134,7 +134,7 @@ def test_the_command_names_the_setting_and_the_extra_in_one_line():
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("delivery worker: DELIVERY_OTEL_ENABLED")
-    assert "pip install 'delivery[otel]'" in lines[0]
+    assert "pip install 'delivery-webhooks[otel]'" in lines[0]
 
 
 # -- on the real pipeline ----------------------------------------------------------------------

@@ -22,6 +22,7 @@ def test_defaults_are_sane(env):
     assert settings.retry_schedule_s[0] == 5 and len(settings.retry_schedule_s) == 7
     assert settings.shutdown_timeout_s == 30
     assert settings.admin_port == 9600
+    assert settings.admin_host == "127.0.0.1"  # the image alone sets 0.0.0.0
 
 
 def test_missing_url_names_the_variable(env):
@@ -41,6 +42,8 @@ def test_missing_url_names_the_variable(env):
         ),
         ("DELIVERY_ADMIN_PORT", "http", "^DELIVERY_ADMIN_PORT: "),
         ("DELIVERY_ADMIN_PORT", "70000", "^DELIVERY_ADMIN_PORT: "),
+        ("DELIVERY_ADMIN_HOST", "", "^DELIVERY_ADMIN_HOST: "),
+        ("DELIVERY_ADMIN_HOST", "0.0.0.0/0", "^DELIVERY_ADMIN_HOST: "),
         ("DELIVERY_SHUTDOWN_TIMEOUT_S", "-1", "^DELIVERY_SHUTDOWN_TIMEOUT_S: "),
     ],
 )
