@@ -389,10 +389,32 @@ def test_with_the_api_enabled_it_holds_every_property_too(
 ):
     assert problems(production_with_api) == []
     api = _deployment(production_with_api, "api")
-    (service,) = [o for o in production_with_api if o["kind"] == "Service"]
+    service = _named(production_with_api, "Service", "delivery-api")
+    assert service is not None
     assert (
         service["spec"]["selector"].items() <= api["spec"]["template"]["metadata"]["labels"].items()
     )
+
+
+def test_the_runbook_links_of_the_alerts_reach_the_admin_port_of_every_role(
+    production: list[dict[str, Any]],
+):
+    """Every alert's runbook_url names http://delivery-admin:9600/runbooks/...; that name is a
+    Service on the admin port of the relay and worker pods, which serve the runbooks."""
+    base = re.search(r"runbook base URL: (\S+)", (ROOT / "ops/prometheus/alerts.yml").read_text())
+    assert base is not None
+    host, port = base.group(1).split("/")[2].split(":")
+    service = _named(production, "Service", host)
+    assert service is not None, f"no Service named {host}"
+    (admin_port,) = service["spec"]["ports"]
+    assert admin_port["port"] == int(port)
+    for role in ("relay", "worker"):
+        workload = _deployment(production, role)
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert service["spec"]["selector"].items() <= labels.items(), role
+        (container,) = workload["spec"]["template"]["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert admin_port["targetPort"] in ports, role
 
 
 def test_the_example_secret_holds_placeholders_only():
