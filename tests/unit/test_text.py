@@ -20,12 +20,14 @@ def _storable(text: str) -> bool:
 @pytest.mark.parametrize(
     "raw",
     [
-        gzip.compress(b'{"ok": true}' * 50),
+        gzip.compress(b'{"ok": true}' * 50, mtime=0),
         b"bad\x00reply",
         b"\xff\xfe\x00\x01invalid utf-8 \xc3\x28",
         bytes(range(256)),
         b"\x1b[31mred\x1b[0m",
     ],
+    # Named, so every xdist worker collects the same ids.
+    ids=["gzip", "nul", "invalid-utf8", "every-byte", "ansi-escape"],
 )
 def test_any_reply_becomes_storable_text(raw):
     text = safe_text(raw, limit_chars=1024)
