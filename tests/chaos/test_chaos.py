@@ -391,3 +391,42 @@ async def test_scenario_short(name: str, chaos_servers: Servers, tmp_path: Path)
         # The deliberately broken build (ack before commit), with the redrive sweep on: the
         # checker must see the loss, or the redrives that healed it before the judgement.
         assert not v["valid"] and (v["lost"] > 0 or v["redrives_unexplained"] > 0)
+
+
+@pytest.mark.integration
+async def test_a_chaos_cluster_migrates_from_delivery_migrations_dir(
+    chaos_servers: Servers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The harness reads DELIVERY_MIGRATIONS_DIR as `delivery migrate` does: a copy of the
+    migrations with one more file is what the cluster's database gets."""
+    import shutil
+
+    import asyncpg
+
+    from chaos.cluster import Cluster, Layout
+    from delivery.bundled import bundled_dir
+    from delivery.testing.services import drop_database
+
+    copy = tmp_path / "migrations"
+    shutil.copytree(bundled_dir("migrations"), copy)
+    (copy / "9999_chaos_marker.sql").write_text("CREATE TABLE delivery.chaos_marker (id int);\n")
+    monkeypatch.setenv("DELIVERY_MIGRATIONS_DIR", str(copy))
+    cluster = Cluster(
+        chaos_servers, tmp_path / "run", "migrations-dir", Layout(relays=0, workers=0)
+    )
+    (tmp_path / "run").mkdir()
+    try:
+        await cluster.start()
+        conn = await asyncpg.connect(cluster.db_url)
+        try:
+            applied = await conn.fetchval(
+                "SELECT name FROM delivery.schema_migrations WHERE version = 9999"
+            )
+            assert applied == "chaos_marker"
+            assert await conn.fetchval("SELECT to_regclass('delivery.chaos_marker')") is not None
+        finally:
+            await conn.close()
+    finally:
+        await cluster.stop()
+        if cluster.database:
+            await drop_database(chaos_servers.pg.url, cluster.database)
