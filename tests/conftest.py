@@ -84,3 +84,17 @@ async def delete_broker_objects(amqp_url: str, names: Names) -> None:
         connection = await aio_pika.connect(amqp_url, timeout=5)
         async with connection:
             await delete(connection, names)
+
+
+# The mutation check's score, when an xdist worker ran it (tests/mutation/conftest.py).
+_worker_summaries: list[str] = []
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: object, error: object) -> None:
+    _worker_summaries.extend(getattr(node, "workeroutput", {}).get("mutation_summary", []))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for line in _worker_summaries:
+        terminalreporter.write_line(line)
