@@ -8,10 +8,11 @@ the scheduler. The capacity is reserved before the statement (whose retries keep
 back by the reservations' ``with`` block unless the deliverer took it over.
 
 The broker is a doorbell, not the truth: a message only says which events to dispatch. Each
-event's body, type, account, trace context and creation time are read from its outbox row (in
-the round trip that reads the subscriptions), so anyone able to publish on the events exchange
-cannot have a webhook signed. A message naming an event the outbox does not hold was not sent by
-a relay: it is rejected as poison, and the dead-letter consumer records it with that reason.
+event's body, type, account, trace context and creation time are read from its outbox row
+(beside the subscriptions, on one pooled connection), so anyone able to publish on the events
+exchange cannot have a webhook signed. A message naming an event the outbox does not hold was
+not sent by a relay: it is rejected as poison, and the dead-letter consumer records it with
+that reason.
 """
 
 from __future__ import annotations
@@ -97,6 +98,31 @@ def _from_outbox(row: Any) -> WireEvent:
     facts = RoutingFacts(id=row["event_id"], type=row["type"], account_id=row["account_id"])
     body = render_body(envelope_from_row(row))
     return WireEvent(facts, body, row["created_at_s"], row["traceparent"])
+
+
+async def _load_subscriptions(conn: asyncpg.Connection) -> list[Subscription]:
+    """Every subscription; one whose row cannot be loaded (a value Python cannot hold, like a
+    year-33715 expiry) is skipped, logged and counted instead of failing every batch."""
+    try:
+        return [Subscription.from_row(r) for r in await conn.fetch(_SUBSCRIPTIONS)]
+    except Exception as exc:
+        if is_connection_error(exc):
+            raise
+    # One at a time, to find the bad rows (rare: only after a failure like the above).
+    loaded = []
+    for subscription_id in [r["id"] for r in await conn.fetch(_SUBSCRIPTION_IDS)]:
+        try:
+            row = await conn.fetchrow(_SUBSCRIPTION, subscription_id)
+            if row is not None:
+                loaded.append(Subscription.from_row(row))
+        except Exception as exc:
+            if is_connection_error(exc):
+                raise
+            metrics.SUBSCRIPTIONS_UNLOADABLE.inc()
+            log.warning(
+                "subscription_unloadable", subscription_id=subscription_id, error=repr(exc)[:200]
+            )
+    return loaded
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,14 +303,13 @@ class Dispatcher:
         delivery rows (a retry keeps the reservations). Pairs of an event the inbox has seen
         before create nothing; a message naming an event the outbox lacks dispatches nothing."""
         ids = sorted({i for message in named for i in message})
-        outbox_rows = await with_retries(
-            self._pool,
-            lambda conn: conn.fetch(_OUTBOX_ROWS, ids),
-            what="dispatch",
-            deadline_s=_DB_RETRY_DEADLINE_S,
-            transaction=False,
+
+        async def read(conn: asyncpg.Connection) -> tuple[list[Any], list[Subscription]]:
+            return await conn.fetch(_OUTBOX_ROWS, ids), await _load_subscriptions(conn)
+
+        outbox_rows, subscriptions = await with_retries(
+            self._pool, read, what="dispatch", deadline_s=_DB_RETRY_DEADLINE_S, transaction=False
         )
-        subscriptions = await self._load_subscriptions()
         now = datetime.now(UTC)
         stored = {r["event_id"]: r for r in outbox_rows}
         not_ours: dict[int, str] = {}
@@ -334,52 +359,6 @@ class Dispatcher:
             events=sum(copies.values()),
             not_ours=not_ours,
         )
-
-    async def _load_subscriptions(self) -> list[Subscription]:
-        """Every subscription; one whose row cannot be loaded (a value Python cannot hold, like
-        a year-33715 expiry) is skipped, logged and counted instead of failing every batch."""
-
-        async def load(conn: asyncpg.Connection) -> list[Subscription]:
-            return [Subscription.from_row(r) for r in await conn.fetch(_SUBSCRIPTIONS)]
-
-        try:
-            return await with_retries(
-                self._pool,
-                load,
-                what="dispatch",
-                deadline_s=_DB_RETRY_DEADLINE_S,
-                transaction=False,
-            )
-        except Exception as exc:
-            if is_connection_error(exc):
-                raise
-        # One at a time, to find the bad rows (rare: only after a failure like the above).
-        return await with_retries(
-            self._pool,
-            self._load_one_by_one,
-            what="dispatch",
-            deadline_s=_DB_RETRY_DEADLINE_S,
-            transaction=False,
-        )
-
-    @staticmethod
-    async def _load_one_by_one(conn: asyncpg.Connection) -> list[Subscription]:
-        loaded = []
-        for subscription_id in [r["id"] for r in await conn.fetch(_SUBSCRIPTION_IDS)]:
-            try:
-                row = await conn.fetchrow(_SUBSCRIPTION, subscription_id)
-                if row is not None:
-                    loaded.append(Subscription.from_row(row))
-            except Exception as exc:
-                if is_connection_error(exc):
-                    raise
-                metrics.SUBSCRIPTIONS_UNLOADABLE.inc()
-                log.warning(
-                    "subscription_unloadable",
-                    subscription_id=subscription_id,
-                    error=repr(exc)[:200],
-                )
-        return loaded
 
     def _start_attempts(
         self, pairs: list[_Pair], created: dict[tuple[str, str], int], held: Reservations

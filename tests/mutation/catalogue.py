@@ -424,14 +424,14 @@ _MUTANTS: tuple[Mutant, ...] = (
         "delivery/worker/dispatch.py",
         (
             (
-                "        except Exception as exc:\n"
-                "            if is_connection_error(exc):\n"
-                "                raise\n"
-                "        # One at a time",
-                "        except ZeroDivisionError as exc:\n"
-                "            if is_connection_error(exc):\n"
-                "                raise\n"
-                "        # One at a time",
+                "    except Exception as exc:\n"
+                "        if is_connection_error(exc):\n"
+                "            raise\n"
+                "    # One at a time",
+                "    except ZeroDivisionError as exc:\n"
+                "        if is_connection_error(exc):\n"
+                "            raise\n"
+                "    # One at a time",
             ),
         ),
         "one subscription row dispatch cannot load fails every batch",
