@@ -21,7 +21,7 @@ from delivery.store import subscriptions
 from delivery.testing.factories import trade
 from delivery.testing.receiver import Behaviour, Receiver
 from delivery.testing.waits import wait_until
-from tests.support import settings_env
+from tests.support import settings_env, start_worker
 
 pytestmark = pytest.mark.integration
 
@@ -36,15 +36,7 @@ async def process(
     settings, command: str = "worker", **env: str
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, list]]:
     """`delivery <command>` with stderr read line by line into a list, killed on the way out."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "delivery",
-        command,
-        env=settings_env(settings, **env),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await start_worker(settings, command, **env)
     lines: list[bytes] = []
 
     async def read() -> None:
