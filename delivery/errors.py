@@ -7,7 +7,9 @@ Hierarchy::
     │   └── MigrationChangedError .. restore the applied migration file; nothing was applied
     ├── InputError ................. fix the input; nothing was written (CLI exit 2)
     │   ├── NotFoundError .......... name an object that exists
-    │   └── BlockedTargetError ..... point the subscription at a public address
+    │   ├── BlockedTargetError ..... point the subscription at a public address
+    │   └── EventIdTakenError ...... choose another event id (another tenant holds this one)
+    ├── QuotaExceededError ......... wait ``retry_after_s`` (rate) or free or raise the quota
     ├── PublishConflictError ....... publish the same events again (CLI exit 1)
     ├── PoisonMessageError ......... dead-letter the message; it can never be processed
     ├── SignatureError ............. reject the webhook (a receiver's answer, 401)
@@ -67,6 +69,22 @@ class BlockedTargetError(InputError):
     """A subscription URL's host is, or resolves to, an address inside our own network
     (loopback, private, link-local, metadata...): point it at a public address, or allow
     private targets where that is meant (``DELIVERY_ALLOW_PRIVATE_TARGETS``)."""
+
+
+class EventIdTakenError(InputError):
+    """An event id given by the producer is already used by another tenant. Event ids are the
+    idempotency key across the whole platform (the webhook-id subscribers dedupe on), so choose
+    another one; nothing was written."""
+
+
+class QuotaExceededError(DeliveryPlatformError):
+    """Over one of the tenant's quotas; nothing was written. ``retry_after_s`` is set for the
+    ingest rate (wait that long); otherwise free something (remove a subscription) or have an
+    operator raise the quota."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class PublishConflictError(DeliveryPlatformError):
