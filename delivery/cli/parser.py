@@ -90,12 +90,21 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--account", help="only this account's events")
     given = add.add_mutually_exclusive_group()
     given.add_argument(
-        "--secret", help="whsec_... (default: generated; visible in ps, prefer --secret-file)"
+        "--secret",
+        help="whsec_... (whsk_... with --signing ed25519; default: generated; visible in ps,"
+        " prefer --secret-file)",
     )
     given.add_argument(
         "--secret-file",
         metavar="PATH",
-        help="read the whsec_... secret from this file, or from standard input with -",
+        help="read the secret from this file, or from standard input with -",
+    )
+    add.add_argument(
+        "--signing",
+        choices=("hmac", "ed25519"),
+        default="hmac",
+        help="hmac: Standard Webhooks v1 (whsec_ secret, the default); ed25519: v1a (the"
+        " subscriber verifies with the whpk_ public key shown)",
     )
     add.add_argument("--retry-schedule", help="e.g. 5s,5m,30m (default: DELIVERY_RETRY_SCHEDULE)")
     add.add_argument(
@@ -111,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="also delete its deliveries, attempts and dead letters (kept by default)",
             )
+
+    secrets = commands.add_parser("secrets", help="signing secrets at rest")
+    secret_actions = secrets.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    secret_actions.add_parser(
+        "rotate-key",
+        help="seal plaintext secrets and move sealed ones to the first DELIVERY_SECRETS_KEY",
+    )
+    secret_actions.add_parser("generate-key", help="print a new key for DELIVERY_SECRETS_KEY")
 
     dlq = commands.add_parser("dlq", help="dead letters")
     dlq_actions = dlq.add_subparsers(dest="action", required=True, parser_class=_Parser)
