@@ -10,7 +10,10 @@ import json
 
 import asyncpg
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 from pydantic import SecretStr
 from standardwebhooks.webhooks import Webhook
 
@@ -218,3 +221,31 @@ async def test_rotate_key_without_a_key_or_with_the_wrong_one_writes_nothing(set
         assert result.stderr.count("\n") == 1 and "DELIVERY_SECRETS_KEY" in result.stderr
     assert await stored_secrets(conn) == before
     await conn.close()
+
+
+async def test_the_cli_shows_an_ed25519_public_key_and_never_its_secret_key(settings):
+    seed = bytes(range(32))
+    added = cli(
+        settings, "subscriptions", "add", "http://127.0.0.1:9/h", "--events", "*",
+        "--signing", "ed25519", "--secret", "whsk_" + base64.b64encode(seed).decode(),
+        DELIVERY_SECRETS_KEY=KEY_A,
+    )
+    assert added.returncode == 0, added.stderr
+    sub = json.loads(added.stdout)
+    raw = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes_raw()
+    assert sub["signing"] == "ed25519"
+    assert sub["public_key"] == "whpk_" + base64.b64encode(raw).decode()
+    assert "whsk_" not in added.stdout
+    for args in (["show", sub["id"], "--json"], ["rotate-secret", sub["id"]], ["list", "--json"]):
+        shown = cli(settings, "subscriptions", *args, DELIVERY_SECRETS_KEY=KEY_A)
+        assert shown.returncode == 0, shown.stderr
+        assert "whpk_" in shown.stdout and "whsk_" not in shown.stdout
+    # A secret of the other kind is refused, naming what was expected; nothing is written.
+    wrong = cli(
+        settings, "subscriptions", "add", "http://127.0.0.1:9/h", "--events", "*",
+        "--signing", "ed25519", "--secret", "whsec_" + base64.b64encode(b"k" * 32).decode(),
+        DELIVERY_SECRETS_KEY=KEY_A,
+    )
+    assert wrong.returncode == 2 and "secret: must start with whsk_" in wrong.stderr
+    listed = cli(settings, "subscriptions", "list", "--json", DELIVERY_SECRETS_KEY=KEY_A)
+    assert len(json.loads(listed.stdout)) == 1
