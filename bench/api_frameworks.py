@@ -4,6 +4,8 @@ the same load (``bench.api_load``); writes ``bench/API_FRAMEWORKS.md``.
 
     python -m bench.api_frameworks            # 3 runs of each, about 4 minutes
     python -m bench.api_frameworks --quick    # 1 short run of each, under a minute (a smoke)
+    python -m bench.api_frameworks --merge    # another invocation beside the ones kept
+    python -m bench.api_frameworks --render   # API_FRAMEWORKS.md again (after editing the notes)
 
 The frameworks are not dependencies of the project: the first run makes a venv of its own
 (``--venv``, default ``bench/out/api-venv``) and installs them there with pip, with aiohttp,
@@ -39,6 +41,8 @@ HERE = Path(__file__).resolve().parent
 SERVICE = HERE / "api_service.py"
 RESULTS_JSON = HERE / "api_frameworks.json"
 RESULTS_MD = HERE / "API_FRAMEWORKS.md"
+# Written by hand from the figures; rendered after them (as bench/notes.md is for RESULTS.md).
+NOTES_MD = HERE / "api_frameworks_notes.md"
 OUT = HERE / "out" / "api_frameworks"
 FRAMEWORKS = ["aiohttp", "starlette", "fastapi", "litestar", "litestar-msgspec"]
 LABELS = {
@@ -231,6 +235,8 @@ def render(results: dict[str, Any]) -> str:
             "",
             table(inv),
         ]
+    if NOTES_MD.exists():
+        parts += ["", NOTES_MD.read_text().rstrip()]
     return "\n".join(parts) + "\n"
 
 
@@ -285,6 +291,11 @@ def parser() -> argparse.ArgumentParser:
         help="keep earlier invocations in bench/api_frameworks.json (runs side by side)",
     )
     add(
+        "--render",
+        action="store_true",
+        help="measure nothing: write bench/API_FRAMEWORKS.md again from bench/api_frameworks.json",
+    )
+    add(
         "--quick",
         action="store_true",
         help="a smoke: 1 run, 0.5 s warm-up, 1.5 s measured; prints the table, writes no file",
@@ -294,6 +305,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = parser().parse_args()
+    if args.render:
+        RESULTS_MD.write_text(render(json.loads(RESULTS_JSON.read_text())))
+        say(f"wrote {RESULTS_MD}")
+        return
     if args.quick:
         args.runs, args.warmup_s, args.duration_s = 1, 0.5, 1.5
     python = ensure_venv(args.venv)
