@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import uvloop
 
+from bench.api_load import batch_body
 from bench.facts import code_under_test
 from bench.measure import loadavg, machine_facts, summarize
 from bench.processes import REPO, env, spawn, terminate
@@ -114,6 +116,30 @@ async def _wait_ready(url: str, server: asyncio.subprocess.Process, log: Path) -
     raise RuntimeError(f"server not answering after {READY_TIMEOUT_S:g} s; see {log}")
 
 
+async def check_answers(url: str, events: int) -> None:
+    """Every variant must answer the same thing (else the comparison is of different work): the
+    POST's ids in order, the GET's object, and a refusal of a float where a decimal string goes."""
+    body = batch_body(events)
+    expected_ids = [e["id"] for e in orjson.loads(body)["events"]]
+    bad = body.replace(b'"quantity":"0.125"', b'"quantity":0.125', 1)
+    async with aiohttp.ClientSession(headers={"content-type": "application/json"}) as session:
+        async with session.post(f"{url}/v1/events", data=body) as r:
+            answer = await r.json(content_type=None)
+            if r.status != 202 or answer != {
+                "published": events,
+                "duplicates": 0,
+                "ids": expected_ids,
+            }:
+                raise RuntimeError(f"POST answered {r.status} {answer!r}")
+        async with session.get(f"{url}/v1/events/evt_x") as r:
+            shown = await r.json(content_type=None)
+            if r.status != 200 or shown.get("id") != "evt_x" or shown.get("sequence") != 7:
+                raise RuntimeError(f"GET answered {r.status} {shown!r}")
+        async with session.post(f"{url}/v1/events", data=bad) as r:
+            if r.status not in (400, 422):
+                raise RuntimeError(f"a float quantity was answered {r.status}, not refused")
+
+
 @contextlib.asynccontextmanager
 async def serving(python: Path, framework: str) -> AsyncIterator[tuple[str, int]]:
     """One framework's server, answering, for the duration of the block: (base URL, pid)."""
@@ -165,6 +191,7 @@ async def measure_all(python: Path, args: argparse.Namespace) -> dict[str, Any]:
         shift = run % len(args.frameworks)
         for framework in args.frameworks[shift:] + args.frameworks[:shift]:
             async with serving(python, framework) as (url, pid):
+                await check_answers(url, args.events)
                 for route in ("post", "get"):
                     result = await load(url, pid, route, args)
                     result["loadavg_1m"] = loadavg()[0]
