@@ -91,37 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("file", nargs="?", help="file of JSON lines (default: standard input)")
     _tenant_option(publish)
 
-    subs = commands.add_parser("subscriptions", help="manage subscriptions")
-    sub_actions = subs.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    add = sub_actions.add_parser("add", help="add a subscription")
-    _tenant_option(add)
-    add.add_argument("url")
-    add.add_argument("--events", required=True, help="comma-separated globs: trade.*,account.*")
-    add.add_argument("--account", help="only this account's events")
-    given = add.add_mutually_exclusive_group()
-    given.add_argument(
-        "--secret", help="whsec_... (default: generated; visible in ps, prefer --secret-file)"
-    )
-    given.add_argument(
-        "--secret-file",
-        metavar="PATH",
-        help="read the whsec_... secret from this file, or from standard input with -",
-    )
-    add.add_argument("--retry-schedule", help="e.g. 5s,5m,30m (default: DELIVERY_RETRY_SCHEDULE)")
-    add.add_argument(
-        "--timeout", type=float, help="seconds per attempt (default: DELIVERY_HTTP_TIMEOUT_S)"
-    )
-    _tenant_option(sub_actions.add_parser("list", help="list subscriptions"))
-    for action in ("show", "disable", "enable", "rotate-secret", "remove"):
-        p = sub_actions.add_parser(action, help=f"{action} a subscription")
-        _tenant_option(p)
-        p.add_argument("id")
-        if action == "remove":
-            p.add_argument(
-                "--delete-history",
-                action="store_true",
-                help="also delete its deliveries, attempts and dead letters (kept by default)",
-            )
+    _subscriptions_parsers(commands)
 
     dlq = commands.add_parser("dlq", help="dead letters")
     dlq_actions = dlq.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -192,3 +162,51 @@ def _tenants_parsers(commands: argparse._SubParsersAction) -> None:  # type: ign
     key_actions.add_parser("revoke", help="revoke a key at once").add_argument(
         "key_id", metavar="KEY_ID"
     )
+
+
+def _subscriptions_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``delivery subscriptions ...``."""
+    subs = commands.add_parser("subscriptions", help="manage subscriptions")
+    sub_actions = subs.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    add = sub_actions.add_parser("add", help="add a subscription")
+    _tenant_option(add)
+    add.add_argument("url")
+    add.add_argument("--events", required=True, help="comma-separated globs: trade.*,account.*")
+    add.add_argument("--account", help="only this account's events")
+    given = add.add_mutually_exclusive_group()
+    given.add_argument(
+        "--secret", help="whsec_... (default: generated; visible in ps, prefer --secret-file)"
+    )
+    given.add_argument(
+        "--secret-file",
+        metavar="PATH",
+        help="read the whsec_... secret from this file, or from standard input with -",
+    )
+    add.add_argument("--retry-schedule", help="e.g. 5s,5m,30m (default: DELIVERY_RETRY_SCHEDULE)")
+    add.add_argument(
+        "--timeout", type=float, help="seconds per attempt (default: DELIVERY_HTTP_TIMEOUT_S)"
+    )
+    _tenant_option(sub_actions.add_parser("list", help="list subscriptions"))
+    for action in ("show", "disable", "enable", "pause", "resume", "rotate-secret", "remove"):
+        p = sub_actions.add_parser(action, help=f"{action} a subscription")
+        _tenant_option(p)
+        p.add_argument("id")
+        if action == "remove":
+            p.add_argument(
+                "--delete-history",
+                action="store_true",
+                help="also delete its deliveries, attempts and dead letters (kept by default)",
+            )
+
+    again = sub_actions.add_parser(
+        "replay", help="send a time window's matching events again (same webhook-id)"
+    )
+    _tenant_option(again)
+    again.add_argument("id")
+    for bound, text in (("since", "from (included)"), ("until", "to (excluded)")):
+        again.add_argument(
+            f"--{bound}",
+            required=True,
+            metavar="RFC3339",
+            help=f"events committed {text} this moment, e.g. 2026-12-07T21:00:00Z",
+        )
