@@ -314,15 +314,16 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         else:
             for name, depth in report["queues"].items():
                 sys.stdout.write(f"queue {name}: {'missing' if depth is None else depth}\n")
+        # The tenant last: the columns before it kept their places.
         sys.stdout.write(
-            f"{'SUBSCRIPTION':<21} {'TENANT':<21} {'STATE':<9} {'PENDING':>8} {'RETRYING':>8} "
-            f"{'DEAD':>6} {'DELIVERED':>9}  LAST SUCCESS\n"
+            f"{'SUBSCRIPTION':<21} {'STATE':<9} {'PENDING':>8} {'RETRYING':>8} {'DEAD':>6} "
+            f"{'DELIVERED':>9}  {'LAST SUCCESS':<32}  TENANT\n"
         )
         for s in report["subscriptions"]:
             sys.stdout.write(
-                f"{s['id']:<21} {s['tenant_id']:<21} {s['state']:<9} {s['pending']:>8} "
-                f"{s['retrying']:>8} {s['dead']:>6} {s['delivered']:>9}  "
-                f"{s['last_success'] or '-'}\n"
+                f"{s['id']:<21} {s['state']:<9} {s['pending']:>8} {s['retrying']:>8} "
+                f"{s['dead']:>6} {s['delivered']:>9}  {s['last_success'] or '-':<32}  "
+                f"{s['tenant_id']}\n"
             )
         return code
 
