@@ -258,7 +258,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "outbox-taken-id-is-a-duplicate",
         "migrations/0016_tenant_keys.sql",
-        (("    IF taken IS NOT NULL THEN\n", "    IF false THEN\n"),),
+        (("        IF taken IS NOT NULL THEN\n", "        IF false THEN\n"),),
         "an id another tenant holds is reported as this tenant's duplicate",
         guarantee=TENANTS,
     ),
