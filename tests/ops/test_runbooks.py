@@ -50,6 +50,7 @@ REPRODUCED_BY: dict[str, set[str]] = {
 NOT_REPRODUCED = {
     "attempt-loop.md",
     "dead-letters-growing.md",
+    "ordered-account-blocked.md",
     "subscriber-410.md",
     "subscriber-throttling.md",
     "leaked-signing-secret.md",
