@@ -54,10 +54,12 @@ WHERE d.account_id IS NOT NULL AND d.state = 'dead' AND s.state <> 'removed'
 ORDER BY d.subscription_id, d.account_id, d.sequence
 LIMIT $1
 """
+# A removed subscription's dead letters stay (its history) but hold nothing anyone waits for.
 BLOCKED_ACCOUNTS = """
 SELECT count(*) FROM (
     SELECT DISTINCT d.subscription_id, d.account_id FROM delivery.deliveries d
-    WHERE d.account_id IS NOT NULL AND d.state = 'dead'
+    JOIN delivery.subscriptions s ON s.id = d.subscription_id
+    WHERE d.account_id IS NOT NULL AND d.state = 'dead' AND s.state <> 'removed'
 ) x
 """
 
