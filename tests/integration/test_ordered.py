@@ -18,7 +18,7 @@ from delivery.store.pool import create_pool
 from delivery.store.status import BLOCKED_ACCOUNTS, collect
 from delivery.testing.factories import add_subscription, trade
 from delivery.testing.receiver import Arrival, Behaviour, Receiver, scripted_subscriber
-from tests.support import cli, run_until_idle
+from tests.support import cli, run_until_idle, start_worker, stop_gracefully
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +44,7 @@ async def _no_queues() -> tuple[dict[str, int | None], str | None]:
 async def test_a_failing_subscriber_still_sees_each_accounts_events_in_sequence(settings):
     # Retries soon, and no circuit breaking: half the requests fail, at random.
     settings = settings.model_copy(
-        update={"retry_schedule_s": (0.05,) * 30, "circuit_failure_threshold": 100_000}
+        update={"retry_schedule_s": (0.05,) * 30, "circuit_failure_threshold": 10_000}
     )
     conn = await asyncpg.connect(settings.database_url)
     async with Receiver() as receiver:
@@ -75,6 +75,39 @@ async def test_a_failing_subscriber_still_sees_each_accounts_events_in_sequence(
         await run_until_idle(settings, timeout_s=60)
         again = receiver.delivered("/ordered")[before:]
         assert _first_receipts(again) == {a: list(range(1, 13)) for a in accounts}
+    await conn.close()
+
+
+async def test_order_holds_across_a_worker_killed_with_sigkill(settings):
+    # Two processes (relay + worker each) on a subscriber failing half its requests; one is
+    # killed mid-run: its leased deliveries wait out their lease, then another takes them.
+    settings = settings.model_copy(update={"retry_schedule_s": (0.05,) * 30})
+    conn = await asyncpg.connect(settings.database_url)
+    async with Receiver() as receiver:
+        await add_subscription(conn, receiver, "/ordered", patterns="*", ordered=True)
+        receiver.set_behaviour("/ordered", Behaviour(fail_rate=0.5, seed=9))
+        accounts = [f"acc_{n}" for n in range(5)]
+        async with conn.transaction():
+            await publish_many(conn, [trade(i, account=a) for i in range(20) for a in accounts])
+        env = {"DELIVERY_CIRCUIT_FAILURE_THRESHOLD": "10000", "DELIVERY_LOG_LEVEL": "warning"}
+        doomed = await start_worker(settings, "run", **env)
+        survivor = await start_worker(settings, "run", **env)
+        try:
+            await receiver.wait_for(
+                lambda r: r.unique_count("/ordered") >= 30, timeout_s=60, what="30 delivered"
+            )
+            doomed.kill()
+            await doomed.wait()
+            await receiver.wait_for(
+                lambda r: r.unique_count("/ordered") == 100, timeout_s=120, what="all delivered"
+            )
+        finally:
+            if doomed.returncode is None:
+                doomed.kill()
+            assert await stop_gracefully(survivor) == 0
+        assert _first_receipts(receiver.delivered("/ordered")) == {
+            a: list(range(1, 21)) for a in accounts
+        }
     await conn.close()
 
 
