@@ -32,7 +32,7 @@ ALTER TABLE delivery.deliveries
 ALTER TABLE delivery.deliveries VALIDATE CONSTRAINT deliveries_state_check;
 
 -- done_sequence: every event of the account up to it is delivered, skipped, or not the
--- subscription's (filtered out, or committed before the subscription existed).
+-- subscription's (another type, or committed before the subscription existed).
 CREATE TABLE IF NOT EXISTS delivery.ordered_cursors (
     subscription_id text   NOT NULL REFERENCES delivery.subscriptions (id) ON DELETE CASCADE,
     account_id      text   NOT NULL,
@@ -48,14 +48,22 @@ CREATE OR REPLACE FUNCTION delivery.advance_ordered(
 DECLARE
     v_tenant text;
     v_created timestamptz;
+    v_types text[];
     v_done bigint;
     v_event text;
+    v_type text;
     v_dispatched boolean;
     v_id bigint;
     v_state text;
     v_next timestamptz;
 BEGIN
-    SELECT tenant_id, created_at INTO v_tenant, v_created
+    -- Its type globs as regular expressions (fnmatch's rules on the characters a pattern may
+    -- hold: `*`, `?`, `[...]`, letters, digits, `_`, `.`, `-`), so whether an event is its
+    -- own is read from the outbox row, without waiting for that event's dispatch.
+    SELECT tenant_id, created_at,
+           array(SELECT '^' || replace(replace(replace(p, '.', '\.'), '*', '.*'), '?', '.') || '$'
+                 FROM unnest(event_patterns) AS p)
+    INTO v_tenant, v_created, v_types
     FROM delivery.subscriptions WHERE id = p_subscription;
     IF NOT FOUND THEN
         RETURN;
@@ -76,23 +84,30 @@ BEGIN
         v_done := p_from - 1;
     END IF;
     LOOP
-        -- The next event of the account. Not dispatched yet: whether it is ours is not known,
-        -- so nothing after it may go (its dispatch calls this again).
-        SELECT o.event_id, EXISTS (SELECT 1 FROM delivery.inbox i WHERE i.event_id = o.event_id)
-        INTO v_event, v_dispatched
+        -- The next event of the account; another type is not ours: stepped over.
+        SELECT o.event_id, o.type,
+               EXISTS (SELECT 1 FROM delivery.inbox i WHERE i.event_id = o.event_id)
+        INTO v_event, v_type, v_dispatched
         FROM delivery.outbox o
         WHERE o.tenant_id = v_tenant AND o.account_id = p_account AND o.sequence = v_done + 1;
-        EXIT WHEN NOT FOUND OR NOT v_dispatched;
-        SELECT d.id, d.state, d.next_attempt_at INTO v_id, v_state, v_next
-        FROM delivery.deliveries d
-        WHERE d.event_id = v_event AND d.subscription_id = p_subscription;
-        IF FOUND AND v_state NOT IN ('delivered', 'skipped') THEN
-            -- The head: due now if held; a dead one blocks the account until replay or skip.
-            IF v_state = 'pending' AND v_next = 'infinity' THEN
-                UPDATE delivery.deliveries SET next_attempt_at = clock_timestamp()
-                WHERE id = v_id;
+        EXIT WHEN NOT FOUND;
+        IF v_type ~ ANY (v_types) THEN
+            -- Ours but not dispatched yet (relays and workers race): nothing after it may go
+            -- before it; its dispatch creates its delivery, whose trigger calls this again.
+            EXIT WHEN NOT v_dispatched;
+            SELECT d.id, d.state, d.next_attempt_at INTO v_id, v_state, v_next
+            FROM delivery.deliveries d
+            WHERE d.event_id = v_event AND d.subscription_id = p_subscription;
+            -- No delivery although dispatched: dispatched before the subscription existed.
+            IF FOUND AND v_state NOT IN ('delivered', 'skipped') THEN
+                -- The head: due now if held; a dead one blocks the account until replay or
+                -- skip.
+                IF v_state = 'pending' AND v_next = 'infinity' THEN
+                    UPDATE delivery.deliveries SET next_attempt_at = clock_timestamp()
+                    WHERE id = v_id;
+                END IF;
+                EXIT;
             END IF;
-            EXIT;
         END IF;
         v_done := v_done + 1;
     END LOOP;

@@ -237,3 +237,56 @@ async def test_the_cli_adds_an_ordered_subscription_shows_a_blocked_account_and_
         await run_until_idle(settings)
         assert subscriber.of("acc_1") == [2, 3]
     await conn.close()
+
+
+async def test_an_event_dispatched_before_the_one_ahead_of_it_waits_for_it(settings):
+    # The trigger's rule, driven by hand with the statements dispatch and outcomes make: a
+    # delivery is released only once every earlier event of its account that the subscription
+    # matches is dispatched and settled for it. Relays and workers race, so event 4 may well be
+    # dispatched before event 1; an event of a type it does not match is stepped over, never
+    # waited for (nothing would wake the account when it is dispatched).
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        sub = await subscriptions.add(
+            conn, url="http://127.0.0.1:9/h", patterns="trade.*", ordered=True
+        )
+        closed = {"type": "account.closed", "account_id": "acc_1", "data": {"reason": "x"}}
+        events = [trade(1, id="e1"), {**closed, "id": "e2"}, trade(3, id="e3"), trade(4, id="e4")]
+        async with conn.transaction():
+            await publish_many(conn, events)
+
+        async def dispatch(event_id: str, sequence: int) -> None:
+            await conn.execute("INSERT INTO delivery.inbox (event_id) VALUES ($1)", event_id)
+            await conn.execute(
+                "INSERT INTO delivery.deliveries"
+                " (event_id, subscription_id, next_attempt_at, account_id, sequence)"
+                " VALUES ($1, $2, 'infinity', 'acc_1', $3)",
+                event_id,
+                sub.id,
+                sequence,
+            )
+
+        async def due() -> list[str]:
+            rows = await conn.fetch(
+                "SELECT event_id FROM delivery.deliveries WHERE state = 'pending'"
+                " AND next_attempt_at <= clock_timestamp() ORDER BY event_id"
+            )
+            return [r["event_id"] for r in rows]
+
+        async def delivered(event_id: str) -> None:
+            await conn.execute(
+                "UPDATE delivery.deliveries SET state = 'delivered' WHERE event_id = $1", event_id
+            )
+
+        await dispatch("e4", 4)
+        assert await due() == []  # 1 and 3 are not dispatched yet
+        await dispatch("e1", 1)
+        assert await due() == ["e1"]
+        await delivered("e1")
+        assert await due() == []  # 2 is not its type, 3 is not dispatched yet
+        await dispatch("e3", 3)
+        assert await due() == ["e3"]
+        await delivered("e3")
+        assert await due() == ["e4"]
+    finally:
+        await conn.close()

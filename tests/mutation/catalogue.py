@@ -795,6 +795,13 @@ _MUTANTS: tuple[Mutant, ...] = (
         guarantee=ORDERED,
     ),
     Mutant(
+        "ordered-passes-an-undispatched-event",
+        "migrations/0022_ordered_subscriptions.sql",
+        (("            EXIT WHEN NOT v_dispatched;\n", "            EXIT WHEN false;\n"),),
+        "an ordered account's next event goes before an earlier one of its own not dispatched yet",
+        guarantee=ORDERED,
+    ),
+    Mutant(
         "ordered-replay-not-held",
         "delivery/store/replays.py",
         (
@@ -1066,6 +1073,10 @@ KILLS: dict[str, tuple[str, ...]] = {
     "ordered-attempted-at-dispatch": (_ORDERED_FAILING, _ORDERED_HELD),
     "ordered-dead-letter-does-not-hold": (_ORDERED_HELD,),
     "ordered-replay-not-held": (_ORDERED_FAILING,),
+    "ordered-passes-an-undispatched-event": (
+        "tests/integration/test_ordered.py::"
+        "test_an_event_dispatched_before_the_one_ahead_of_it_waits_for_it",
+    ),
     "replay-past-the-window": (
         "tests/integration/test_replays.py::"
         "test_a_window_is_sent_again_with_the_same_ids_and_nothing_outside_it",
