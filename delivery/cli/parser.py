@@ -79,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
             help="port for /metrics, /healthz, /readyz",
         )
 
+    api = commands.add_parser("api", help="the authenticated multi-tenant HTTP API")
+    api.add_argument("--host", help="bind address (default: DELIVERY_API_HOST, 127.0.0.1)")
+    api.add_argument(
+        "--port", type=_whole_number(0, 65535), help="port (default: DELIVERY_API_PORT, 8080)"
+    )
+    api.add_argument(
+        "--admin-port", type=_whole_number(0, 65535), help="port for /metrics, /healthz, /readyz"
+    )
+
     publish = commands.add_parser("publish", help="publish JSON-lines events into the outbox")
     publish.add_argument("file", nargs="?", help="file of JSON lines (default: standard input)")
 

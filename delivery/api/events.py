@@ -1,0 +1,142 @@
+"""``/v1/events``: publish (one envelope or a batch, all or nothing), one event with its
+deliveries, and the newest-first listing."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from delivery.api import pagination
+from delivery.api.models import (
+    MAX_BATCH,
+    EventDetail,
+    EventOut,
+    EventPage,
+    PublishResult,
+)
+from delivery.api.problems import ApiError, field_of
+from delivery.api.routing import Call, Reply
+from delivery.errors import EventIdTakenError, InputError
+from delivery.events import NewEvent, parse_event
+from delivery.outbox import publish_validated
+from delivery.store import pages
+
+IDEMPOTENCY_KEY = "Idempotency-Key"
+
+
+def _invalid(message: str, prefix: str) -> ApiError:
+    first = message.split("; ", 1)[0]
+    inner = field_of(first)
+    field = f"{prefix}.{inner}" if prefix and inner else (prefix or inner)
+    return ApiError("invalid_request", f"{prefix + ': ' if prefix else ''}{first}", field=field)
+
+
+def parse_body(raw: Any, idempotency_key: str | None) -> list[NewEvent]:
+    """The events of a publish body, each validated; ``ApiError`` 400 naming the first bad
+    one's field and index (``events[3].data.price``). Nothing is written before this passes."""
+    if isinstance(raw, dict) and "events" in raw and "type" not in raw:
+        if set(raw) != {"events"}:
+            extra = sorted(set(raw) - {"events"})[0]
+            raise ApiError("invalid_request", f"{extra}: is not a field of a batch", field=extra)
+        items = raw["events"]
+        if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH:
+            raise ApiError(
+                "invalid_request",
+                f"events: must be a list of 1 to {MAX_BATCH:,} events",
+                field="events",
+            )
+        if idempotency_key is not None:
+            raise ApiError(
+                "invalid_request",
+                f"{IDEMPOTENCY_KEY}: is for a single event; a batch's events carry their ids",
+                field=IDEMPOTENCY_KEY,
+            )
+        parsed = []
+        for index, item in enumerate(items):
+            try:
+                parsed.append(parse_event(item))
+            except InputError as exc:
+                raise _invalid(str(exc), f"events[{index}]") from None
+        return parsed
+    if isinstance(raw, dict) and idempotency_key is not None:
+        if raw.get("id", idempotency_key) != idempotency_key:
+            raise ApiError(
+                "invalid_request",
+                f"id: differs from the {IDEMPOTENCY_KEY} header (give one, or the same)",
+                field="id",
+            )
+        raw = {**raw, "id": idempotency_key}
+    try:
+        return [parse_event(raw)]
+    except InputError as exc:
+        raise _invalid(str(exc), "") from None
+
+
+async def _publish(conn: asyncpg.Connection, tenant_id: str, batch: list[NewEvent]) -> Any:
+    """Publish for the tenant in one transaction. Until the outbox takes a tenant (h2-tenants),
+    the rows are moved to the tenant in the same transaction, and an id another tenant holds
+    is refused (``EventIdTakenError``) rather than reported as a duplicate."""
+    async with conn.transaction():
+        result = await publish_validated(conn, batch)
+        if result.published:
+            await conn.execute(
+                "UPDATE delivery.outbox SET tenant_id = $2 WHERE event_id = ANY($1::text[])",
+                result.published,
+                tenant_id,
+            )
+        if result.duplicates:
+            taken = await conn.fetchval(
+                "SELECT event_id FROM delivery.outbox"
+                " WHERE event_id = ANY($1::text[]) AND tenant_id <> $2 LIMIT 1",
+                result.duplicates,
+                tenant_id,
+            )
+            if taken is not None:
+                raise EventIdTakenError(f"id: {taken!r} is already used; choose another id")
+    return result
+
+
+async def publish(call: Call) -> Reply:
+    idempotency_key = call.request.headers.get(IDEMPOTENCY_KEY)
+    batch = parse_body(call.body, idempotency_key)
+    async with call.pool.acquire() as conn:
+        result = await _publish(conn, call.caller.tenant_id, batch)
+    return Reply(
+        202,
+        PublishResult(
+            published=len(result.published),
+            duplicates=len(result.duplicates),
+            ids=[e.id for e in batch],
+        ),
+    )
+
+
+async def get_event(call: Call) -> Reply:
+    tenant = call.caller.tenant_id
+    async with call.pool.acquire() as conn:
+        found = await pages.event(conn, tenant, call.path.id)
+        deliveries = await pages.event_deliveries(conn, tenant, call.path.id)
+    found.pop("pk")
+    return Reply(200, EventDetail.model_validate({"event": found, "deliveries": deliveries}))
+
+
+async def list_events(call: Call) -> Reply:
+    q = call.query
+    after = pagination.decode(q.cursor, datetime, int) if q.cursor else None
+    async with call.pool.acquire() as conn:
+        rows = await pages.events(
+            conn,
+            call.caller.tenant_id,
+            limit=q.limit,
+            after=after,
+            event_type=q.type,
+            account_id=q.account_id,
+            since=q.since,
+            until=q.until,
+        )
+    shown, more = pagination.page(rows, q.limit)
+    cursor = pagination.encode(shown[-1]["created_at"], shown[-1]["pk"]) if more else None
+    items = [EventOut.model_validate({k: v for k, v in r.items() if k != "pk"}) for r in shown]
+    return Reply(200, EventPage(items=items, next_cursor=cursor))
