@@ -132,6 +132,13 @@ QUEUE_DEPTH = Gauge("delivery_queue_messages", "Messages ready in a broker queue
 # delivery_build_info{version="..."} 1: which release each scraped process runs.
 BUILD_INFO = Info("delivery_build", "The running release of delivery-webhooks")
 BUILD_INFO.info({"version": VERSION})
+# No tenant label: tenants are unbounded in number. Which tenant is refused is in the API's log.
+INGEST_REJECTED = Counter(
+    "delivery_ingest_rejected_events_total",
+    "Events refused by a tenant's ingest rate: over_rate (wait Retry-After) or over_burst"
+    " (a request larger than one second's worth: split it)",
+    ["outcome"],
+)
 DELIVERIES_PENDING = Gauge(
     "delivery_deliveries_pending",
     "Deliveries waiting for an attempt (due or scheduled)",
@@ -156,7 +163,7 @@ def _initialise_label_values() -> None:
         ATTEMPTS.labels(outcome)
     for reason in ("exhausted", "permanent", "gone", "unrecorded"):
         DEAD_LETTERS.labels(reason)
-    for state in ("active", "disabled"):
+    for state in ("active", "paused", "disabled"):
         SUBSCRIPTIONS.labels(state)
     for reason in ("gone", "failing"):
         SUBSCRIPTIONS_DISABLED.labels(reason)
@@ -166,6 +173,8 @@ def _initialise_label_values() -> None:
         RELAY_PUBLISH_FAILURES.labels(reason)
     for to in ("open", "closed"):
         CIRCUIT_TRANSITIONS.labels(to)
+    for outcome in ("over_rate", "over_burst"):
+        INGEST_REJECTED.labels(outcome)
     for queue in ("dispatch", "dead"):
         QUEUE_DEPTH.labels(queue)
 

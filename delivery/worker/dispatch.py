@@ -329,11 +329,13 @@ class Dispatcher:
                     continue
                 active = sub.state == SubscriptionState.ACTIVE
                 # An open circuit's deliveries wait in PostgreSQL for the scheduler's probe,
-                # and a paused subscriber's (429) for the end of its pause.
+                # a paused subscriber's (429) for the end of its pause, and an operator's
+                # paused subscription's for its resume.
                 paused = sub.paced(now) or self._deliverer.pacer.paused(sub.id)
                 attempt_now = active and not sub.circuit_open and not paused
                 reservation = held.reserve(sub.id) if attempt_now else None
-                pairs.append(_Pair(event, sub, reservation, dead=not active))
+                dead = sub.state == SubscriptionState.DISABLED
+                pairs.append(_Pair(event, sub, reservation, dead=dead))
         arrays = (
             [e.facts.id for e in events],
             [p.event.facts.id for p in pairs],

@@ -76,7 +76,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "dispatch-disabled-not-dead",
         "delivery/worker/dispatch.py",
-        (("pairs.append(_Pair(event, sub, reservation, dead=not active))",
+        (("pairs.append(_Pair(event, sub, reservation, dead=dead))",
           "pairs.append(_Pair(event, sub, reservation, dead=False))"),),
         "an event for a disabled subscription is kept pending instead of as a dead letter",
         guarantee=DEAD_LETTERS,
