@@ -21,7 +21,7 @@ from delivery.api.routing import Call, Reply
 from delivery.errors import EventIdTakenError, InputError
 from delivery.events import NewEvent, parse_event
 from delivery.outbox import publish_validated
-from delivery.store import pages
+from delivery.store import pages, quotas
 
 IDEMPOTENCY_KEY = "Idempotency-Key"
 
@@ -98,11 +98,36 @@ async def _publish(conn: asyncpg.Connection, tenant_id: str, batch: list[NewEven
     return result
 
 
+def _refusal(decision: quotas.RateDecision, events: int) -> ApiError:
+    headers = decision.headers()
+    if decision.retry_after_s is None:  # more events than the burst: waiting cannot help
+        burst = quotas.burst_events(decision.limit_per_s or 1)
+        return ApiError(
+            "unprocessable",
+            f"events: {events} events are more than this tenant may send at once ({burst});"
+            " split the batch",
+            field="events",
+            headers=headers,
+        )
+    return ApiError(
+        "rate_limited",
+        f"over this tenant's rate of {decision.limit_per_s} events/s;"
+        f" retry after {headers['Retry-After']} s",
+        headers=headers,
+    )
+
+
 async def publish(call: Call) -> Reply:
     idempotency_key = call.request.headers.get(IDEMPOTENCY_KEY)
     batch = parse_body(call.body, idempotency_key)
+    tenant = call.caller.tenant_id
     async with call.pool.acquire() as conn:
-        result = await _publish(conn, call.caller.tenant_id, batch)
+        # Taken before (outside) the publishing transaction: the rate's row lock is then held
+        # for one statement only, and a refusal writes nothing.
+        decision = await quotas.take(conn, tenant, len(batch))
+        if not decision.allowed:
+            raise _refusal(decision, len(batch))
+        result = await _publish(conn, tenant, batch)
     return Reply(
         202,
         PublishResult(
@@ -110,6 +135,7 @@ async def publish(call: Call) -> Reply:
             duplicates=len(result.duplicates),
             ids=[e.id for e in batch],
         ),
+        headers=decision.headers(),
     )
 
 

@@ -153,7 +153,7 @@ ROUTES: tuple[Route, ...] = (
         subscriptions.pause,
         {200: SubscriptionOut},
         path_model=SubscriptionPath,
-        errors=(409,),
+        errors=(422,),
         tag="subscriptions",
     ),
     Route(
@@ -165,7 +165,7 @@ ROUTES: tuple[Route, ...] = (
         subscriptions.resume,
         {200: SubscriptionOut},
         path_model=SubscriptionPath,
-        errors=(409,),
+        errors=(422,),
         tag="subscriptions",
     ),
     Route(

@@ -19,7 +19,7 @@ from delivery.api.routing import Call, Reply
 from delivery.durations import parse_schedule_s
 from delivery.errors import InputError
 from delivery.settings import Settings
-from delivery.store import pages
+from delivery.store import pages, pausing
 from delivery.store import subscriptions as subs
 from delivery.store.subscription_changes import update
 from delivery.targets import check_target
@@ -162,13 +162,19 @@ async def deliveries(call: Call) -> Reply:
 
 
 async def pause(call: Call) -> Reply:
-    raise ApiError("conflict", "pause is not available yet")
+    async with call.pool.acquire() as conn:
+        sub = await pausing.pause(conn, call.path.id, tenant_id=call.caller.tenant_id)
+    return Reply(200, _out(sub))
 
 
 async def resume(call: Call) -> Reply:
-    raise ApiError("conflict", "resume is not available yet")
+    async with call.pool.acquire() as conn:
+        sub = await pausing.resume(conn, call.path.id, tenant_id=call.caller.tenant_id)
+    return Reply(200, _out(sub))
 
 
 async def replay(call: Call) -> Reply:
+    async with call.pool.acquire() as conn:
+        await pages.check_owner(conn, call.caller.tenant_id, call.path.id)
     _ = Replayed
     raise ApiError("conflict", "replay is not available yet")
