@@ -108,9 +108,9 @@ async def test_every_operation_refuses_missing_bad_revoked_keys_wrong_scope_and_
             assert (status, gone_status) == (404, 404), (what, payload, gone)
             assert _is_error(payload, "not_found"), (what, payload)
             # Word for word the answer a missing id gets: nothing tells the two apart.
-            assert payload["error"]["message"].replace(object_id, missing) == gone["error"][
-                "message"
-            ], what
+            assert (
+                payload["error"]["message"].replace(object_id, missing) == gone["error"]["message"]
+            ), what
 
         # Tenant B's attempts changed nothing of A's, and B's listings show none of it.
         async with api.client(key_a) as http, http.get(f"/v1/subscriptions/{sub_a}") as answer:
