@@ -133,6 +133,17 @@ async def _act_on_subscription(
             if disable:
                 await park_pending(conn, subscription_id, "subscription disabled by operator")
         _print_subscription(sub, args.json)
+    elif action in ("pause", "resume"):
+        from delivery.store import pausing
+
+        move = pausing.pause if action == "pause" else pausing.resume
+        _print_subscription(await move(conn, subscription_id), args.json)
+    elif action == "replay":
+        from delivery.store import replays
+
+        since = replays.parse_moment(args.since, "--since")
+        until = replays.parse_moment(args.until, "--until")
+        _emit({"replayed": await replays.replay_window(conn, subscription_id, since, until)})
     elif action == "rotate-secret":
         async with conn.transaction():  # as for add: no new secret unless it can be shown
             sub = await subs.rotate_secret(

@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, help="seconds per attempt (default: DELIVERY_HTTP_TIMEOUT_S)"
     )
     sub_actions.add_parser("list", help="list subscriptions")
-    for action in ("show", "disable", "enable", "rotate-secret", "remove"):
+    for action in ("show", "disable", "enable", "pause", "resume", "rotate-secret", "remove"):
         p = sub_actions.add_parser(action, help=f"{action} a subscription")
         p.add_argument("id")
         if action == "remove":
@@ -120,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="also delete its deliveries, attempts and dead letters (kept by default)",
             )
+
+    again = sub_actions.add_parser(
+        "replay", help="send a time window's matching events again (same webhook-id)"
+    )
+    again.add_argument("id")
+    for bound, text in (("since", "from (included)"), ("until", "to (excluded)")):
+        again.add_argument(
+            f"--{bound}",
+            required=True,
+            metavar="RFC3339",
+            help=f"events committed {text} this moment, e.g. 2026-12-07T21:00:00Z",
+        )
 
     dlq = commands.add_parser("dlq", help="dead letters")
     dlq_actions = dlq.add_subparsers(dest="action", required=True, parser_class=_Parser)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from delivery.errors import InputError, NotFoundError
+from delivery.errors import InputError, NotFoundError, QuotaExceededError
 from delivery.ops import metrics
 
 # The burst, in seconds of the rate: a tenant may send one second's worth of events at once.
@@ -148,3 +148,20 @@ async def take(conn: asyncpg.Connection, tenant_id: str, events: int) -> RateDec
         outcome = "over_rate" if answer.retry_after_s is not None else "over_burst"
         metrics.INGEST_REJECTED.labels(outcome).inc(events)
     return answer
+
+
+def refuse(answer: RateDecision) -> None:
+    """``QuotaExceededError`` for a refused request (``retry_after_s``: when it would fit; None
+    when it never would), for callers that answer with an error rather than the numbers."""
+    if answer.allowed:
+        return
+    if answer.retry_after_s is None:
+        raise QuotaExceededError(
+            f"events: more than {burst_events(answer.limit_per_s or 1):,} in one request never"
+            " fit the tenant's rate; split it"
+        )
+    raise QuotaExceededError(
+        f"over the tenant's rate of {answer.limit_per_s:,} events/s;"
+        f" retry in {answer.retry_after_s:.2f}s",
+        retry_after_s=answer.retry_after_s,
+    )

@@ -9,7 +9,8 @@ import pytest
 
 from delivery import publish_many
 from delivery.errors import InputError, NotFoundError
-from delivery.store import pausing, subscriptions
+from delivery.store import dead_letters, pausing, subscriptions
+from delivery.store.pool import create_pool
 from delivery.store.states import SubscriptionState
 from delivery.testing.factories import add_subscription, trade
 from delivery.testing.metrics import counter_value
@@ -46,6 +47,19 @@ async def test_a_paused_subscription_gets_nothing_until_resumed_then_everything_
         # pending and never attempted (not parked as dead letters)
         assert receiver.unique_count("/active") == 6
         assert receiver.delivered_count("/paused") == 0
+        assert await _states(conn, paused.id) == [("pending", 0)] * 6
+        # A dead letter of a paused subscription is replayed too (it waits for the resume).
+        await conn.execute(
+            "UPDATE delivery.deliveries SET state = 'dead', dead_at = now(), attempts = 3"
+            " WHERE subscription_id = $1 AND event_id = 'evt_p5'",
+            paused.id,
+        )
+        selector = dead_letters.Selector(subscription_id=paused.id)
+        pool = await create_pool(settings.database_url, min_size=1, max_size=1)
+        try:
+            assert await dead_letters.replay(pool, selector) == (1, 0)
+        finally:
+            await pool.close()
         assert await _states(conn, paused.id) == [("pending", 0)] * 6
         assert counter_value("delivery_subscriptions", state="paused") == 1
         # When it is resumed, then every event arrives once, in the order published

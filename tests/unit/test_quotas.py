@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from delivery.store.quotas import burst_events, decision, step
+from delivery.errors import QuotaExceededError
+from delivery.store.quotas import burst_events, decision, refuse, step
 
 
 def _run(limit_per_s: int, requests: list[tuple[float, int]]) -> list[bool]:
@@ -71,3 +72,13 @@ def test_a_refusal_says_how_long_until_the_request_would_fit():
     assert answer.retry_after_s == pytest.approx(0.2)
     assert answer.headers()["Retry-After"] == "1"  # whole seconds, rounded up, never 0
     assert answer.headers()["RateLimit-Remaining"] == "1"
+
+
+def test_a_refusal_as_an_error_carries_when_to_retry():
+    refuse(decision(10, 1, ahead_s=0.5, current_ahead_s=0.0))  # allowed: nothing raised
+    with pytest.raises(QuotaExceededError, match="10 events/s") as waited:
+        refuse(decision(10, 3, ahead_s=None, current_ahead_s=0.9))
+    assert waited.value.retry_after_s == pytest.approx(0.2)
+    with pytest.raises(QuotaExceededError, match="split it") as never:
+        refuse(decision(10, 11, ahead_s=None, current_ahead_s=None))
+    assert never.value.retry_after_s is None
