@@ -57,11 +57,15 @@ async def _selected(call: Call) -> list[int]:
         )
 
 
+def _selector(call: Call, ids: list[int]) -> dead_letters.Selector:
+    return dead_letters.Selector(ids=tuple(ids), tenant_id=call.caller.tenant_id)
+
+
 async def replay(call: Call) -> Reply:
     ids = await _selected(call)
     if not ids:
         return Reply(200, DeadLettersReplayed(replayed=0, skipped=0))
-    replayed, skipped = await dead_letters.replay(call.pool, dead_letters.Selector(ids=tuple(ids)))
+    replayed, skipped = await dead_letters.replay(call.pool, _selector(call, ids))
     return Reply(200, DeadLettersReplayed(replayed=replayed, skipped=skipped))
 
 
@@ -69,5 +73,5 @@ async def purge(call: Call) -> Reply:
     ids = await _selected(call)
     if not ids:
         return Reply(200, DeadLettersPurged(purged=0))
-    purged = await dead_letters.purge(call.pool, dead_letters.Selector(ids=tuple(ids)))
+    purged = await dead_letters.purge(call.pool, _selector(call, ids))
     return Reply(200, DeadLettersPurged(purged=purged))

@@ -19,7 +19,7 @@ from delivery.api.routing import Call, Reply
 from delivery.durations import parse_schedule_s
 from delivery.errors import InputError
 from delivery.settings import Settings
-from delivery.store import pages, pausing
+from delivery.store import pages, pausing, replays
 from delivery.store import subscriptions as subs
 from delivery.store.subscription_changes import update
 from delivery.targets import check_target
@@ -82,12 +82,7 @@ async def create(call: Call) -> Reply:
             secret=body.secret,
             retry_schedule_s=schedule,
             timeout_s=body.timeout_s,
-        )
-        # Until the store takes a tenant (h2-tenants), the row moves to it in this transaction.
-        await conn.execute(
-            "UPDATE delivery.subscriptions SET tenant_id = $2 WHERE id = $1",
-            sub.id,
-            call.caller.tenant_id,
+            tenant_id=call.caller.tenant_id,
         )
     return Reply(201, _out(sub, with_secret=True))
 
@@ -104,8 +99,7 @@ async def list_subscriptions(call: Call) -> Reply:
 
 async def get(call: Call) -> Reply:
     async with call.pool.acquire() as conn:
-        await pages.check_owner(conn, call.caller.tenant_id, call.path.id)
-        return Reply(200, _out(await subs.get(conn, call.path.id)))
+        return Reply(200, _out(await subs.get(conn, call.path.id, tenant_id=call.caller.tenant_id)))
 
 
 async def change(call: Call) -> Reply:
@@ -127,16 +121,17 @@ async def change(call: Call) -> Reply:
 
 async def remove(call: Call) -> Reply:
     async with call.pool.acquire() as conn:
-        await pages.check_owner(conn, call.caller.tenant_id, call.path.id)
-        await subs.remove(conn, call.path.id, keep_history=True)
+        await subs.remove(conn, call.path.id, keep_history=True, tenant_id=call.caller.tenant_id)
     return Reply(204)
 
 
 async def rotate_secret(call: Call) -> Reply:
     async with call.pool.acquire() as conn, conn.transaction():
-        await pages.check_owner(conn, call.caller.tenant_id, call.path.id)
         sub = await subs.rotate_secret(
-            conn, call.path.id, grace_s=call.settings.secret_rotation_grace_s
+            conn,
+            call.path.id,
+            grace_s=call.settings.secret_rotation_grace_s,
+            tenant_id=call.caller.tenant_id,
         )
     return Reply(200, _out(sub, with_secret=True))
 
@@ -145,7 +140,7 @@ async def deliveries(call: Call) -> Reply:
     q = call.query
     after = pagination.decode(q.cursor, int)[0] if q.cursor else None
     async with call.pool.acquire() as conn:
-        await pages.check_owner(conn, call.caller.tenant_id, call.path.id)
+        await subs.get(conn, call.path.id, tenant_id=call.caller.tenant_id)  # 404 unless its
         rows = await pages.subscription_deliveries(
             conn,
             call.path.id,
@@ -174,7 +169,9 @@ async def resume(call: Call) -> Reply:
 
 
 async def replay(call: Call) -> Reply:
+    window = call.body
     async with call.pool.acquire() as conn:
-        await pages.check_owner(conn, call.caller.tenant_id, call.path.id)
-    _ = Replayed
-    raise ApiError("conflict", "replay is not available yet")
+        replayed = await replays.replay_window(
+            conn, call.path.id, window.since, window.until, tenant_id=call.caller.tenant_id
+        )
+    return Reply(202, Replayed(replayed=replayed))

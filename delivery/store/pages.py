@@ -40,13 +40,13 @@ async def events(
     tenant_id: str,
     *,
     limit: int,
-    after: tuple[datetime, int] | None = None,
+    after: int | None = None,
     event_type: str | None = None,
     account_id: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> list[dict[str, Any]]:
-    """Newest first by ``created_at`` (commit time), then ``pk``."""
+    """Newest first (by ``pk``, the order of insertion; the index of migration 0015)."""
     rows = await conn.fetch(
         f"""
         SELECT {_EVENT} FROM delivery.outbox o
@@ -55,17 +55,16 @@ async def events(
           AND ($3::text IS NULL OR o.account_id = $3)
           AND ($4::timestamptz IS NULL OR o.created_at >= $4)
           AND ($5::timestamptz IS NULL OR o.created_at < $5)
-          AND ($6::timestamptz IS NULL OR (o.created_at, o.pk) < ($6, $7))
-        ORDER BY o.created_at DESC, o.pk DESC
-        LIMIT $8
+          AND ($6::bigint IS NULL OR o.pk < $6)
+        ORDER BY o.pk DESC
+        LIMIT $7
         """,
         tenant_id,
         event_type,
         account_id,
         since,
         until,
-        after[0] if after else None,
-        after[1] if after else None,
+        after,
         limit + 1,
     )
     return [_event(r) for r in rows]
@@ -245,16 +244,3 @@ async def subscriptions(
             limit + 1,
         )
     )
-
-
-async def check_owner(conn: asyncpg.Connection, tenant_id: str, subscription_id: str) -> None:
-    """``NotFoundError`` unless the subscription is the tenant's and not removed, with the
-    message a missing id gets (so nothing tells another tenant's id from a missing one)."""
-    found = await conn.fetchval(
-        "SELECT true FROM delivery.subscriptions"
-        " WHERE id = $1 AND tenant_id = $2 AND state <> 'removed'",
-        subscription_id,
-        tenant_id,
-    )
-    if not found:
-        raise NotFoundError(f"subscription {subscription_id!r} does not exist")
