@@ -21,6 +21,7 @@ from delivery.api.problems import ApiError, error_response, from_platform
 from delivery.api.routing import Call, Route
 from delivery.errors import DeliveryPlatformError
 from delivery.ops import metrics
+from delivery.secrets import SecretBox
 from delivery.settings import Settings
 
 log = structlog.get_logger("delivery.api")
@@ -28,6 +29,7 @@ access = structlog.get_logger("delivery.api.access")
 
 POOL = web.AppKey("pool", asyncpg.Pool)
 SETTINGS = web.AppKey("settings", Settings)
+BOX = web.AppKey("box", SecretBox)
 _CALLER = "delivery.caller"
 _UNMATCHED = "unmatched"
 # aiohttp's own answers (no route, wrong method, body too large), in the API's codes.
@@ -87,7 +89,7 @@ def _adapter(route: Route) -> Any:
         if route.body is not None:
             raw = await _json_body(request)
             body = raw if route.raw_body else _validate(route.body, raw)
-        call = Call(request, caller, app[POOL], app[SETTINGS], path, query, body)
+        call = Call(request, caller, app[POOL], app[SETTINGS], app[BOX], path, query, body)
         try:
             reply = await route.handler(call)
         except DeliveryPlatformError as exc:
@@ -145,10 +147,13 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
     return response
 
 
-def build_app(routes: Sequence[Route], pool: asyncpg.Pool, settings: Settings) -> web.Application:
+def build_app(
+    routes: Sequence[Route], pool: asyncpg.Pool, settings: Settings, box: SecretBox
+) -> web.Application:
     app = web.Application(middlewares=[_observe], client_max_size=settings.api_max_body_bytes)
     app[POOL] = pool
     app[SETTINGS] = settings
+    app[BOX] = box
     spec = orjson.dumps(document(routes))
 
     async def openapi(_request: web.Request) -> web.Response:

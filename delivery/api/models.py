@@ -146,7 +146,7 @@ class SubscriptionCreate(_Model):
     retry_schedule: Annotated[str, StringConstraints(min_length=1, max_length=500)] | None = None
     timeout_s: TimeoutS | None = None
     ordered: bool = False
-    signing: Literal["hmac"] = "hmac"
+    signing: Literal["hmac", "ed25519"] = "hmac"
 
 
 class SubscriptionPatch(_Model):
@@ -168,13 +168,19 @@ class SubscriptionOut(_Model):
     timeout_s: float | None
     circuit_state: str
     ordered: bool
-    signing: str
+    signing: Literal["hmac", "ed25519"]
+    public_key: str | None = Field(
+        description="ed25519: the whpk_ key that verifies its v1a signatures; hmac: null"
+    )
     created_at: datetime
     updated_at: datetime
 
 
 class SubscriptionWithSecret(SubscriptionOut):
-    secret: str = Field(description="shown only here, on creation and rotation")
+    secret: str | None = Field(
+        description="hmac: the whsec_ secret, shown only here, on creation and rotation;"
+        " ed25519: null (the platform keeps the secret key; verify with public_key)"
+    )
 
 
 class SubscriptionsQuery(_Model):

@@ -15,6 +15,7 @@ import asyncpg
 from aiohttp import web
 from pydantic import BaseModel
 
+from delivery.secrets import SecretBox
 from delivery.settings import Settings
 from delivery.store.keys import Caller, Scope
 
@@ -36,6 +37,7 @@ class Call:
     caller: Caller
     pool: asyncpg.Pool
     settings: Settings
+    box: SecretBox  # opens and seals the stored signing secrets
     path: Any  # the route's path model, validated
     query: Any  # the route's query model, validated
     body: Any  # the route's body model, validated; raw JSON when ``raw_body``

@@ -25,6 +25,7 @@ from delivery.ops.admin import serve_admin
 from delivery.ops.health import Health
 from delivery.settings import Settings
 from delivery.store.pool import create_pool, is_connection_error
+from delivery.store.secret_keys import open_box
 
 log = structlog.get_logger("delivery.api.server")
 
@@ -99,8 +100,11 @@ async def _serve(
     settings: Settings, pool: asyncpg.Pool, health: Health, stop: asyncio.Event, admin_port: int
 ) -> None:
     # aiohttp's drain: stop listening, then wait up to shutdown_timeout for requests in flight.
+    async with pool.acquire() as conn:
+        # As a worker does: refuse to start when a stored secret cannot be opened.
+        box = await open_box(conn, settings)
     runner = web.AppRunner(
-        build_app(ROUTES, pool, settings),
+        build_app(ROUTES, pool, settings, box),
         access_log=None,
         shutdown_timeout=settings.shutdown_timeout_s,
     )

@@ -19,6 +19,7 @@ from delivery.api.routing import Call, Reply
 from delivery.durations import parse_schedule_s
 from delivery.errors import InputError
 from delivery.settings import Settings
+from delivery.signing import Signing
 from delivery.store import pages, pausing, replays
 from delivery.store import subscriptions as subs
 from delivery.store.subscription_changes import update
@@ -38,12 +39,13 @@ def _out(sub: subs.Subscription, *, with_secret: bool = False) -> SubscriptionOu
         "timeout_s": sub.timeout_s,
         "circuit_state": str(sub.circuit_state),
         "ordered": False,
-        "signing": "hmac",
+        "signing": str(sub.signing),
+        "public_key": sub.public_key,
         "created_at": sub.created_at,
         "updated_at": sub.updated_at,
     }
     if with_secret:
-        return SubscriptionWithSecret(**fields, secret=sub.secret)
+        return SubscriptionWithSecret(**fields, secret=shown.get("secret"))
     return SubscriptionOut(**fields)
 
 
@@ -82,7 +84,9 @@ async def create(call: Call) -> Reply:
             secret=body.secret,
             retry_schedule_s=schedule,
             timeout_s=body.timeout_s,
+            signing=Signing(body.signing),
             tenant_id=call.caller.tenant_id,
+            box=call.box,
         )
     return Reply(201, _out(sub, with_secret=True))
 
@@ -92,14 +96,18 @@ async def list_subscriptions(call: Call) -> Reply:
     after = pagination.decode(q.cursor, datetime, str) if q.cursor else None
     async with call.pool.acquire() as conn:
         rows = await pages.subscriptions(conn, call.caller.tenant_id, limit=q.limit, after=after)
-    shown, more = pagination.page([subs.Subscription.from_row(r) for r in rows], q.limit)
+    loaded = [subs.Subscription.from_row(r, box=call.box) for r in rows]
+    shown, more = pagination.page(loaded, q.limit)
     cursor = pagination.encode(shown[-1].created_at, shown[-1].id) if more else None
     return Reply(200, SubscriptionPage(items=[_out(s) for s in shown], next_cursor=cursor))
 
 
 async def get(call: Call) -> Reply:
     async with call.pool.acquire() as conn:
-        return Reply(200, _out(await subs.get(conn, call.path.id, tenant_id=call.caller.tenant_id)))
+        return Reply(
+            200,
+            _out(await subs.get(conn, call.path.id, tenant_id=call.caller.tenant_id, box=call.box)),
+        )
 
 
 async def change(call: Call) -> Reply:
@@ -115,6 +123,7 @@ async def change(call: Call) -> Reply:
             account_id=body.account_id,
             retry_schedule_s=_schedule(body.retry_schedule),
             timeout_s=body.timeout_s,
+            box=call.box,
         )
     return Reply(200, _out(sub))
 
@@ -132,6 +141,7 @@ async def rotate_secret(call: Call) -> Reply:
             call.path.id,
             grace_s=call.settings.secret_rotation_grace_s,
             tenant_id=call.caller.tenant_id,
+            box=call.box,
         )
     return Reply(200, _out(sub, with_secret=True))
 

@@ -9,6 +9,7 @@ import asyncpg
 
 from delivery.durations import check_schedule_s
 from delivery.errors import InputError, NotFoundError
+from delivery.secrets import NO_KEYS, SecretBox
 from delivery.settings import MAX_HTTP_TIMEOUT_S
 from delivery.store.subscriptions import (
     FIELDS,
@@ -29,6 +30,7 @@ async def update(
     account_id: str | None = None,
     retry_schedule_s: tuple[float, ...] | None = None,
     timeout_s: float | None = None,
+    box: SecretBox = NO_KEYS,
 ) -> Subscription:
     # Everything is checked before the row is written: a refusal changes nothing.
     url = validate_url(url) if url is not None else None
@@ -61,4 +63,4 @@ async def update(
     )
     if row is None:
         raise NotFoundError(f"subscription {subscription_id!r} does not exist")
-    return Subscription.from_row(row)
+    return Subscription.from_row(row, box=box)

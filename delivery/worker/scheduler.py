@@ -284,7 +284,9 @@ class Scheduler:
         for row in rows:
             sub = built.get(row["sub_id"])
             if sub is None:
-                sub = built[row["sub_id"]] = Subscription.from_row(row, prefix="sub_")
+                sub = built[row["sub_id"]] = Subscription.from_row(
+                    row, prefix="sub_", box=self._deliverer.box
+                )
             subs.append(sub)
         probes = await self._take_probes([s.id for s in subs if s.circuit_open])
         with self._capacity.reservations() as held:

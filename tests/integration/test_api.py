@@ -239,19 +239,22 @@ async def test_metrics_count_route_templates_and_the_access_log_never_holds_the_
 
 
 async def test_sigterm_finishes_the_request_in_flight_and_exits_0(settings):
-    _, key = await tenant_with_key(settings, "drain")
+    tenant, key = await tenant_with_key(settings, "drain")
     conn = await asyncpg.connect(settings.database_url)
     try:
         async with api_process(settings_env(settings)) as api, api.client(key) as http:
             # Hold the account's sequence row: the publish below waits for it, in flight.
             await conn.execute(
-                "INSERT INTO delivery.account_sequences (account_id, last_sequence)"
-                " VALUES ('acc_1', 0)"
+                "INSERT INTO delivery.account_sequences (tenant_id, account_id, last_sequence)"
+                " VALUES ($1, 'acc_1', 0)",
+                tenant,
             )
             tx = conn.transaction()
             await tx.start()
             await conn.execute(
-                "SELECT 1 FROM delivery.account_sequences WHERE account_id='acc_1' FOR UPDATE"
+                "SELECT 1 FROM delivery.account_sequences"
+                " WHERE tenant_id = $1 AND account_id = 'acc_1' FOR UPDATE",
+                tenant,
             )
             request = asyncio.create_task(http.post("/v1/events", json=trade(1)))
             await _wait_for_lock_waiter(settings)
