@@ -7,10 +7,19 @@ windows (``since``/``until``) of every listing and replay filter on it.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, RootModel, StringConstraints
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    RootModel,
+    StringConstraints,
+)
 
 from delivery.events import AccountId, AnyEvent, EventId
 
@@ -18,8 +27,22 @@ MAX_BATCH = 1000
 MAX_PAGE = 200
 DEFAULT_PAGE = 50
 
+_RFC3339 = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
+)
+
+
+def _rfc3339(value: object) -> object:
+    # pydantic alone would also take a number (seconds since 1970) or a date without a time:
+    # the document says an RFC 3339 string, and so does the server.
+    if not (isinstance(value, str) and _RFC3339.match(value)):
+        raise ValueError("must be an RFC 3339 timestamp like 2026-12-07T21:00:00Z")
+    return value
+
+
+Moment = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
 SubscriptionId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-Cursor = Annotated[str, StringConstraints(min_length=1, max_length=512)]
+Cursor = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,512}$")]
 Limit = Annotated[int, Field(ge=1, le=MAX_PAGE)]
 EventType = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_.]{1,64}$")]
 
@@ -116,8 +139,8 @@ class EventDetail(_Model):
 
 
 class Window(_Model):
-    since: AwareDatetime | None = None
-    until: AwareDatetime | None = None
+    since: Moment | None = None
+    until: Moment | None = None
 
 
 class EventsQuery(Window):
@@ -134,26 +157,33 @@ class EventPage(_Model):
 
 # -- subscriptions -----------------------------------------------------------------------------
 
-Pattern = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+Pattern = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_.*?\[\]-]{1,100}$")]
+Url = Annotated[str, StringConstraints(pattern=r"^[Hh][Tt][Tt][Pp][Ss]?://[^\s]{1,2040}$")]
+Schedule = Annotated[
+    str,
+    StringConstraints(
+        pattern=r"^\d{1,12}(\.\d{1,9})?(ms|s|m|h|d)(,\d{1,12}(\.\d{1,9})?(ms|s|m|h|d)){0,49}$"
+    ),
+]
 TimeoutS = Annotated[float, Field(gt=0, le=300)]
 
 
 class SubscriptionCreate(_Model):
-    url: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+    url: Url
     events: Annotated[list[Pattern], Field(min_length=1, max_length=50)]
     account_id: AccountId | None = None
     secret: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
-    retry_schedule: Annotated[str, StringConstraints(min_length=1, max_length=500)] | None = None
+    retry_schedule: Schedule | None = None
     timeout_s: TimeoutS | None = None
     ordered: bool = False
     signing: Literal["hmac", "ed25519"] = "hmac"
 
 
 class SubscriptionPatch(_Model):
-    url: Annotated[str, StringConstraints(min_length=1, max_length=2048)] | None = None
+    url: Url | None = None
     events: Annotated[list[Pattern], Field(min_length=1, max_length=50)] | None = None
     account_id: AccountId | None = None
-    retry_schedule: Annotated[str, StringConstraints(min_length=1, max_length=500)] | None = None
+    retry_schedule: Schedule | None = None
     timeout_s: TimeoutS | None = None
 
 
@@ -194,8 +224,8 @@ class SubscriptionPage(_Model):
 
 
 class ReplayWindow(_Model):
-    since: AwareDatetime
-    until: AwareDatetime
+    since: Moment
+    until: Moment
 
 
 class Replayed(_Model):

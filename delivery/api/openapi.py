@@ -145,3 +145,28 @@ def document(routes: Sequence[Route]) -> dict[str, Any]:
             },
         },
     }
+
+
+def rendered(routes: Sequence[Route]) -> str:
+    """The document as committed in ``ops/openapi.json``: sorted keys, two-space indent."""
+    import json
+
+    return json.dumps(document(routes), indent=2, sort_keys=True) + "\n"
+
+
+def main() -> None:
+    """``python -m delivery.api.openapi [PATH]``: write the document (``scripts/openapi``)."""
+    import sys
+    from pathlib import Path
+
+    from delivery.api.routes import ROUTES
+
+    text = rendered(ROUTES)
+    if len(sys.argv) > 1:
+        Path(sys.argv[1]).write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    main()
