@@ -92,7 +92,7 @@ $fn$;
 CREATE OR REPLACE FUNCTION delivery.publish_events(
     p_ids text[], p_types text[], p_accounts text[], p_occurred timestamptz[], p_data text[],
     p_traceparents text[], OUT inserted text[]
-) LANGUAGE plpgsql AS $fn$
+) LANGUAGE plpgsql SET jit = off AS $fn$
 BEGIN
     inserted := delivery.publish_events(
         'default', p_ids, p_types, p_accounts, p_occurred, p_data, p_traceparents);

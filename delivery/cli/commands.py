@@ -13,6 +13,7 @@ import structlog
 from delivery.cli.operations import cmd_dlq, cmd_status, cmd_subscriptions
 from delivery.cli.output import EXIT_OK, _emit
 from delivery.cli.publish import cmd_publish
+from delivery.cli.tenants import cmd_keys, cmd_tenants
 from delivery.settings import Settings, unknown_variables
 
 log = structlog.get_logger("delivery.cli")
@@ -75,6 +76,8 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Any], Awaitable[int]]] = {
     "subscriptions": cmd_subscriptions,
     "dlq": cmd_dlq,
     "status": cmd_status,
+    "tenants": cmd_tenants,
+    "keys": cmd_keys,
     "demo": cmd_demo,
     "api": cmd_api,
 }
