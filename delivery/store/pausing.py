@@ -18,9 +18,13 @@ from delivery.store.tenants import DEFAULT_TENANT
 
 _COLUMNS = ", ".join(FIELDS)
 # $3: the states it may move from (its own state included: pausing twice changes nothing).
+# A resume forgets since when it was failing: the time paused is not time failing, and a long
+# pause must not auto-disable it at its first failure after (DELIVERY_AUTO_DISABLE_AFTER_S).
 _MOVE = f"""
 UPDATE delivery.subscriptions
-SET state = $4, updated_at = CASE WHEN state = $4 THEN updated_at ELSE now() END
+SET state = $4, updated_at = CASE WHEN state = $4 THEN updated_at ELSE now() END,
+    failing_since = CASE WHEN state = 'paused' AND $4 = 'active' THEN NULL
+                         ELSE failing_since END
 WHERE id = $1 AND tenant_id = $2 AND state = ANY($3::text[])
 RETURNING {_COLUMNS}
 """

@@ -32,40 +32,37 @@ MAX_REPLAY_EVENTS = 100_000
 _SUBSCRIPTION = """
 SELECT state, event_patterns, account_id FROM delivery.subscriptions
 WHERE id = $1 AND tenant_id = $2
-FOR SHARE
 """
-# $1 tenant, $2 since, $3 until, $4 the event types the patterns match, $5 account or NULL.
-_WINDOW = """
-SELECT event_id FROM delivery.outbox
-WHERE tenant_id = $1 AND created_at >= $2 AND created_at < $3
-  AND type = ANY($4::text[]) AND ($5::text IS NULL OR account_id = $5)
-"""
-_COUNT = f"SELECT count(*) FROM ({_WINDOW} LIMIT $6) w"
-# $6 the subscription. The window's events, each with a pending delivery due now.
-_REPLAY = f"""
-WITH w AS ({_WINDOW}),
+# $1 tenant, $2 since, $3 until, $4 the event types the patterns match, $5 account or NULL,
+# $6 the subscription, $7 the most events a replay may send. One statement, so the bound holds
+# for exactly the events replayed: over it, `w` has one row more and nothing is written.
+_REPLAY = """
+WITH w AS (
+    SELECT event_id FROM delivery.outbox
+    WHERE tenant_id = $1 AND created_at >= $2 AND created_at < $3
+      AND type = ANY($4::text[]) AND ($5::text IS NULL OR account_id = $5)
+    LIMIT $7::int + 1
+),
+go AS (SELECT count(*) <= $7::int AS ok FROM w),
 again AS (
     UPDATE delivery.deliveries d
     SET state = 'pending', attempts = 0, next_attempt_at = clock_timestamp(), lease_until = NULL,
         dead_at = NULL, dead_reason = NULL, unrecorded_handbacks = 0
-    FROM w
-    WHERE d.event_id = w.event_id AND d.subscription_id = $6
+    FROM w, go
+    WHERE go.ok AND d.event_id = w.event_id AND d.subscription_id = $6
+      -- One being attempted right now is left to that attempt.
       AND NOT (d.state = 'pending' AND d.lease_until > clock_timestamp())
-    RETURNING d.id
 ),
 created AS (
     INSERT INTO delivery.deliveries (event_id, subscription_id)
-    SELECT w.event_id, $6 FROM w
-    WHERE NOT EXISTS (
+    SELECT w.event_id, $6 FROM w, go
+    WHERE go.ok AND NOT EXISTS (
         SELECT 1 FROM delivery.deliveries d
         WHERE d.event_id = w.event_id AND d.subscription_id = $6
     )
     ON CONFLICT (event_id, subscription_id) DO NOTHING
-    RETURNING id
 )
-SELECT (SELECT count(*) FROM w) AS matched,
-       (SELECT count(*) FROM again) AS again,
-       (SELECT count(*) FROM created) AS created
+SELECT (SELECT count(*) FROM w) AS matched, (SELECT ok FROM go) AS ok
 """
 
 
@@ -108,23 +105,24 @@ async def replay_window(
     """Send the window's matching events to the subscription again; how many. A paused
     subscription gets them on resume; a disabled one is refused (enable it first)."""
     check_window(since, until)
-    async with conn.transaction():
-        # FOR SHARE: no pause, disable or removal changes it until the replay is written.
-        sub = await conn.fetchrow(_SUBSCRIPTION, subscription_id, tenant_id)
-        if sub is None or sub["state"] == SubscriptionState.REMOVED:
-            raise NotFoundError(f"subscription {subscription_id!r} does not exist")
-        if sub["state"] == SubscriptionState.DISABLED:
-            raise InputError(
-                f"subscription {subscription_id!r} is disabled: enable it first"
-                " (`delivery subscriptions enable ID`), then replay"
-            )
-        window = (tenant_id, since, until, matching_types(sub["event_patterns"]), sub["account_id"])
-        found = await conn.fetchval(_COUNT, *window, MAX_REPLAY_EVENTS + 1)
-        if found > MAX_REPLAY_EVENTS:
-            raise InputError(
-                f"since, until: over {MAX_REPLAY_EVENTS:,} matching events in this window;"
-                " replay it in smaller windows"
-            )
-        row = await conn.fetchrow(_REPLAY, *window, subscription_id)
+    sub = await conn.fetchrow(_SUBSCRIPTION, subscription_id, tenant_id)
+    if sub is None or sub["state"] == SubscriptionState.REMOVED:
+        raise NotFoundError(f"subscription {subscription_id!r} does not exist")
+    if sub["state"] == SubscriptionState.DISABLED:
+        raise InputError(
+            f"subscription {subscription_id!r} is disabled: enable it first"
+            " (`delivery subscriptions enable ID`), then replay"
+        )
+    # The subscription is not locked: a lock that kept its state still would stall every
+    # outcome commit touching its circuit meanwhile. Disabled during the replay, its replayed
+    # deliveries are parked by the scheduler like any of a disabled subscription.
+    types = matching_types(sub["event_patterns"])
+    window = (tenant_id, since, until, types, sub["account_id"])
+    row = await conn.fetchrow(_REPLAY, *window, subscription_id, MAX_REPLAY_EVENTS)
     assert row is not None
+    if not row["ok"]:
+        raise InputError(
+            f"since, until: over {MAX_REPLAY_EVENTS:,} matching events in this window;"
+            " replay it in smaller windows"
+        )
     return int(row["matched"])

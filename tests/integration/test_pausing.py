@@ -75,9 +75,13 @@ async def test_pause_and_resume_are_idempotent_and_refuse_what_they_cannot_do(se
     conn = await asyncpg.connect(settings.database_url)
     try:
         sub = await subscriptions.add(conn, url="http://127.0.0.1:9/h", patterns="*")
+        await conn.execute(
+            "UPDATE delivery.subscriptions SET failing_since = now() - interval '9 days'"
+        )
         await pausing.pause(conn, sub.id)
         assert (await pausing.pause(conn, sub.id)).state == SubscriptionState.PAUSED
-        await pausing.resume(conn, sub.id)
+        # A resume forgets the failing time, so a long pause does not auto-disable it.
+        assert (await pausing.resume(conn, sub.id)).failing_since is None
         assert (await pausing.resume(conn, sub.id)).state == SubscriptionState.ACTIVE
         # A disabled subscription is enabled, not resumed: its events are dead letters.
         await subscriptions.set_state(conn, sub.id, SubscriptionState.DISABLED)
