@@ -63,6 +63,37 @@ def _tenant_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tenant", metavar="ID", help="the tenant acted for (default: default)")
 
 
+def _process_commands(commands: Any) -> None:
+    """The long-running processes: each takes ``--admin-port``; ``api`` its address too."""
+    for name, text in (
+        ("run", "relay + workers in one process"),
+        ("relay", "move outbox rows to RabbitMQ"),
+        ("worker", "consume events and deliver webhooks"),
+        ("api", "the authenticated multi-tenant HTTP API"),
+    ):
+        proc = commands.add_parser(name, help=text)
+        proc.add_argument(
+            "--admin-port",
+            type=_whole_number(0, 65535),
+            help="port for /metrics, /healthz, /readyz",
+        )
+        if name == "api":
+            proc.add_argument("--host", help="bind address (default: DELIVERY_API_HOST, 127.0.0.1)")
+            proc.add_argument(
+                "--port",
+                type=_whole_number(0, 65535),
+                help="port (default: DELIVERY_API_PORT, 8080)",
+            )
+
+
+def _demo_command(commands: Any) -> None:
+    demo = commands.add_parser("demo", help="a whole run on this machine, to watch")
+    demo.add_argument(
+        "--events", type=_whole_number(1, 1_000_000), default=3000, help="how many to publish"
+    )
+    demo.add_argument("--keep", action="store_true", help="leave the throwaway services running")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="delivery", description="Reliable signed webhook delivery.")
     _global_options(parser, top=True)
@@ -75,26 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--status", action="store_true", help="list applied and pending migrations; apply none"
     )
 
-    for name, text in (
-        ("run", "relay + workers in one process"),
-        ("relay", "move outbox rows to RabbitMQ"),
-        ("worker", "consume events and deliver webhooks"),
-    ):
-        proc = commands.add_parser(name, help=text)
-        proc.add_argument(
-            "--admin-port",
-            type=_whole_number(0, 65535),
-            help="port for /metrics, /healthz, /readyz",
-        )
-
-    api = commands.add_parser("api", help="the authenticated multi-tenant HTTP API")
-    api.add_argument("--host", help="bind address (default: DELIVERY_API_HOST, 127.0.0.1)")
-    api.add_argument(
-        "--port", type=_whole_number(0, 65535), help="port (default: DELIVERY_API_PORT, 8080)"
-    )
-    api.add_argument(
-        "--admin-port", type=_whole_number(0, 65535), help="port for /metrics, /healthz, /readyz"
-    )
+    _process_commands(commands)
 
     publish = commands.add_parser("publish", help="publish JSON-lines events into the outbox")
     publish.add_argument("file", nargs="?", help="file of JSON lines (default: standard input)")
@@ -172,11 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("status", help="backlog, queues and subscriptions at a glance")
     _tenants_parsers(commands)
 
-    demo = commands.add_parser("demo", help="a whole run on this machine, to watch")
-    demo.add_argument(
-        "--events", type=_whole_number(1, 1_000_000), default=3000, help="how many to publish"
-    )
-    demo.add_argument("--keep", action="store_true", help="leave the throwaway services running")
+    _demo_command(commands)
     return parser
 
 
