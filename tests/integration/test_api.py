@@ -82,6 +82,13 @@ async def test_a_batch_is_all_or_nothing_and_names_the_failing_index(settings):
         async with http.post("/v1/events", data=b"{not json") as answer:
             assert answer.status == 400
             assert (await answer.json())["error"]["code"] == "invalid_request"
+        # aiohttp's own answers, in the same shape.
+        async with http.get("/v1/nowhere") as answer:
+            assert answer.status == 404
+            assert (await answer.json())["error"]["code"] == "not_found"
+        async with http.put("/v1/events", json={}) as answer:
+            assert answer.status == 405 and answer.headers["Allow"]
+            assert (await answer.json())["error"]["code"] == "method_not_allowed"
         async with http.post("/v1/events", json={"events": [trade(0)] * 1001}) as answer:
             assert answer.status == 400
             assert (await answer.json())["error"]["field"] == "events"
@@ -161,6 +168,13 @@ async def test_subscription_create_read_change_rotate_pause_remove(settings):
         async with http.post("/v1/subscriptions", json={**body, "events": ["nothing.*"]}) as answer:
             assert answer.status == 422
             assert (await answer.json())["error"]["field"] == "events"
+        signed = {"url": "http://127.0.0.1:9/ed", "events": ["*"], "signing": "ed25519"}
+        async with http.post("/v1/subscriptions", json=signed) as answer:
+            assert answer.status == 201
+            ed = await answer.json()
+            # The platform keeps the whsk_ secret key; the subscriber gets the public key.
+            assert ed["signing"] == "ed25519" and ed["secret"] is None
+            assert ed["public_key"].startswith("whpk_")
         async with http.get(f"/v1/subscriptions/{sub}/deliveries") as answer:
             assert await answer.json() == {"items": [], "next_cursor": None}
         async with http.delete(f"/v1/subscriptions/{sub}") as answer:
@@ -168,7 +182,7 @@ async def test_subscription_create_read_change_rotate_pause_remove(settings):
         async with http.get(f"/v1/subscriptions/{sub}") as answer:
             assert answer.status == 404
         async with http.get("/v1/subscriptions") as answer:
-            assert (await answer.json())["items"] == []
+            assert [s["id"] for s in (await answer.json())["items"]] == [ed["id"]]
     conn = await asyncpg.connect(settings.database_url)
     try:  # removed, not deleted: its history stays
         assert await conn.fetchval("SELECT state FROM delivery.subscriptions WHERE id=$1", sub) == (
