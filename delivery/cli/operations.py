@@ -161,13 +161,16 @@ async def _act_on_subscription(
         from delivery.store import pausing
 
         move = pausing.pause if action == "pause" else pausing.resume
-        _print_subscription(await move(conn, subscription_id), args.json)
+        _print_subscription(await move(conn, subscription_id, tenant_id=tenant_id), args.json)
     elif action == "replay":
         from delivery.store import replays
 
         since = replays.parse_moment(args.since, "--since")
         until = replays.parse_moment(args.until, "--until")
-        _emit({"replayed": await replays.replay_window(conn, subscription_id, since, until)})
+        replayed = await replays.replay_window(
+            conn, subscription_id, since, until, tenant_id=tenant_id
+        )
+        _emit({"replayed": replayed})
     elif action == "rotate-secret":
         async with conn.transaction():  # as for add: no new secret unless it can be shown
             sub = await subs.rotate_secret(

@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     again = sub_actions.add_parser(
         "replay", help="send a time window's matching events again (same webhook-id)"
     )
+    _tenant_option(again)
     again.add_argument("id")
     for bound, text in (("since", "from (included)"), ("until", "to (excluded)")):
         again.add_argument(
