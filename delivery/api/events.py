@@ -3,6 +3,7 @@ deliveries, and the newest-first listing."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from delivery.api import pagination
@@ -21,6 +22,7 @@ from delivery.outbox import publish_validated
 from delivery.store import pages, quotas
 
 IDEMPOTENCY_KEY = "Idempotency-Key"
+_EVENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 def _invalid(message: str, prefix: str) -> ApiError:
@@ -33,6 +35,12 @@ def _invalid(message: str, prefix: str) -> ApiError:
 def parse_body(raw: Any, idempotency_key: str | None) -> list[NewEvent]:
     """The events of a publish body, each validated; ``ApiError`` 400 naming the first bad
     one's field and index (``events[3].data.price``). Nothing is written before this passes."""
+    if idempotency_key is not None and not _EVENT_ID.fullmatch(idempotency_key):
+        raise ApiError(
+            "invalid_request",
+            f"{IDEMPOTENCY_KEY}: must be an event id, at most 64 characters of A-Z a-z 0-9 _ . : -",
+            field=IDEMPOTENCY_KEY,
+        )
     if isinstance(raw, dict) and "events" in raw and "type" not in raw:
         if set(raw) != {"events"}:
             extra = sorted(set(raw) - {"events"})[0]
