@@ -23,6 +23,7 @@ from delivery.errors import DeliveryPlatformError
 from delivery.ops import metrics
 from delivery.secrets import SecretBox
 from delivery.settings import Settings
+from delivery.store.pool import is_connection_error
 
 log = structlog.get_logger("delivery.api")
 access = structlog.get_logger("delivery.api.access")
@@ -127,9 +128,19 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
         message = exc.reason if exc.status != 413 else "the body is over the size limit"
         response = error_response(ApiError(code, message, headers=headers))
         response.set_status(exc.status)
-    except Exception:
-        log.exception("request_failed", method=request.method, route=_route_template(request))
-        response = error_response(ApiError("internal", "internal error; it was logged"))
+    except Exception as exc:
+        if is_connection_error(exc):  # the database is away (failover, restart): try again
+            log.warning("request_unavailable", route=_route_template(request), error=repr(exc))
+            response = error_response(
+                ApiError(
+                    "unavailable",
+                    "the database is unavailable; try again",
+                    headers={"Retry-After": "1"},
+                )
+            )
+        else:
+            log.exception("request_failed", method=request.method, route=_route_template(request))
+            response = error_response(ApiError("internal", "internal error; it was logged"))
     duration_s = time.perf_counter() - started
     route = _route_template(request)
     metrics.API_REQUESTS.labels(route, request.method, str(response.status)).inc()

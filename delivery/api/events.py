@@ -126,8 +126,10 @@ async def get_event(call: Call) -> Reply:
     async with call.pool.acquire() as conn:
         found = await pages.event(conn, tenant, call.path.id)
         deliveries = await pages.event_deliveries(conn, tenant, call.path.id)
+        awaiting = await pages.awaiting_dispatch(conn, tenant, found)
     found.pop("pk")
-    return Reply(200, EventDetail.model_validate({"event": found, "deliveries": deliveries}))
+    detail = {"event": found, "deliveries": deliveries, "awaiting_dispatch": awaiting}
+    return Reply(200, EventDetail.model_validate(detail))
 
 
 async def list_events(call: Call) -> Reply:

@@ -134,6 +134,10 @@ class EventDetail(_Model):
     deliveries: list[DeliveryOut] = Field(
         description="per subscription the event was dispatched to: its state and attempts"
     )
+    awaiting_dispatch: list[str] = Field(
+        description="until a worker has dispatched the event: the ids of the subscriptions it"
+        " matches now, which have no delivery yet (empty once it is dispatched)"
+    )
 
 
 class Window(_Model):

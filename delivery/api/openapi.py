@@ -30,6 +30,7 @@ _REASONS = {
     415: "The body is not JSON",
     422: "Valid JSON that the platform refuses (`field` names the culprit)",
     429: "Over the tenant's ingest rate: wait `Retry-After` seconds",
+    503: "The database is unavailable (a failover, a restart): try again after `Retry-After`",
 }
 _RATE_HEADERS = {
     "Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}},

@@ -71,7 +71,7 @@ class Route:
     tag: str = ""
 
     def error_statuses(self) -> tuple[int, ...]:
-        common = {400, 401, 403}
+        common = {400, 401, 403, 503}
         if self.path_model is not None:
             common.add(404)
         if self.body is not None:

@@ -16,7 +16,8 @@ import asyncpg
 import orjson
 
 from delivery.errors import NotFoundError
-from delivery.store.subscriptions import FIELDS
+from delivery.store.states import SubscriptionState
+from delivery.store.subscriptions import FIELDS, list_all
 
 _EVENT = (
     "o.pk, o.event_id AS id, o.type, o.account_id, o.sequence, o.occurred_at, o.created_at,"
@@ -244,3 +245,18 @@ async def subscriptions(
             limit + 1,
         )
     )
+
+
+async def awaiting_dispatch(
+    conn: asyncpg.Connection, tenant_id: str, event: dict[str, Any]
+) -> list[str]:
+    """The tenant's subscriptions (active or paused) that the event matches, while no worker
+    has dispatched it (no inbox row): who will get a delivery. Empty once dispatched."""
+    if await conn.fetchval("SELECT true FROM delivery.inbox WHERE event_id = $1", event["id"]):
+        return []
+    waiting = (SubscriptionState.ACTIVE, SubscriptionState.PAUSED)
+    return [
+        s.id
+        for s in await list_all(conn, tenant_id=tenant_id)
+        if s.state in waiting and s.matches(event["type"], event["account_id"])
+    ]

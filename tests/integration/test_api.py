@@ -148,6 +148,12 @@ async def test_subscription_create_read_change_rotate_pause_remove(settings):
             created = await answer.json()
         sub = created["id"]
         assert created["secret"].startswith("whsec_") and created["retry_schedule"] == "1s,5s"
+        # No worker runs here: the event waits for dispatch, and says for whom.
+        async with http.post("/v1/events", json=trade(1, id="evt_waits")) as answer:
+            assert answer.status == 202
+        async with http.get("/v1/events/evt_waits") as answer:
+            waiting = await answer.json()
+            assert waiting["awaiting_dispatch"] == [sub] and waiting["deliveries"] == []
         async with http.get(f"/v1/subscriptions/{sub}") as answer:
             shown = await answer.json()
             assert "secret" not in shown and shown["events"] == ["trade.*"]

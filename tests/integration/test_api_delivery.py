@@ -66,6 +66,7 @@ async def test_a_replayed_time_window_reaches_the_receiver_again(settings):
         await wait_until(recorded, timeout_s=30, what="the replayed attempt recorded")
         detail = await _json(http, "GET", "/v1/events/evt_r1", 200)
         [delivery] = detail["deliveries"]
+        assert detail["awaiting_dispatch"] == []  # dispatched
         assert delivery["subscription_id"] == sub["id"]
         assert [a["status"] for a in delivery["attempt_log"]] == [200, 200]
 
