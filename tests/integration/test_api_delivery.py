@@ -43,6 +43,14 @@ async def test_a_replayed_time_window_reaches_the_receiver_again(settings):
         for i in range(3):
             await _json(http, "POST", "/v1/events", 202, trade(i, id=f"evt_r{i}"))
         await receiver.wait_for(lambda r: r.unique_count("/hook") == 3, 30, "3 first deliveries")
+
+        async def all_recorded() -> bool:
+            # A delivery still being attempted is left to that attempt by a replay: wait
+            # until the worker has recorded all three.
+            page = await _json(http, "GET", f"/v1/subscriptions/{sub['id']}/deliveries", 200)
+            return [d["state"] for d in page["items"]] == ["delivered"] * 3
+
+        await wait_until(all_recorded, timeout_s=30, what="3 deliveries recorded")
         listed = (await _json(http, "GET", "/v1/events", 200))["items"]
         created = {e["id"]: e["created_at"] for e in listed}
         window = {"since": created["evt_r1"], "until": created["evt_r2"]}  # [since, until)
