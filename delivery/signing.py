@@ -152,8 +152,7 @@ def sign(keys: Iterable[SigningKey], msg_id: str, timestamp: int, body: bytes) -
 
 def sign_v1a(keys: Iterable[Ed25519PrivateKey], msg_id: str, timestamp: int, body: bytes) -> str:
     """``v1a,<base64 Ed25519 signature of "{msg_id}.{timestamp}.{body}">`` per key."""
-    prefix = f"{msg_id}.{timestamp}.".encode()
-    return " ".join(_sign_v1a(key, prefix, body) for key in keys)
+    return sign(keys, msg_id, timestamp, body)
 
 
 def _sign_v1a(key: Ed25519PrivateKey, prefix: bytes, body: bytes) -> str:

@@ -1,4 +1,5 @@
-"""The operator's commands, each on one database connection: subscriptions, dlq, status."""
+"""The operator's commands, each on one database connection: subscriptions, secrets, dlq,
+status."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from delivery.cli.output import EXIT_FAILURE, EXIT_OK, _emit, _progress
-from delivery.errors import InputError
+from delivery.errors import ConfigError, InputError
 from delivery.settings import Settings
+
+if TYPE_CHECKING:
+    from delivery.secrets import SecretBox
 
 
 async def _with_conn(settings: Settings, work: Callable[[Any], Awaitable[int]]) -> int:
@@ -69,23 +73,28 @@ def _secret(args: argparse.Namespace) -> str | None:
 
 async def cmd_subscriptions(args: argparse.Namespace, settings: Settings) -> int:
     from delivery.store import subscriptions as subs
+    from delivery.store.secret_keys import open_box
 
     tenant_id = _tenant(args)
 
     async def work(conn: Any) -> int:
         await _tenant_exists(conn, tenant_id)
+        # Every action writes or shows secrets (an Ed25519 public key comes from its secret).
+        box = await open_box(conn, settings)
         if args.action == "add":
-            return await _add_subscription(conn, args, settings, tenant_id)
+            return await _add_subscription(conn, args, settings, tenant_id, box)
         if args.action == "list":
-            return await _list_subscriptions(conn, args, tenant_id)
+            return await _list_subscriptions(conn, args, tenant_id, box)
         subscription_id = subs.parse_subscription_id(args.id)
-        return await _act_on_subscription(conn, args, settings, subscription_id, tenant_id)
+        return await _act_on_subscription(
+            conn, args, settings, subscription_id, tenant_id=tenant_id, box=box
+        )
 
     return await _with_conn(settings, work)
 
 
 async def _add_subscription(
-    conn: Any, args: argparse.Namespace, settings: Settings, tenant_id: str
+    conn: Any, args: argparse.Namespace, settings: Settings, tenant_id: str, box: SecretBox
 ) -> int:
     from delivery.durations import parse_schedule_s
     from delivery.store import subscriptions as subs
@@ -111,17 +120,21 @@ async def _add_subscription(
             secret=_secret(args),
             retry_schedule_s=schedule,
             timeout_s=args.timeout,
+            signing=args.signing,
+            box=box,
         )
         answer = sub.public_dict(with_secret=True)
     _emit(answer)
     return EXIT_OK
 
 
-async def _list_subscriptions(conn: Any, args: argparse.Namespace, tenant_id: str) -> int:
+async def _list_subscriptions(
+    conn: Any, args: argparse.Namespace, tenant_id: str, box: SecretBox
+) -> int:
     from delivery.store import subscriptions as subs
     from delivery.targets import mask_url
 
-    items = await subs.list_all(conn, tenant_id=tenant_id)
+    items = await subs.list_all(conn, tenant_id=tenant_id, box=box)
     if args.json:
         _emit([s.public_dict() for s in items])
         return EXIT_OK
@@ -136,7 +149,13 @@ async def _list_subscriptions(conn: Any, args: argparse.Namespace, tenant_id: st
 
 
 async def _act_on_subscription(
-    conn: Any, args: argparse.Namespace, settings: Settings, subscription_id: str, tenant_id: str
+    conn: Any,
+    args: argparse.Namespace,
+    settings: Settings,
+    subscription_id: str,
+    *,
+    tenant_id: str,
+    box: SecretBox,
 ) -> int:
     from delivery.store import subscriptions as subs
     from delivery.store.dead_letters import park_pending
@@ -145,14 +164,19 @@ async def _act_on_subscription(
     action = args.action
     if action == "show":
         _print_subscription(
-            await subs.get(conn, subscription_id, tenant_id=tenant_id), args.json
+            await subs.get(conn, subscription_id, tenant_id=tenant_id, box=box), args.json
         )
     elif action in ("disable", "enable"):
         disable = action == "disable"
         state = SubscriptionState.DISABLED if disable else SubscriptionState.ACTIVE
         async with conn.transaction():
             sub = await subs.set_state(
-                conn, subscription_id, state, reason="disabled by operator", tenant_id=tenant_id
+                conn,
+                subscription_id,
+                state,
+                reason="disabled by operator",
+                tenant_id=tenant_id,
+                box=box,
             )
             if disable:
                 await park_pending(conn, subscription_id, "subscription disabled by operator")
@@ -161,7 +185,9 @@ async def _act_on_subscription(
         from delivery.store import pausing
 
         move = pausing.pause if action == "pause" else pausing.resume
-        _print_subscription(await move(conn, subscription_id, tenant_id=tenant_id), args.json)
+        _print_subscription(
+            await move(conn, subscription_id, tenant_id=tenant_id, box=box), args.json
+        )
     elif action == "replay":
         from delivery.store import replays
 
@@ -178,6 +204,7 @@ async def _act_on_subscription(
                 subscription_id,
                 grace_s=settings.secret_rotation_grace_s,
                 tenant_id=tenant_id,
+                box=box,
             )
             answer = sub.public_dict(with_secret=True)
         _emit(answer)
@@ -191,6 +218,24 @@ async def _act_on_subscription(
         else:
             sys.stdout.write(f"removed {subscription_id} (history {kept})\n")
     return EXIT_OK
+
+
+async def cmd_secrets(args: argparse.Namespace, settings: Settings) -> int:
+    from delivery.secrets import SecretBox, generate_key
+    from delivery.store.secret_keys import rotate_key
+
+    if args.action == "generate-key":
+        _emit({"key": generate_key()})
+        return EXIT_OK
+    if not settings.database_url:  # not required up front: generate-key needs no database
+        raise ConfigError("DELIVERY_DATABASE_URL is not set")
+    box = SecretBox.from_text(settings.secrets_key.get_secret_value())
+
+    async def work(conn: Any) -> int:
+        _emit((await rotate_key(conn, box)).as_dict())
+        return EXIT_OK
+
+    return await _with_conn(settings, work)
 
 
 async def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:

@@ -86,12 +86,49 @@ def _process_commands(commands: Any) -> None:
             )
 
 
+def _dlq_command(commands: Any) -> None:
+    dlq = commands.add_parser("dlq", help="dead letters")
+    dlq_actions = dlq.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    dl = dlq_actions.add_parser("list", help="list dead letters")
+    _tenant_option(dl)
+    dl.add_argument("--subscription")
+    dl.add_argument("--limit", type=_whole_number(1, 10_000), default=1000)
+    dl.add_argument(
+        "--poison",
+        action="store_true",
+        help="messages no worker could process, not deliveries (the platform's: no tenant)",
+    )
+    replay = dlq_actions.add_parser("replay", help="send dead letters again (same webhook-id)")
+    purge = dlq_actions.add_parser("purge", help="drop dead letters (asks first on a terminal)")
+    for p in (replay, purge):
+        _tenant_option(p)
+        p.add_argument("ids", nargs="*", metavar="ID")
+        p.add_argument("--subscription")
+        p.add_argument("--all", action="store_true")
+    purge.add_argument(
+        "--yes",
+        "-y",
+        action="store_true",
+        help="do not ask (required when standard input is not a terminal)",
+    )
+
+
 def _demo_command(commands: Any) -> None:
     demo = commands.add_parser("demo", help="a whole run on this machine, to watch")
     demo.add_argument(
         "--events", type=_whole_number(1, 1_000_000), default=3000, help="how many to publish"
     )
     demo.add_argument("--keep", action="store_true", help="leave the throwaway services running")
+
+
+def _secrets_command(commands: Any) -> None:
+    secrets = commands.add_parser("secrets", help="signing secrets at rest")
+    actions = secrets.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    actions.add_parser(
+        "rotate-key",
+        help="seal plaintext secrets and move sealed ones to the first DELIVERY_SECRETS_KEY",
+    )
+    actions.add_parser("generate-key", help="print a new key for DELIVERY_SECRETS_KEY")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,12 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--account", help="only this account's events")
     given = add.add_mutually_exclusive_group()
     given.add_argument(
-        "--secret", help="whsec_... (default: generated; visible in ps, prefer --secret-file)"
+        "--secret",
+        help="whsec_... (whsk_... with --signing ed25519; default: generated; visible in ps,"
+        " prefer --secret-file)",
     )
     given.add_argument(
         "--secret-file",
         metavar="PATH",
-        help="read the whsec_... secret from this file, or from standard input with -",
+        help="read the secret from this file, or from standard input with -",
+    )
+    add.add_argument(
+        "--signing",
+        choices=("hmac", "ed25519"),
+        default="hmac",
+        help="hmac: Standard Webhooks v1 (whsec_ secret, the default); ed25519: v1a (the"
+        " subscriber verifies with the whpk_ public key shown)",
     )
     add.add_argument("--retry-schedule", help="e.g. 5s,5m,30m (default: DELIVERY_RETRY_SCHEDULE)")
     add.add_argument(
@@ -157,30 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"events committed {text} this moment, e.g. 2026-12-07T21:00:00Z",
         )
 
-    dlq = commands.add_parser("dlq", help="dead letters")
-    dlq_actions = dlq.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    dl = dlq_actions.add_parser("list", help="list dead letters")
-    _tenant_option(dl)
-    dl.add_argument("--subscription")
-    dl.add_argument("--limit", type=_whole_number(1, 10_000), default=1000)
-    dl.add_argument(
-        "--poison",
-        action="store_true",
-        help="messages no worker could process, not deliveries (the platform's: no tenant)",
-    )
-    replay = dlq_actions.add_parser("replay", help="send dead letters again (same webhook-id)")
-    purge = dlq_actions.add_parser("purge", help="drop dead letters (asks first on a terminal)")
-    for p in (replay, purge):
-        _tenant_option(p)
-        p.add_argument("ids", nargs="*", metavar="ID")
-        p.add_argument("--subscription")
-        p.add_argument("--all", action="store_true")
-    purge.add_argument(
-        "--yes",
-        "-y",
-        action="store_true",
-        help="do not ask (required when standard input is not a terminal)",
-    )
+    _secrets_command(commands)
+
+    _dlq_command(commands)
 
     commands.add_parser("status", help="backlog, queues and subscriptions at a glance")
     _tenants_parsers(commands)

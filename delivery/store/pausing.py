@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncpg
 
 from delivery.errors import InputError, NotFoundError
+from delivery.secrets import NO_KEYS, SecretBox
 from delivery.store.states import SubscriptionState
 from delivery.store.subscriptions import FIELDS, Subscription
 from delivery.store.tenants import DEFAULT_TENANT
@@ -32,7 +33,11 @@ _STATE = "SELECT state FROM delivery.subscriptions WHERE id = $1 AND tenant_id =
 
 
 async def pause(
-    conn: asyncpg.Connection, subscription_id: str, *, tenant_id: str = DEFAULT_TENANT
+    conn: asyncpg.Connection,
+    subscription_id: str,
+    *,
+    tenant_id: str = DEFAULT_TENANT,
+    box: SecretBox = NO_KEYS,
 ) -> Subscription:
     """Hold the subscription's deliveries until ``resume``; its events keep arriving."""
     return await _move(
@@ -41,11 +46,16 @@ async def pause(
         tenant_id,
         (SubscriptionState.ACTIVE, SubscriptionState.PAUSED),
         SubscriptionState.PAUSED,
+        box=box,
     )
 
 
 async def resume(
-    conn: asyncpg.Connection, subscription_id: str, *, tenant_id: str = DEFAULT_TENANT
+    conn: asyncpg.Connection,
+    subscription_id: str,
+    *,
+    tenant_id: str = DEFAULT_TENANT,
+    box: SecretBox = NO_KEYS,
 ) -> Subscription:
     """Deliver what waited during the pause, in order, and what comes from now on."""
     return await _move(
@@ -54,6 +64,7 @@ async def resume(
         tenant_id,
         (SubscriptionState.PAUSED, SubscriptionState.ACTIVE),
         SubscriptionState.ACTIVE,
+        box=box,
     )
 
 
@@ -63,10 +74,12 @@ async def _move(
     tenant_id: str,
     sources: tuple[SubscriptionState, ...],
     target: SubscriptionState,
+    *,
+    box: SecretBox,
 ) -> Subscription:
     row = await conn.fetchrow(_MOVE, subscription_id, tenant_id, list(sources), target)
     if row is not None:
-        return Subscription.from_row(row)
+        return Subscription.from_row(row, box=box)
     state = await conn.fetchval(_STATE, subscription_id, tenant_id)
     if state == SubscriptionState.DISABLED:
         # A disabled subscription's events are dead letters already: pausing or resuming it

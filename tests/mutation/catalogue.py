@@ -515,7 +515,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "rotation-new-secret-only",
         "delivery/store/subscriptions.py",
-        (("keys.append(secret_key(self.previous_secret))", "pass"),),
+        (("secrets_.append(self.previous_secret)", "pass"),),
         "during a rotation's grace only the new secret signs",
         guarantee=ROTATION,
     ),
@@ -539,6 +539,12 @@ _MUTANTS: tuple[Mutant, ...] = (
         (('return " ".join(parts)', 'return ",".join(parts)'),),
         "several signatures are joined so that a verifier cannot split them",
         guarantee=ROTATION,
+    ),
+    Mutant(
+        "secret-written-plaintext",
+        "delivery/store/subscriptions.py",
+        (("box.seal(secret or generate(signing)),", "secret or generate(signing),"),),
+        "with DELIVERY_SECRETS_KEY set, a new subscription's secret is stored in plaintext",
     ),
     Mutant(
         "matching-ignores-account",
@@ -905,6 +911,10 @@ KILLS: dict[str, tuple[str, ...]] = {
     ),
     "sign-content-without-dot": (
         _S + "test_a_signed_request_verifies_with_the_standard_webhooks_library",
+    ),
+    "secret-written-plaintext": (
+        "tests/integration/test_secrets.py::"
+        "test_with_a_key_the_database_holds_only_ciphertext_and_deliveries_verify",
     ),
     "sign-joined-by-comma": (
         _S + "test_during_a_rotation_each_secret_alone_verifies_with_the_standard_webhooks_library",
