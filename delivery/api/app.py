@@ -33,6 +33,8 @@ SETTINGS = web.AppKey("settings", Settings)
 BOX = web.AppKey("box", SecretBox)
 _CALLER = "delivery.caller"
 _UNMATCHED = "unmatched"
+# Methods we never serve are counted as one, so a client cannot add label values at will.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # aiohttp's own answers (no route, wrong method, body too large), in the API's codes.
 _HTTP_CODES = {
     400: "invalid_request",
@@ -143,12 +145,13 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
             response = error_response(ApiError("internal", "internal error; it was logged"))
     duration_s = time.perf_counter() - started
     route = _route_template(request)
-    metrics.API_REQUESTS.labels(route, request.method, str(response.status)).inc()
-    metrics.API_REQUEST_DURATION.labels(route, request.method).observe(duration_s)
+    method = request.method if request.method in _METHODS else "other"
+    metrics.API_REQUESTS.labels(route, method, str(response.status)).inc()
+    metrics.API_REQUEST_DURATION.labels(route, method).observe(duration_s)
     caller = request.get(_CALLER)
     access.info(
         "request",
-        method=request.method,
+        method=method,
         route=route,
         status=response.status,
         duration_ms=round(duration_s * 1000, 2),

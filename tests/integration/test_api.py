@@ -247,12 +247,15 @@ async def test_metrics_count_route_templates_and_the_access_log_never_holds_the_
                 pass
             async with http.get("/v1/events/evt_nope"):
                 pass
+            async with http.request("PROPFIND", "/v1/events"):  # a method we never serve
+                pass
         async with api.client() as http, http.get(api.admin_url + "/metrics") as answer:
             exposition = await answer.text()
         log = api.log()
     assert 'route="/v1/events/{id}",status="200"' in exposition
     assert 'route="/v1/events/{id}",status="404"' in exposition
     assert "evt_m1" not in exposition  # the template, never the raw path
+    assert 'method="other"' in exposition and "PROPFIND" not in exposition
     assert "delivery_api_request_duration_seconds_bucket" in exposition
     assert '"route": "/v1/events/{id}"' in log and '"key_id": "key_' in log
     assert key not in log and "Bearer" not in log
