@@ -5,6 +5,8 @@ revocation, metrics and the access log, the SIGTERM drain."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import sys
 
 import asyncpg
 import pytest
@@ -322,3 +324,26 @@ async def _wait_until_unready(api) -> None:
             return False
 
     await wait_until(unready, timeout_s=10, what="the api to report draining")
+
+
+async def test_a_port_in_use_stops_the_api_with_one_line_and_exit_2(settings):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "delivery",
+            "api",
+            "--port",
+            str(port),
+            env=settings_env(settings),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2
+    last = stderr.decode().strip().splitlines()[-1]
+    assert "DELIVERY_API_HOST/DELIVERY_API_PORT" in last and str(port) in last
+    assert "Traceback" not in stderr.decode()
