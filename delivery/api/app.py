@@ -55,10 +55,10 @@ def where(loc: Sequence[int | str]) -> str:
     return out
 
 
-def _invalid(exc: ValidationError, prefix: str = "") -> ApiError:
+def _invalid(exc: ValidationError) -> ApiError:
     err = exc.errors()[0]
     loc = [p for p in err["loc"] if not (isinstance(p, str) and "." in p)]  # union tags
-    field = where([prefix, *loc] if prefix else loc) or None
+    field = where(loc) or None
     return ApiError("invalid_request", f"{field or 'body'}: {err['msg']}", field=field)
 
 
@@ -81,8 +81,9 @@ async def _json_body(request: web.Request) -> Any:
         raise ApiError("invalid_request", f"the body is not valid JSON: {exc}") from None
 
 
-def _adapter(route: Route) -> Any:
+def _adapter(route: Route) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
+        # Auth first: without a valid key nothing else about the request is answered.
         app = request.app
         caller = await caller_for(app[POOL], request.headers.get("Authorization"), route.scope)
         request[_CALLER] = caller
