@@ -14,14 +14,16 @@ ALTER TABLE delivery.account_sequences
 ALTER TABLE delivery.outbox DROP CONSTRAINT outbox_account_id_sequence_key;
 
 -- migrations/0007 says why a function, and how its one statement stays gapless; this is the
--- same statement with the tenant. Two refusals first, each failing the whole call (nothing of
--- the batch is written):
--- * an unknown tenant: SQLSTATE DLV02;
+-- same statement with the tenant. Two refusals, each failing the whole call (nothing of the
+-- batch stays written):
+-- * an unknown tenant, checked first: SQLSTATE DLV02;
 -- * an id already in the outbox under another tenant: SQLSTATE DLV01, the id in DETAIL. Event
 --   ids are unique across tenants (the inbox and the deliveries key on them), so such an id is
---   not this tenant's duplicate. One committed by another tenant after this check makes the
---   insert below skip it, which fails the call with serialization_failure as in 0007; the
---   caller's retry then sees it here.
+--   not this tenant's duplicate. Checked after the insert, in a statement of its own: every id
+--   the insert did not write is committed by then (skipped as already there, or the call fails
+--   with serialization_failure as in 0007 and the caller's retry gets here), so a check before
+--   the insert would miss an id another tenant commits between the two. A batch of new ids only
+--   (the usual case) skips it.
 CREATE FUNCTION delivery.publish_events(
     p_tenant text, p_ids text[], p_types text[], p_accounts text[], p_occurred timestamptz[],
     p_data text[], p_traceparents text[], OUT inserted text[]
@@ -38,12 +40,6 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'tenant % does not exist', coalesce(quote_literal(p_tenant), 'NULL')
             USING ERRCODE = 'DLV02';
-    END IF;
-    SELECT o.event_id INTO taken
-    FROM delivery.outbox o WHERE o.event_id = ANY (p_ids) AND o.tenant_id <> p_tenant LIMIT 1;
-    IF taken IS NOT NULL THEN
-        RAISE EXCEPTION 'event id % is used by another tenant', quote_literal(taken)
-            USING ERRCODE = 'DLV01', DETAIL = taken;
     END IF;
     WITH input AS (
         SELECT * FROM unnest(p_ids, p_types, p_accounts, p_occurred, p_data, p_traceparents)
@@ -83,6 +79,14 @@ BEGIN
     IF cardinality(inserted) <> fresh_n THEN
         RAISE EXCEPTION 'an event id of this batch was committed by a concurrent producer'
             USING ERRCODE = 'serialization_failure';
+    END IF;
+    IF cardinality(inserted) < cardinality(p_ids) THEN
+        SELECT o.event_id INTO taken FROM delivery.outbox o
+        WHERE o.event_id = ANY (p_ids) AND o.tenant_id <> p_tenant LIMIT 1;
+        IF taken IS NOT NULL THEN
+            RAISE EXCEPTION 'event id % is used by another tenant', quote_literal(taken)
+                USING ERRCODE = 'DLV01', DETAIL = taken;
+        END IF;
     END IF;
 END
 $fn$;

@@ -78,23 +78,23 @@ async def cmd_subscriptions(args: argparse.Namespace, settings: Settings) -> int
     tenant_id = _tenant(args)
 
     async def work(conn: Any) -> int:
-        await _tenant_exists(conn, tenant_id)
         # Every action writes or shows secrets (an Ed25519 public key comes from its secret).
         box = await open_box(conn, settings)
+        await _tenant_exists(conn, tenant_id)
         if args.action == "add":
-            return await _add_subscription(conn, args, settings, tenant_id, box)
+            return await _add_subscription(conn, args, settings, box, tenant_id)
         if args.action == "list":
-            return await _list_subscriptions(conn, args, tenant_id, box)
+            return await _list_subscriptions(conn, args, box, tenant_id)
         subscription_id = subs.parse_subscription_id(args.id)
         return await _act_on_subscription(
-            conn, args, settings, subscription_id, tenant_id=tenant_id, box=box
+            conn, args, settings, subscription_id, box=box, tenant_id=tenant_id
         )
 
     return await _with_conn(settings, work)
 
 
 async def _add_subscription(
-    conn: Any, args: argparse.Namespace, settings: Settings, tenant_id: str, box: SecretBox
+    conn: Any, args: argparse.Namespace, settings: Settings, box: SecretBox, tenant_id: str
 ) -> int:
     from delivery.durations import parse_schedule_s
     from delivery.store import subscriptions as subs
@@ -129,12 +129,12 @@ async def _add_subscription(
 
 
 async def _list_subscriptions(
-    conn: Any, args: argparse.Namespace, tenant_id: str, box: SecretBox
+    conn: Any, args: argparse.Namespace, box: SecretBox, tenant_id: str
 ) -> int:
     from delivery.store import subscriptions as subs
     from delivery.targets import mask_url
 
-    items = await subs.list_all(conn, tenant_id=tenant_id, box=box)
+    items = await subs.list_all(conn, box=box, tenant_id=tenant_id)
     if args.json:
         _emit([s.public_dict() for s in items])
         return EXIT_OK
@@ -154,8 +154,8 @@ async def _act_on_subscription(
     settings: Settings,
     subscription_id: str,
     *,
-    tenant_id: str,
     box: SecretBox,
+    tenant_id: str,
 ) -> int:
     from delivery.store import subscriptions as subs
     from delivery.store.dead_letters import park_pending
@@ -164,7 +164,7 @@ async def _act_on_subscription(
     action = args.action
     if action == "show":
         _print_subscription(
-            await subs.get(conn, subscription_id, tenant_id=tenant_id, box=box), args.json
+            await subs.get(conn, subscription_id, box=box, tenant_id=tenant_id), args.json
         )
     elif action in ("disable", "enable"):
         disable = action == "disable"
@@ -175,8 +175,8 @@ async def _act_on_subscription(
                 subscription_id,
                 state,
                 reason="disabled by operator",
-                tenant_id=tenant_id,
                 box=box,
+                tenant_id=tenant_id,
             )
             if disable:
                 await park_pending(conn, subscription_id, "subscription disabled by operator")
@@ -186,7 +186,7 @@ async def _act_on_subscription(
 
         move = pausing.pause if action == "pause" else pausing.resume
         _print_subscription(
-            await move(conn, subscription_id, tenant_id=tenant_id, box=box), args.json
+            await move(conn, subscription_id, box=box, tenant_id=tenant_id), args.json
         )
     elif action == "replay":
         from delivery.store import replays
@@ -203,8 +203,8 @@ async def _act_on_subscription(
                 conn,
                 subscription_id,
                 grace_s=settings.secret_rotation_grace_s,
-                tenant_id=tenant_id,
                 box=box,
+                tenant_id=tenant_id,
             )
             answer = sub.public_dict(with_secret=True)
         _emit(answer)
@@ -359,15 +359,16 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         else:
             for name, depth in report["queues"].items():
                 sys.stdout.write(f"queue {name}: {'missing' if depth is None else depth}\n")
+        # The tenant last: the columns before it kept their places.
         sys.stdout.write(
-            f"{'SUBSCRIPTION':<21} {'TENANT':<21} {'STATE':<9} {'PENDING':>8} {'RETRYING':>8} "
-            f"{'DEAD':>6} {'DELIVERED':>9}  LAST SUCCESS\n"
+            f"{'SUBSCRIPTION':<21} {'STATE':<9} {'PENDING':>8} {'RETRYING':>8} {'DEAD':>6} "
+            f"{'DELIVERED':>9}  {'LAST SUCCESS':<32}  TENANT\n"
         )
         for s in report["subscriptions"]:
             sys.stdout.write(
-                f"{s['id']:<21} {s['tenant_id']:<21} {s['state']:<9} {s['pending']:>8} "
-                f"{s['retrying']:>8} {s['dead']:>6} {s['delivered']:>9}  "
-                f"{s['last_success'] or '-'}\n"
+                f"{s['id']:<21} {s['state']:<9} {s['pending']:>8} {s['retrying']:>8} "
+                f"{s['dead']:>6} {s['delivered']:>9}  {s['last_success'] or '-':<32}  "
+                f"{s['tenant_id']}\n"
             )
         return code
 

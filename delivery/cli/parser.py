@@ -55,6 +55,16 @@ def _whole_number(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def _secrets_command(commands: Any) -> None:
+    secrets = commands.add_parser("secrets", help="signing secrets at rest")
+    actions = secrets.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    actions.add_parser(
+        "rotate-key",
+        help="seal plaintext secrets and move sealed ones to the first DELIVERY_SECRETS_KEY",
+    )
+    actions.add_parser("generate-key", help="print a new key for DELIVERY_SECRETS_KEY")
+
+
 _ANY_QUOTA = 999_999_999_999
 
 
@@ -63,8 +73,18 @@ def _tenant_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tenant", metavar="ID", help="the tenant acted for (default: default)")
 
 
-def _process_commands(commands: Any) -> None:
-    """The long-running processes: each takes ``--admin-port``; ``api`` its address too."""
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="delivery", description="Reliable signed webhook delivery.")
+    _global_options(parser, top=True)
+    parser.add_argument("--version", action="version", version=f"{DISTRIBUTION} {VERSION}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    migrate = commands.add_parser("migrate", help="apply database migrations")
+    migrate.add_argument("--dir", help="migrations directory (default: the bundled one)")
+    migrate.add_argument(
+        "--status", action="store_true", help="list applied and pending migrations; apply none"
+    )
+
     for name, text in (
         ("run", "relay + workers in one process"),
         ("relay", "move outbox rows to RabbitMQ"),
@@ -85,8 +105,13 @@ def _process_commands(commands: Any) -> None:
                 help="port (default: DELIVERY_API_PORT, 8080)",
             )
 
+    publish = commands.add_parser("publish", help="publish JSON-lines events into the outbox")
+    publish.add_argument("file", nargs="?", help="file of JSON lines (default: standard input)")
+    _tenant_option(publish)
 
-def _dlq_command(commands: Any) -> None:
+    _subscriptions_parsers(commands)
+    _secrets_command(commands)
+
     dlq = commands.add_parser("dlq", help="dead letters")
     dlq_actions = dlq.add_subparsers(dest="action", required=True, parser_class=_Parser)
     dl = dlq_actions.add_parser("list", help="list dead letters")
@@ -112,43 +137,54 @@ def _dlq_command(commands: Any) -> None:
         help="do not ask (required when standard input is not a terminal)",
     )
 
+    commands.add_parser("status", help="backlog, queues and subscriptions at a glance")
+    _tenants_parsers(commands)
 
-def _demo_command(commands: Any) -> None:
     demo = commands.add_parser("demo", help="a whole run on this machine, to watch")
     demo.add_argument(
         "--events", type=_whole_number(1, 1_000_000), default=3000, help="how many to publish"
     )
     demo.add_argument("--keep", action="store_true", help="leave the throwaway services running")
+    return parser
 
 
-def _secrets_command(commands: Any) -> None:
-    secrets = commands.add_parser("secrets", help="signing secrets at rest")
-    actions = secrets.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    actions.add_parser(
-        "rotate-key",
-        help="seal plaintext secrets and move sealed ones to the first DELIVERY_SECRETS_KEY",
+def _tenants_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``delivery tenants ...`` and ``delivery keys ...``."""
+    tenants = commands.add_parser("tenants", help="tenants and their quotas")
+    actions = tenants.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    add = actions.add_parser("add", help="add a tenant")
+    add.add_argument("name")
+    # Digits only here; the quotas' ranges are the store's (delivery.store.tenants), one place.
+    add.add_argument(
+        "--max-events-per-s",
+        type=_whole_number(0, _ANY_QUOTA),
+        help="ingest rate over the API (default: unlimited)",
     )
-    actions.add_parser("generate-key", help="print a new key for DELIVERY_SECRETS_KEY")
+    add.add_argument(
+        "--max-subscriptions",
+        type=_whole_number(0, _ANY_QUOTA),
+        help="subscriptions it may hold, removed ones aside (default: unlimited)",
+    )
+    actions.add_parser("list", help="list tenants")
+    actions.add_parser("show", help="show a tenant").add_argument("id")
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="delivery", description="Reliable signed webhook delivery.")
-    _global_options(parser, top=True)
-    parser.add_argument("--version", action="version", version=f"{DISTRIBUTION} {VERSION}")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    migrate = commands.add_parser("migrate", help="apply database migrations")
-    migrate.add_argument("--dir", help="migrations directory (default: the bundled one)")
-    migrate.add_argument(
-        "--status", action="store_true", help="list applied and pending migrations; apply none"
+    keys = commands.add_parser("keys", help="API keys")
+    key_actions = keys.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    create = key_actions.add_parser("create", help="create a key (shown once)")
+    create.add_argument("tenant_id", metavar="TENANT_ID")
+    create.add_argument(
+        "--scopes", default="publish,manage,read", help="comma-separated: publish,manage,read"
+    )
+    key_actions.add_parser("list", help="list a tenant's keys").add_argument(
+        "tenant_id", metavar="TENANT_ID"
+    )
+    key_actions.add_parser("revoke", help="revoke a key at once").add_argument(
+        "key_id", metavar="KEY_ID"
     )
 
-    _process_commands(commands)
 
-    publish = commands.add_parser("publish", help="publish JSON-lines events into the outbox")
-    publish.add_argument("file", nargs="?", help="file of JSON lines (default: standard input)")
-    _tenant_option(publish)
-
+def _subscriptions_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``delivery subscriptions ...``."""
     subs = commands.add_parser("subscriptions", help="manage subscriptions")
     sub_actions = subs.add_subparsers(dest="action", required=True, parser_class=_Parser)
     add = sub_actions.add_parser("add", help="add a subscription")
@@ -202,48 +238,3 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="RFC3339",
             help=f"events committed {text} this moment, e.g. 2026-12-07T21:00:00Z",
         )
-
-    _secrets_command(commands)
-
-    _dlq_command(commands)
-
-    commands.add_parser("status", help="backlog, queues and subscriptions at a glance")
-    _tenants_parsers(commands)
-
-    _demo_command(commands)
-    return parser
-
-
-def _tenants_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """``delivery tenants ...`` and ``delivery keys ...``."""
-    tenants = commands.add_parser("tenants", help="tenants and their quotas")
-    actions = tenants.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    add = actions.add_parser("add", help="add a tenant")
-    add.add_argument("name")
-    # Digits only here; the quotas' ranges are the store's (delivery.store.tenants), one place.
-    add.add_argument(
-        "--max-events-per-s",
-        type=_whole_number(0, _ANY_QUOTA),
-        help="ingest rate over the API (default: unlimited)",
-    )
-    add.add_argument(
-        "--max-subscriptions",
-        type=_whole_number(0, _ANY_QUOTA),
-        help="subscriptions it may hold, removed ones aside (default: unlimited)",
-    )
-    actions.add_parser("list", help="list tenants")
-    actions.add_parser("show", help="show a tenant").add_argument("id")
-
-    keys = commands.add_parser("keys", help="API keys")
-    key_actions = keys.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    create = key_actions.add_parser("create", help="create a key (shown once)")
-    create.add_argument("tenant_id", metavar="TENANT_ID")
-    create.add_argument(
-        "--scopes", default="publish,manage,read", help="comma-separated: publish,manage,read"
-    )
-    key_actions.add_parser("list", help="list a tenant's keys").add_argument(
-        "tenant_id", metavar="TENANT_ID"
-    )
-    key_actions.add_parser("revoke", help="revoke a key at once").add_argument(
-        "key_id", metavar="KEY_ID"
-    )

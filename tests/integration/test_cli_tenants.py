@@ -160,3 +160,5 @@ async def test_tenant_option_scopes_publish_subscriptions_and_dead_letters(setti
     status = cli(settings, "status", "--json")
     (shown,) = json.loads(status.stdout)["subscriptions"]
     assert shown["id"] == sub["id"] and shown["tenant_id"] == t
+    (row,) = [line for line in cli(settings, "status").stdout.splitlines() if sub["id"] in line]
+    assert row.split()[-1] == t

@@ -119,6 +119,34 @@ async def test_an_id_another_tenant_holds_is_refused_and_nothing_of_the_batch_is
     await conn.close()
 
 
+async def test_two_tenants_racing_on_one_id_leave_one_owner_and_no_gap(settings):
+    # In lockstep, so they race on every id: the loser either sees the winner's row at once or
+    # has its statement fail (serialization_failure) and sees it on the retry; both ways it is
+    # refused, and the sequence it had counted is rolled back.
+    setup = await asyncpg.connect(settings.database_url)
+    a = await tenants.add(setup, "tenant-a")
+    b = await tenants.add(setup, "tenant-b")
+    conns = [await asyncpg.connect(settings.database_url) for _ in range(2)]
+    try:
+        for i in range(20):
+            event = trade(i, id=f"evt_race_{i}")
+            results = await asyncio.gather(
+                publish(conns[0], event, tenant=a.id),
+                publish(conns[1], event, tenant=b.id),
+                return_exceptions=True,
+            )
+            published = [r for r in results if not isinstance(r, BaseException)]
+            refused = [r for r in results if isinstance(r, BaseException)]
+            assert len(published) == 1 and published[0].published == [event["id"]]
+            assert len(refused) == 1 and isinstance(refused[0], EventIdTakenError), refused
+        for tenant_id, numbers in (await _sequences(setup)).items():
+            assert numbers == list(range(1, len(numbers) + 1)), tenant_id
+        assert await setup.fetchval("SELECT count(*) FROM delivery.outbox") == 20
+    finally:
+        for c in (setup, *conns):
+            await c.close()
+
+
 async def test_an_unknown_or_malformed_tenant_is_refused_by_name(settings):
     conn = await asyncpg.connect(settings.database_url)
     with pytest.raises(NotFoundError, match="tenant 'ten_nobody' does not exist"):
