@@ -1,6 +1,7 @@
 """Smoke run of the side-by-side benchmark (bench/): a few hundred events through each system,
-both scenarios, no timing assertions. Celery and Dramatiq are optional bench extras
-(``pip install -e '.[bench]'``, part of the ``dev`` extra the test command installs): skipped
+both scenarios, no timing assertions. The FastStream, taskiq, Celery and Dramatiq peers are
+optional bench extras (``pip install -e '.[bench]'``, part of the ``dev`` extra the test command
+installs): skipped
 when not installed, except under CI=true, where a missing peer fails; ours and the asyncio peer
 need only the project's own dependencies."""
 
@@ -20,11 +21,12 @@ pytestmark = pytest.mark.integration
 EVENTS = 200
 
 
-@pytest.mark.parametrize("name", ["ours", "asyncio", "dramatiq", "celery"])
+@pytest.mark.parametrize("name", list(SYSTEMS))
 async def test_each_system_delivers_every_event_signed_and_recorded(
     services: Services, name: str
 ) -> None:
-    if name in {"celery", "dramatiq"} and importlib.util.find_spec(name) is None:
+    requires = SYSTEMS[name].requires
+    if requires is not None and importlib.util.find_spec(requires) is None:
         if IN_CI:
             pytest.fail(f"{name} is not installed: the dev extra includes the bench peers")
         pytest.skip(f"{name} is an optional bench extra: pip install -e '.[bench]'")
