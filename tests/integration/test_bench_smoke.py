@@ -8,9 +8,14 @@ need only the project's own dependencies."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 
+from bench.api_publish import MODES
 from bench.sessions import flat_out, paced
 from bench.systems import SYSTEMS
 from delivery.testing.env import IN_CI
@@ -49,3 +54,28 @@ async def test_each_system_delivers_every_event_signed_and_recorded(
     assert flat["deliveries"] == EVENTS
     assert flat["events_per_s"] > 0 and flat["cpu_ms_per_event"] > 0
     assert steady["p99_ms"] >= steady["p50_ms"] > 0
+
+
+def test_api_publish_bench_reports_what_it_published(services: Services) -> None:
+    # Given the HTTP publish benchmark, one short second per mode
+    env = {
+        **os.environ,
+        "DELIVERY_DATABASE_URL": services.database_url,
+        "DELIVERY_AMQP_URL": services.amqp_url,
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.api_publish", "--seconds", "1", "--concurrency", "2"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        check=False,
+    )
+    # Then it ran every mode, and the outbox held exactly the events it reported (it checks)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["mode"] for r in rows] == list(MODES)
+    for row in rows:
+        assert row["events"] > 0 and row["events_per_s"] > 0
+        batch = 100 if row["mode"].endswith("-100") else 1
+        assert row["requests_per_s"] * batch == pytest.approx(row["events_per_s"], rel=0.05)
