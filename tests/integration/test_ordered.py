@@ -16,9 +16,19 @@ from delivery import publish_many
 from delivery.store import dead_letters, pausing, replays, subscriptions
 from delivery.store.pool import create_pool
 from delivery.store.status import BLOCKED_ACCOUNTS, collect
+from delivery.testing.api import api_process
 from delivery.testing.factories import add_subscription, trade
 from delivery.testing.receiver import Arrival, Behaviour, Receiver, scripted_subscriber
-from tests.support import cli, run_until_idle, start_worker, stop_gracefully
+from delivery.testing.waits import wait_until
+from tests.support import (
+    cli,
+    run_until_idle,
+    running,
+    settings_env,
+    start_worker,
+    stop_gracefully,
+    tenant_with_key,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -290,3 +300,42 @@ async def test_an_event_dispatched_before_the_one_ahead_of_it_waits_for_it(setti
         assert await due() == ["e4"]
     finally:
         await conn.close()
+
+
+async def test_over_http_an_ordered_subscription_is_created_and_a_dead_letter_skipped(settings):
+    _, key = await tenant_with_key(settings, "orderly")
+    subscriber = _Subscriber(refused={("acc_1", 1)})
+    async with (
+        scripted_subscriber(subscriber.answer) as base,
+        api_process(settings_env(settings)) as api,
+        api.client(key) as http,
+        running(settings),
+    ):
+
+        async def call(method: str, path: str, status: int, body: object = None) -> dict:
+            async with http.request(method, path, json=body) as answer:
+                payload = await answer.json(content_type=None)
+                assert answer.status == status, (path, payload)
+                return payload  # type: ignore[no-any-return]
+
+        body = {"url": f"{base}/h", "events": ["*"], "ordered": True}
+        sub = await call("POST", "/v1/subscriptions", 201, body)
+        assert sub["ordered"] is True
+        assert (await call("GET", f"/v1/subscriptions/{sub['id']}", 200))["ordered"] is True
+        await call("POST", "/v1/events", 202, {"events": [trade(i) for i in range(3)]})
+
+        async def dead() -> list[dict]:
+            return (await call("GET", "/v1/dead-letters", 200))["items"]  # type: ignore[no-any-return]
+
+        async def one_dead() -> bool:
+            return len(await dead()) == 1
+
+        await wait_until(one_dead, timeout_s=30, what="the refused event dead-lettered")
+        assert subscriber.delivered == []  # 2 and 3 are held behind it
+        [letter] = await dead()
+        skipped = await call("POST", "/v1/dead-letters/skip", 200, {"ids": [letter["id"]]})
+        assert skipped == {"skipped": 1}
+        await wait_until(
+            lambda: subscriber.of("acc_1") == [2, 3], timeout_s=30, what="2 and 3 delivered"
+        )
+        assert await dead() == []
