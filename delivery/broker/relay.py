@@ -56,7 +56,6 @@ UPDATE delivery.outbox SET published_at = clock_timestamp()
 FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
 WHERE pk = ANY($1::bigint[])
 """
-_BACKLOG_EVERY_S = 5.0
 _REDRIVE_EVERY_S = 15.0
 # Batches in a row with rows to publish and not one confirm (a blocked broker, a queue without
 # a leader) make the relay not ready: connected, but not doing its job.
@@ -260,7 +259,7 @@ class Relay:
 
     async def _maybe_update_backlog(self) -> None:
         now = time.monotonic()
-        if now - self._last_backlog_s < _BACKLOG_EVERY_S:
+        if now - self._last_backlog_s < self._settings.backlog_gauges_interval_s:
             return
         self._last_backlog_s = now
         backlog = await outbox_backlog(self._pool)

@@ -91,9 +91,7 @@ class DispatchFrontier:
         """The age of the first published row without an inbox row, 0.0 if there is none, None
         if ``max_chunks`` chunks were all dispatched (the next read goes on from there)."""
         for _ in range(self.max_chunks):
-            rows = await conn.fetch(
-                _PUBLISHED_FROM, self.at, self.chunk_rows, self.start_horizon_s
-            )
+            rows = await conn.fetch(_PUBLISHED_FROM, self.at, self.chunk_rows, self.start_horizon_s)
             for row in rows:
                 if not row["dispatched"]:  # the next read starts again at this row
                     return max(0.0, float(row["age_s"]))
