@@ -85,6 +85,7 @@ def episodes(series: Iterable[Mapping[str, Any]], step_s: float, end: float) -> 
     samples: dict[tuple[str, tuple[tuple[str, str], ...]], list[tuple[float, str]]] = {}
     for s in series:
         metric = dict(s["metric"])
+        metric.pop("__name__", None)
         name, state = metric.pop("alertname"), metric.pop("alertstate")
         key = (name, tuple(sorted(metric.items())))
         samples.setdefault(key, []).extend((float(t), state) for t, _v in s["values"])

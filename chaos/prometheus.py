@@ -52,7 +52,7 @@ class RunPrometheus:
             "query": "ALERTS",
             "start": f"{self.started_at:.3f}",
             "end": f"{end:.3f}",
-            "step": f"{self.interval_s:g}s",
+            "step": f"{self.interval_s:g}",  # seconds (a duration string needs whole units)
         }
         async with session.get(
             f"{self.base_url}/api/v1/query_range",
@@ -97,7 +97,7 @@ async def running_prometheus(
             preexec_fn=die_with_parent,
         )
     try:
-        await _wait_ready(session, base_url, proc)
+        await _wait_ready(session, base_url, proc, targets=len(processes), interval_s=interval_s)
         yield RunPrometheus(base_url, interval_s, scale, started_at=time.time(), rules=rules)
     finally:
         if proc.returncode is None:
@@ -155,17 +155,29 @@ def _write_config(
 
 
 async def _wait_ready(
-    session: aiohttp.ClientSession, base_url: str, proc: asyncio.subprocess.Process
+    session: aiohttp.ClientSession,
+    base_url: str,
+    proc: asyncio.subprocess.Process,
+    *,
+    targets: int,
+    interval_s: float,
 ) -> None:
+    """Until every target was scraped up and the rules evaluated once with them: the run's
+    faults start after that, so no alert is pending only because nothing was scraped yet."""
     deadline = time.monotonic() + _READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.returncode is not None:
             raise RuntimeError(f"prometheus exited {proc.returncode} at start-up")
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError, KeyError):
             async with session.get(
-                f"{base_url}/-/ready", timeout=aiohttp.ClientTimeout(total=2)
+                f"{base_url}/api/v1/query",
+                params={"query": "count(up == 1)"},
+                timeout=aiohttp.ClientTimeout(total=2),
             ) as response:
-                if response.status == 200:
-                    return
+                body = await response.json(content_type=None)
+            result = body["data"]["result"]
+            if result and int(float(result[0]["value"][1])) >= targets:
+                await asyncio.sleep(2 * interval_s)  # the rules see them once at least
+                return
         await asyncio.sleep(0.2)
-    raise TimeoutError(f"prometheus not ready after {_READY_TIMEOUT_S:g} s")
+    raise TimeoutError(f"prometheus not scraping {targets} targets after {_READY_TIMEOUT_S:g} s")

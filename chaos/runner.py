@@ -255,8 +255,9 @@ async def _judge_alerts(
     """The run's alert timeline from Prometheus, judged against the scenario's expectation
     (the bounds count from the first fault's start)."""
     assert scenario.alerts is not None
-    # One more evaluation, so that the last state the rules reached is in ALERTS.
-    await asyncio.sleep(2 * prometheus.interval_s)
+    # A few more evaluations, so that the last state the rules reached (a resolution just
+    # now) is in ALERTS and more than chaos.alerts' gap before the end of the query.
+    await asyncio.sleep(5 * prometheus.interval_s)
     seen = await prometheus.alert_episodes(session, time.time())
     anchor = min((w.start for w in ctx.faults.windows), default=None)
     found = judge(seen, scenario.alerts, anchor, prometheus.scale)

@@ -317,7 +317,8 @@ async def _spike(ctx: RunContext) -> None:
 
 
 async def _burst(ctx: RunContext) -> None:
-    """A burst the platform absorbs: 10x for 5 s, drained within about 20 s."""
+    """A burst the platform absorbs: 10x for 5 s, drained within about 20 s (lag well under
+    the lag alert's 45 s)."""
     _paced_subscribers(ctx)
     await ctx.progress(0.1)
     await faults.producer_spike(ctx, factor=10, duration_s=5.0 * ctx.alert_scale)
@@ -551,7 +552,8 @@ SCENARIOS: dict[str, Scenario] = {
             "and no alert",
             _burst,
             env=_PACED_ENV,
-            max_rate=_PACED_RATE,
+            # Three quarters of the drain rate: less time spent producing after the burst.
+            max_rate=_PACED_RATE * 1.5,
             drain_metrics=True,
             min_production_s=4,
             redrives=_SPARE,
