@@ -14,6 +14,8 @@ first time, per stage of the pipeline. Read by the relay for ``delivery_lag_seco
                 0020), one index probe each. Subscriptions whose circuit is open or that a 429
                 paces are left out: their subscriber holds them back, which the circuit and
                 throttling alerts report; the lag alert is about the platform falling behind.
+                A delivery a replay made for an event the subscription never had counts from
+                the replay, not from the commit.
 
 Every age runs from the outbox commit (``created_at``), so a backlog reads the same whichever
 stage it sits in, and moving from one stage to the next does not reset it.
@@ -47,15 +49,21 @@ WHERE o.published_at IS NOT NULL
 ORDER BY o.published_at
 LIMIT $2
 """
+# A delivery made by dispatch is made in the statement that writes the event's inbox row; one
+# made much later (a replay of a window to a subscription that never had the event: a backfill)
+# is not late since the commit, but since it was asked for.
 _DELIVERY_FRONT = """
-SELECT max(extract(epoch FROM clock_timestamp() - o.created_at))::float8
+SELECT max(extract(epoch FROM clock_timestamp() - CASE
+           WHEN f.created_at <= i.received_at + interval '5 seconds' THEN o.created_at
+           ELSE f.created_at END))::float8
 FROM delivery.subscriptions s
 CROSS JOIN LATERAL (
-    SELECT d.event_id FROM delivery.deliveries d
+    SELECT d.event_id, d.created_at FROM delivery.deliveries d
     WHERE d.subscription_id = s.id AND d.state = 'pending' AND d.first_attempt_at IS NULL
     ORDER BY d.created_at LIMIT 1
 ) f
 JOIN delivery.outbox o ON o.event_id = f.event_id
+LEFT JOIN delivery.inbox i ON i.event_id = f.event_id
 WHERE s.state = 'active' AND s.circuit_state = 'closed'
   AND (s.paced_until IS NULL OR s.paced_until <= clock_timestamp())
 """

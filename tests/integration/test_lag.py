@@ -71,6 +71,23 @@ async def test_each_stage_reports_the_age_of_its_oldest_waiting_event(settings):
     assert (await read_lag(conn, frontier)).delivery_s == 0.0
     await conn.execute("UPDATE delivery.subscriptions SET circuit_state = 'closed'")
 
+    # A backfill: a replay makes e5's delivery long after its dispatch (its inbox row is 300 s
+    # old): once e1 has its outcome, e5 leads, counted from the replay, not from its commit
+    # 100 s ago.
+    await conn.execute(
+        "INSERT INTO delivery.inbox (event_id, received_at) VALUES"
+        " ('e5', clock_timestamp() - interval '300 seconds')"
+    )
+    await conn.execute(
+        "INSERT INTO delivery.deliveries (event_id, subscription_id) VALUES ('e5', $1)", sub.id
+    )
+    await conn.execute(
+        "UPDATE delivery.deliveries SET first_attempt_at = clock_timestamp() WHERE event_id = 'e1'"
+    )
+    assert (await read_lag(conn, frontier)).delivery_s < 5
+    await conn.execute("DELETE FROM delivery.deliveries WHERE event_id = 'e5'")
+    await conn.execute("DELETE FROM delivery.inbox WHERE event_id = 'e5'")
+
     # Everything dispatched and attempted: every stage reads 0.
     await _publish(conn, *ids[4:])
     await _dispatch(conn, sub.id, *ids[2:])
