@@ -10,11 +10,12 @@ import os
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from delivery.durations import check_schedule_s, parse_schedule_s
 from delivery.errors import ConfigError
+from delivery.secrets import parse_keys
 
 ENV_PREFIX = "DELIVERY_"
 DEFAULT_RETRY_SCHEDULE = "5s,5m,30m,2h,5h,10h,10h"
@@ -107,6 +108,10 @@ class Settings(BaseSettings):
     response_excerpt_bytes: int = Field(default=1024, ge=0, le=65_536)
     # Grace period during which a rotated-out secret still signs, so subscribers can switch.
     secret_rotation_grace_s: float = Field(default=_DAY_S, ge=0, le=30 * _DAY_S)
+    # Fernet keys, comma-separated (1 to 8): the first seals every secret written, each opens.
+    # Empty: secrets are written in plaintext (and a sealed one refuses the process its start).
+    # SecretStr: never printed in a repr, a traceback or a log line.
+    secrets_key: SecretStr = SecretStr("")
 
     db_pool_min: int = Field(default=1, ge=0, le=1_000)
     db_pool_max: int = Field(default=10, ge=1, le=1_000)
@@ -143,6 +148,12 @@ class Settings(BaseSettings):
     @classmethod
     def _present(cls, value: Any) -> Any:
         return value != "" if isinstance(value, str) else value
+
+    @field_validator("secrets_key")
+    @classmethod
+    def _fernet_keys(cls, value: SecretStr) -> SecretStr:
+        parse_keys(value.get_secret_value())
+        return value
 
     @field_validator("retry_schedule_s", mode="before")
     @classmethod

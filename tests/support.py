@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 
@@ -90,6 +91,18 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+def cli(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m delivery ARGS`` on this test's services, to completion (60 s at most)."""
+    return subprocess.run(
+        [sys.executable, "-m", "delivery", *args],
+        capture_output=True,
+        text=True,
+        env=settings_env(settings, **env),
+        timeout=60,
+        check=False,
+    )
 
 
 async def start_worker(

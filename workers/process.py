@@ -23,8 +23,10 @@ from delivery.errors import StoppedBeforeConnected
 from delivery.ops import tracing
 from delivery.ops.admin import serve_admin
 from delivery.ops.health import Health
+from delivery.secrets import NO_KEYS, SecretBox
 from delivery.settings import Settings
 from delivery.store.pool import create_pool, is_connection_error
+from delivery.store.secret_keys import open_box
 from delivery.worker.burst import stop_when_idle
 from delivery.worker.deliverer import Deliverer
 from delivery.worker.dispatch import Dispatcher
@@ -108,6 +110,22 @@ def _install_signals(
     return remove
 
 
+async def _open_database(
+    settings: Settings, stop: asyncio.Event, *, worker: bool
+) -> tuple[asyncpg.Pool, SecretBox]:
+    """The pool and, for a worker (it signs), the box that opens every stored secret: a worker
+    that could not open one refuses to start (``ConfigError``, exit 2), its pool closed."""
+    pool = await _open_pool(settings, stop)
+    if not worker:
+        return pool, NO_KEYS
+    try:
+        async with pool.acquire() as conn:
+            return pool, await open_box(conn, settings)
+    except BaseException:
+        await pool.close()
+        raise
+
+
 def _start_up(settings: Settings) -> None:
     """Tracing (enabled without the extra stops here), and a loud line when test-only switches
     are on (settings refuse them unless a test harness set them)."""
@@ -146,7 +164,7 @@ async def run_process(
     remove_signals = _install_signals(stop, force, health) if handle_signals else (lambda: None)
     role = "run" if relay and worker else ("relay" if relay else "worker")
     try:
-        pool = await _open_pool(settings, stop)
+        pool, box = await _open_database(settings, stop, worker=worker)
     except BaseException as exc:
         remove_signals()
         await tracing.stop(settings)
@@ -174,7 +192,7 @@ async def run_process(
                         tg.create_task(supervise("relay", Relay(settings, pool, health).run, stop))
                     )
                 if worker:
-                    deliverer = Deliverer(settings, pool, sender)
+                    deliverer = Deliverer(settings, pool, sender, box=box)
                     scheduler = Scheduler(settings, pool, deliverer, health)
                     dispatcher = Dispatcher(settings, pool, deliverer, scheduler, health)
                     poison = PoisonRecorder(settings, pool, health)

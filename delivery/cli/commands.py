@@ -10,7 +10,7 @@ from typing import Any
 
 import structlog
 
-from delivery.cli.operations import cmd_dlq, cmd_status, cmd_subscriptions
+from delivery.cli.operations import cmd_dlq, cmd_secrets, cmd_status, cmd_subscriptions
 from delivery.cli.output import EXIT_OK, _emit
 from delivery.cli.publish import cmd_publish
 from delivery.settings import Settings, unknown_variables
@@ -62,6 +62,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Any], Awaitable[int]]] = {
     "worker": cmd_process,
     "publish": cmd_publish,
     "subscriptions": cmd_subscriptions,
+    "secrets": cmd_secrets,
     "dlq": cmd_dlq,
     "status": cmd_status,
     "demo": cmd_demo,
@@ -74,4 +75,5 @@ _REQUIRES: dict[str, tuple[str, ...]] = {
     "relay": ("database_url", "amqp_url"),
     "worker": ("database_url", "amqp_url"),
     "demo": (),
+    "secrets": (),  # generate-key needs no database; rotate-key checks for its own
 }

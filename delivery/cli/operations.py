@@ -1,4 +1,5 @@
-"""The operator's commands, each on one database connection: subscriptions, dlq, status."""
+"""The operator's commands, each on one database connection: subscriptions, secrets, dlq,
+status."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from delivery.cli.output import EXIT_FAILURE, EXIT_OK, _emit, _progress
-from delivery.errors import InputError
+from delivery.errors import ConfigError, InputError
 from delivery.settings import Settings
+
+if TYPE_CHECKING:
+    from delivery.secrets import SecretBox
 
 
 async def _with_conn(settings: Settings, work: Callable[[Any], Awaitable[int]]) -> int:
@@ -55,19 +59,24 @@ def _secret(args: argparse.Namespace) -> str | None:
 
 async def cmd_subscriptions(args: argparse.Namespace, settings: Settings) -> int:
     from delivery.store import subscriptions as subs
+    from delivery.store.secret_keys import open_box
 
     async def work(conn: Any) -> int:
+        # Every action writes or shows secrets (an Ed25519 public key comes from its secret).
+        box = await open_box(conn, settings)
         if args.action == "add":
-            return await _add_subscription(conn, args, settings)
+            return await _add_subscription(conn, args, settings, box)
         if args.action == "list":
-            return await _list_subscriptions(conn, args)
+            return await _list_subscriptions(conn, args, box)
         subscription_id = subs.parse_subscription_id(args.id)
-        return await _act_on_subscription(conn, args, settings, subscription_id)
+        return await _act_on_subscription(conn, args, settings, subscription_id, box)
 
     return await _with_conn(settings, work)
 
 
-async def _add_subscription(conn: Any, args: argparse.Namespace, settings: Settings) -> int:
+async def _add_subscription(
+    conn: Any, args: argparse.Namespace, settings: Settings, box: SecretBox
+) -> int:
     from delivery.durations import parse_schedule_s
     from delivery.store import subscriptions as subs
     from delivery.targets import check_target
@@ -91,17 +100,19 @@ async def _add_subscription(conn: Any, args: argparse.Namespace, settings: Setti
             secret=_secret(args),
             retry_schedule_s=schedule,
             timeout_s=args.timeout,
+            signing=args.signing,
+            box=box,
         )
         answer = sub.public_dict(with_secret=True)
     _emit(answer)
     return EXIT_OK
 
 
-async def _list_subscriptions(conn: Any, args: argparse.Namespace) -> int:
+async def _list_subscriptions(conn: Any, args: argparse.Namespace, box: SecretBox) -> int:
     from delivery.store import subscriptions as subs
     from delivery.targets import mask_url
 
-    items = await subs.list_all(conn)
+    items = await subs.list_all(conn, box=box)
     if args.json:
         _emit([s.public_dict() for s in items])
         return EXIT_OK
@@ -116,7 +127,7 @@ async def _list_subscriptions(conn: Any, args: argparse.Namespace) -> int:
 
 
 async def _act_on_subscription(
-    conn: Any, args: argparse.Namespace, settings: Settings, subscription_id: str
+    conn: Any, args: argparse.Namespace, settings: Settings, subscription_id: str, box: SecretBox
 ) -> int:
     from delivery.store import subscriptions as subs
     from delivery.store.dead_letters import park_pending
@@ -124,19 +135,32 @@ async def _act_on_subscription(
 
     action = args.action
     if action == "show":
-        _print_subscription(await subs.get(conn, subscription_id), args.json)
+        _print_subscription(await subs.get(conn, subscription_id, box=box), args.json)
     elif action in ("disable", "enable"):
         disable = action == "disable"
         state = SubscriptionState.DISABLED if disable else SubscriptionState.ACTIVE
         async with conn.transaction():
-            sub = await subs.set_state(conn, subscription_id, state, reason="disabled by operator")
+            sub = await subs.set_state(
+                conn, subscription_id, state, reason="disabled by operator", box=box
+            )
             if disable:
                 await park_pending(conn, subscription_id, "subscription disabled by operator")
         _print_subscription(sub, args.json)
+    elif action in ("pause", "resume"):
+        from delivery.store import pausing
+
+        move = pausing.pause if action == "pause" else pausing.resume
+        _print_subscription(await move(conn, subscription_id, box=box), args.json)
+    elif action == "replay":
+        from delivery.store import replays
+
+        since = replays.parse_moment(args.since, "--since")
+        until = replays.parse_moment(args.until, "--until")
+        _emit({"replayed": await replays.replay_window(conn, subscription_id, since, until)})
     elif action == "rotate-secret":
         async with conn.transaction():  # as for add: no new secret unless it can be shown
             sub = await subs.rotate_secret(
-                conn, subscription_id, grace_s=settings.secret_rotation_grace_s
+                conn, subscription_id, grace_s=settings.secret_rotation_grace_s, box=box
             )
             answer = sub.public_dict(with_secret=True)
         _emit(answer)
@@ -148,6 +172,24 @@ async def _act_on_subscription(
         else:
             sys.stdout.write(f"removed {subscription_id} (history {kept})\n")
     return EXIT_OK
+
+
+async def cmd_secrets(args: argparse.Namespace, settings: Settings) -> int:
+    from delivery.secrets import SecretBox, generate_key
+    from delivery.store.secret_keys import rotate_key
+
+    if args.action == "generate-key":
+        _emit({"key": generate_key()})
+        return EXIT_OK
+    if not settings.database_url:  # not required up front: generate-key needs no database
+        raise ConfigError("DELIVERY_DATABASE_URL is not set")
+    box = SecretBox.from_text(settings.secrets_key.get_secret_value())
+
+    async def work(conn: Any) -> int:
+        _emit((await rotate_key(conn, box)).as_dict())
+        return EXIT_OK
+
+    return await _with_conn(settings, work)
 
 
 async def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:

@@ -55,6 +55,16 @@ def _whole_number(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def _secrets_command(commands: Any) -> None:
+    secrets = commands.add_parser("secrets", help="signing secrets at rest")
+    actions = secrets.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    actions.add_parser(
+        "rotate-key",
+        help="seal plaintext secrets and move sealed ones to the first DELIVERY_SECRETS_KEY",
+    )
+    actions.add_parser("generate-key", help="print a new key for DELIVERY_SECRETS_KEY")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="delivery", description="Reliable signed webhook delivery.")
     _global_options(parser, top=True)
@@ -90,19 +100,28 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--account", help="only this account's events")
     given = add.add_mutually_exclusive_group()
     given.add_argument(
-        "--secret", help="whsec_... (default: generated; visible in ps, prefer --secret-file)"
+        "--secret",
+        help="whsec_... (whsk_... with --signing ed25519; default: generated; visible in ps,"
+        " prefer --secret-file)",
     )
     given.add_argument(
         "--secret-file",
         metavar="PATH",
-        help="read the whsec_... secret from this file, or from standard input with -",
+        help="read the secret from this file, or from standard input with -",
+    )
+    add.add_argument(
+        "--signing",
+        choices=("hmac", "ed25519"),
+        default="hmac",
+        help="hmac: Standard Webhooks v1 (whsec_ secret, the default); ed25519: v1a (the"
+        " subscriber verifies with the whpk_ public key shown)",
     )
     add.add_argument("--retry-schedule", help="e.g. 5s,5m,30m (default: DELIVERY_RETRY_SCHEDULE)")
     add.add_argument(
         "--timeout", type=float, help="seconds per attempt (default: DELIVERY_HTTP_TIMEOUT_S)"
     )
     sub_actions.add_parser("list", help="list subscriptions")
-    for action in ("show", "disable", "enable", "rotate-secret", "remove"):
+    for action in ("show", "disable", "enable", "pause", "resume", "rotate-secret", "remove"):
         p = sub_actions.add_parser(action, help=f"{action} a subscription")
         p.add_argument("id")
         if action == "remove":
@@ -111,6 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="also delete its deliveries, attempts and dead letters (kept by default)",
             )
+
+    again = sub_actions.add_parser(
+        "replay", help="send a time window's matching events again (same webhook-id)"
+    )
+    again.add_argument("id")
+    for bound, text in (("since", "from (included)"), ("until", "to (excluded)")):
+        again.add_argument(
+            f"--{bound}",
+            required=True,
+            metavar="RFC3339",
+            help=f"events committed {text} this moment, e.g. 2026-12-07T21:00:00Z",
+        )
+
+    _secrets_command(commands)
 
     dlq = commands.add_parser("dlq", help="dead letters")
     dlq_actions = dlq.add_subparsers(dest="action", required=True, parser_class=_Parser)

@@ -139,6 +139,13 @@ LAG = Gauge(
     " (outbox: not relayed; dispatch: relayed, not dispatched; delivery: no first outcome)",
     ["stage"],
 )
+# No tenant label: tenants are unbounded in number. Which tenant is refused is in the API's log.
+INGEST_REJECTED = Counter(
+    "delivery_ingest_rejected_events_total",
+    "Events refused by a tenant's ingest rate: over_rate (wait Retry-After) or over_burst"
+    " (a request larger than one second's worth: split it)",
+    ["outcome"],
+)
 DELIVERIES_PENDING = Gauge(
     "delivery_deliveries_pending",
     "Deliveries waiting for an attempt (due or scheduled)",
@@ -152,7 +159,7 @@ def _initialise_label_values() -> None:
         ATTEMPTS.labels(outcome)
     for reason in ("exhausted", "permanent", "gone", "unrecorded"):
         DEAD_LETTERS.labels(reason)
-    for state in ("active", "disabled"):
+    for state in ("active", "paused", "disabled"):
         SUBSCRIPTIONS.labels(state)
     for reason in ("gone", "failing"):
         SUBSCRIPTIONS_DISABLED.labels(reason)
@@ -162,6 +169,8 @@ def _initialise_label_values() -> None:
         RELAY_PUBLISH_FAILURES.labels(reason)
     for to in ("open", "closed"):
         CIRCUIT_TRANSITIONS.labels(to)
+    for outcome in ("over_rate", "over_burst"):
+        INGEST_REJECTED.labels(outcome)
     for queue in ("dispatch", "dead"):
         QUEUE_DEPTH.labels(queue)
 

@@ -147,13 +147,14 @@ async def replay(
     pool: asyncpg.Pool, selector: Selector, *, progress: Callable[[int], None] | None = None
 ) -> tuple[int, int]:
     """Send the selected dead letters again (same event, same ``webhook-id``), with a fresh
-    retry schedule. Returns (replayed, skipped because the subscription is disabled)."""
+    retry schedule (a paused subscription's go out on resume). Returns (replayed, skipped
+    because the subscription is disabled)."""
     where, args = selector.where()
     skipped: int = await pool.fetchval(
         f"""
         SELECT count(*) FROM delivery.deliveries d
         JOIN delivery.subscriptions s ON s.id = d.subscription_id
-        WHERE d.state = 'dead' AND s.state <> 'active' AND {where}
+        WHERE d.state = 'dead' AND s.state NOT IN ('active', 'paused') AND {where}
         """,
         *args,
     )
@@ -165,7 +166,8 @@ async def replay(
         SET state = 'pending', attempts = 0, next_attempt_at = clock_timestamp(),
             lease_until = NULL, dead_at = NULL, dead_reason = NULL, unrecorded_handbacks = 0
         FROM delivery.subscriptions s
-        WHERE d.id = ANY($1::bigint[]) AND s.id = d.subscription_id AND s.state = 'active'
+        WHERE d.id = ANY($1::bigint[]) AND s.id = d.subscription_id
+          AND s.state IN ('active', 'paused')
         """,
         progress,
     )

@@ -1,5 +1,5 @@
 """The states a row can be in, as the tables' CHECK constraints spell them (migrations
-0002-0004, 0013).
+0002-0004, 0013, 0018).
 
 Python code that compares or writes a state uses these, so a typo is an attribute error that
 mypy sees; being ``str``s, they go to and come from PostgreSQL as the plain text they are. The
@@ -23,6 +23,8 @@ class SubscriptionState(StrEnum):
     """``delivery.subscriptions.state``."""
 
     ACTIVE = "active"
+    # By an operator: its events wait as pending deliveries, attempted in order on resume.
+    PAUSED = "paused"
     DISABLED = "disabled"  # by an operator, a 410, or failing for too long
     REMOVED = "removed"  # by an operator; kept only for its history, matched to nothing
 

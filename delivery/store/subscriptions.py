@@ -14,10 +14,11 @@ import asyncpg
 from pydantic import TypeAdapter, ValidationError
 
 from delivery.durations import check_schedule_s
-from delivery.errors import InputError, NotFoundError
+from delivery.errors import ConfigError, InputError, NotFoundError
 from delivery.events import EVENT_TYPES, AccountId, format_timestamp
+from delivery.secrets import KEYS_VARIABLE, NO_KEYS, SecretBox, is_sealed
 from delivery.settings import MAX_HTTP_TIMEOUT_S
-from delivery.signing import generate_secret, secret_key, validate_secret
+from delivery.signing import Signing, SigningKey, generate, public_key, signing_key, validate
 from delivery.store.dead_letters import park_pending
 from delivery.store.states import CircuitState, SubscriptionState
 from delivery.targets import canonical_url, mask_url
@@ -34,6 +35,7 @@ FIELDS = (
     "secret",
     "previous_secret",
     "previous_secret_expires_at",
+    "signing",
     "retry_schedule_s",
     "timeout_s",
     "circuit_state",
@@ -72,10 +74,16 @@ class Subscription:
     paced_until: datetime | None  # a 429's Retry-After holds the subscription back until then
     created_at: datetime
     updated_at: datetime
+    signing: Signing = Signing.HMAC  # ed25519: secret is a whsk_ key (v1a signatures)
 
     @classmethod
-    def from_row(cls, row: Any, prefix: str = "") -> Subscription:
+    def from_row(cls, row: Any, prefix: str = "", *, box: SecretBox = NO_KEYS) -> Subscription:
+        """A loaded row; its secrets opened by ``box`` (once per sealed value: it memoises)."""
         values = {f: row[prefix + f] for f in FIELDS}
+        values["secret"] = box.open(values["secret"])
+        if values["previous_secret"] is not None:
+            values["previous_secret"] = box.open(values["previous_secret"])
+        values["signing"] = Signing(values["signing"])
         schedule = values["retry_schedule_s"]
         values["retry_schedule_s"] = tuple(schedule) if schedule is not None else None
         values["event_patterns"] = tuple(values["event_patterns"])
@@ -96,16 +104,25 @@ class Subscription:
             return False
         return any(fnmatch.fnmatchcase(event_type, p) for p in self.event_patterns)
 
-    def signing_keys(self, now: datetime) -> list[bytes]:
+    def signing_keys(self, now: datetime) -> list[SigningKey]:
         """The current secret, plus the previous one while its grace period lasts."""
-        keys = [secret_key(self.secret)]
+        secrets_ = [self.secret]
         if (
             self.previous_secret
             and self.previous_secret_expires_at is not None
             and self.previous_secret_expires_at > now
         ):
-            keys.append(secret_key(self.previous_secret))
-        return keys
+            secrets_.append(self.previous_secret)
+        if any(is_sealed(s) for s in secrets_):  # retryable: the fix is the process's key
+            raise ConfigError(f"{self.id}: its secret is sealed and no {KEYS_VARIABLE} opens it")
+        return [signing_key(s) for s in secrets_]
+
+    @property
+    def public_key(self) -> str | None:
+        """The ``whpk_`` key its subscriber verifies with (Ed25519 only; None if unopened)."""
+        if self.signing != Signing.ED25519 or is_sealed(self.secret):
+            return None
+        return public_key(self.secret)
 
     def public_dict(self, *, with_secret: bool = False) -> dict[str, Any]:
         """For ``--json`` output: timestamps as RFC 3339; secrets only when asked for."""
@@ -128,7 +145,11 @@ class Subscription:
             out["retry_schedule"] = format_schedule(self.retry_schedule_s)
         del out["retry_schedule_s"]
         del out["previous_secret"]
-        if not with_secret:
+        if self.signing == Signing.ED25519:
+            # The platform keeps the secret key; the public key is public, shown every time.
+            out["public_key"] = self.public_key
+            del out["secret"]
+        elif not with_secret:
             del out["secret"]
         return out
 
@@ -186,6 +207,8 @@ async def add(
     secret: str | None = None,
     retry_schedule_s: tuple[float, ...] | None = None,
     timeout_s: float | None = None,
+    signing: Signing = Signing.HMAC,
+    box: SecretBox = NO_KEYS,
 ) -> Subscription:
     # Everything is checked before the row is written: a refusal writes nothing.
     url = validate_url(url)
@@ -193,8 +216,9 @@ async def add(
         raise InputError(f"timeout: must be between 0 and {MAX_HTTP_TIMEOUT_S:g} seconds")
     parsed = parse_patterns(patterns)
     account_id = validate_account_id(account_id)
+    signing = Signing(signing)
     if secret is not None:
-        validate_secret(secret)
+        validate(signing, secret)
     if retry_schedule_s is not None:
         try:
             retry_schedule_s = check_schedule_s(tuple(retry_schedule_s))
@@ -203,31 +227,34 @@ async def add(
     row = await conn.fetchrow(
         f"""
         INSERT INTO delivery.subscriptions
-            (id, url, event_patterns, account_id, secret, retry_schedule_s, timeout_s)
-        VALUES ($1, $2, $3, $4, $5, $6, $7)
+            (id, url, event_patterns, account_id, secret, retry_schedule_s, timeout_s, signing)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
         RETURNING {_COLUMNS}
         """,
         new_subscription_id(),
         url,
         list(parsed),
         account_id,
-        secret or generate_secret(),
+        box.seal(secret or generate(signing)),
         list(retry_schedule_s) if retry_schedule_s else None,
         timeout_s,
+        signing,
     )
-    return Subscription.from_row(row)
+    return Subscription.from_row(row, box=box)
 
 
-async def list_all(conn: asyncpg.Connection) -> list[Subscription]:
+async def list_all(conn: asyncpg.Connection, *, box: SecretBox = NO_KEYS) -> list[Subscription]:
     """Every subscription but the removed ones (whose rows only keep their history)."""
     rows = await conn.fetch(
         f"SELECT {_COLUMNS} FROM delivery.subscriptions WHERE state <> 'removed'"
         " ORDER BY created_at, id"
     )
-    return [Subscription.from_row(r) for r in rows]
+    return [Subscription.from_row(r, box=box) for r in rows]
 
 
-async def get(conn: asyncpg.Connection, subscription_id: str) -> Subscription:
+async def get(
+    conn: asyncpg.Connection, subscription_id: str, *, box: SecretBox = NO_KEYS
+) -> Subscription:
     row = await conn.fetchrow(
         f"SELECT {_COLUMNS} FROM delivery.subscriptions WHERE id = $1", subscription_id
     )
@@ -235,7 +262,7 @@ async def get(conn: asyncpg.Connection, subscription_id: str) -> Subscription:
         raise NotFoundError(f"subscription {subscription_id!r} does not exist")
     if row["state"] == SubscriptionState.REMOVED:
         raise NotFoundError(f"subscription {subscription_id!r} was removed")
-    return Subscription.from_row(row)
+    return Subscription.from_row(row, box=box)
 
 
 async def exists(conn: asyncpg.Connection, subscription_id: str) -> None:
@@ -253,6 +280,7 @@ async def set_state(
     state: SubscriptionState,
     *,
     reason: str | None = None,
+    box: SecretBox = NO_KEYS,
 ) -> Subscription:
     row = await conn.fetchrow(
         f"""
@@ -269,29 +297,44 @@ async def set_state(
     )
     if row is None:
         raise NotFoundError(await _missing(conn, subscription_id))
-    return Subscription.from_row(row)
+    return Subscription.from_row(row, box=box)
 
 
 async def rotate_secret(
-    conn: asyncpg.Connection, subscription_id: str, *, grace_s: float, new_secret: str | None = None
+    conn: asyncpg.Connection,
+    subscription_id: str,
+    *,
+    grace_s: float,
+    new_secret: str | None = None,
+    box: SecretBox = NO_KEYS,
 ) -> Subscription:
-    if new_secret is not None:
-        validate_secret(new_secret)
-    row = await conn.fetchrow(
-        f"""
-        UPDATE delivery.subscriptions
-        SET previous_secret = secret, secret = $2,
-            previous_secret_expires_at = now() + make_interval(secs => $3), updated_at = now()
-        WHERE id = $1 AND state <> 'removed'
-        RETURNING {_COLUMNS}
-        """,
-        subscription_id,
-        new_secret or generate_secret(),
-        grace_s,
-    )
-    if row is None:
-        raise NotFoundError(await _missing(conn, subscription_id))
-    return Subscription.from_row(row)
+    async with conn.transaction():
+        # Read under the row lock: the new secret is of the subscription's kind, and the
+        # outgoing one is sealed too if it was written before the key was set.
+        current = await conn.fetchrow(
+            "SELECT secret, signing FROM delivery.subscriptions"
+            " WHERE id = $1 AND state <> 'removed' FOR UPDATE",
+            subscription_id,
+        )
+        if current is None:
+            raise NotFoundError(await _missing(conn, subscription_id))
+        signing = Signing(current["signing"])
+        if new_secret is not None:
+            validate(signing, new_secret)
+        row = await conn.fetchrow(
+            f"""
+            UPDATE delivery.subscriptions
+            SET previous_secret = $4, secret = $2,
+                previous_secret_expires_at = now() + make_interval(secs => $3), updated_at = now()
+            WHERE id = $1
+            RETURNING {_COLUMNS}
+            """,
+            subscription_id,
+            box.seal(new_secret or generate(signing)),
+            grace_s,
+            box.seal(current["secret"]),
+        )
+    return Subscription.from_row(row, box=box)
 
 
 async def _missing(conn: asyncpg.Connection, subscription_id: str) -> str:

@@ -44,10 +44,11 @@ def balance(i: int, account: str = "acc_1", **extra: object) -> dict[str, object
 async def add_subscription(
     conn: asyncpg.Connection, receiver: Receiver, path: str, **options: object
 ) -> Subscription:
-    """A subscription to ``receiver``'s ``path``, whose signatures the receiver verifies;
-    ``options`` go to ``subscriptions.add`` (``patterns``, ``account_id``, ...)."""
+    """A subscription to ``receiver``'s ``path``, whose signatures the receiver verifies (with
+    its public key when it signs with Ed25519); ``options`` go to ``subscriptions.add``
+    (``patterns``, ``account_id``, ``signing``, ``box``...)."""
     sub = await subscriptions.add(conn, url=receiver.url(path), **options)  # type: ignore[arg-type]
-    receiver.expect_secret(path, sub.secret)
+    receiver.expect_secret(path, sub.public_key or sub.secret)
     return sub
 
 

@@ -29,7 +29,7 @@ from types import TracebackType
 from aiohttp import web
 
 from delivery.errors import SignatureError
-from delivery.signing import secret_key, verify
+from delivery.signing import validate_verifying_key, verify
 
 __all__ = ["Arrival", "Behaviour", "Receiver", "scripted_subscriber"]
 
@@ -132,8 +132,9 @@ class Receiver:
         return f"http://{self._host}:{self._port}{path}"
 
     def expect_secret(self, path: str, secret: str) -> None:
-        """Verify requests to ``path`` against ``secret`` (``whsec_...``) from now on."""
-        secret_key(secret)  # a malformed secret fails here, not inside every request
+        """Verify requests to ``path`` against ``secret`` from now on: a ``whsec_`` secret (v1)
+        or a ``whpk_`` public key (v1a)."""
+        validate_verifying_key(secret)  # a malformed one fails here, not inside every request
         self._secrets[path] = secret
 
     def set_behaviour(self, path: str, behaviour: Behaviour) -> None:

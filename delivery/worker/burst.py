@@ -16,6 +16,7 @@ No work is left when, for the parts the process runs, all of this holds on two p
       the deadline is waited for; one due after it stays pending in PostgreSQL for a later
       run. The deliveries of an open circuit count only while its probe is due: the probe's
       outcome decides, and a circuit that stays open waits for its subscriber, not for us.
+      The deliveries of a paused subscription wait for its resume, not for us.
 
 The deadline is ``timeout_s`` after the start: then the burst ends anyway, and says what was
 left. Not seen: a message that is not an event (it has no outbox row) while the poison recorder
@@ -59,9 +60,10 @@ SELECT
      JOIN delivery.subscriptions s ON s.id = d.subscription_id
      WHERE d.state = 'pending' AND (
         d.lease_until > clock_timestamp()
-        OR (s.circuit_state <> 'open'
+        OR (s.state <> 'paused' AND s.circuit_state <> 'open'
             AND d.next_attempt_at <= clock_timestamp() + make_interval(secs => $3))
-        OR (s.circuit_state = 'open' AND s.circuit_retry_at <= clock_timestamp()
+        OR (s.state <> 'paused' AND s.circuit_state = 'open'
+            AND s.circuit_retry_at <= clock_timestamp()
             AND d.next_attempt_at <= clock_timestamp())
      )) AS deliveries
 """

@@ -18,6 +18,7 @@ import asyncpg
 import structlog
 
 from delivery.ops import metrics
+from delivery.secrets import NO_KEYS, SecretBox
 from delivery.settings import Settings
 from delivery.signing import webhook_headers
 from delivery.store.pool import with_retries
@@ -77,6 +78,7 @@ class Deliverer:
         capacity: Capacity | None = None,
         hooks: Sequence[AttemptHook] | None = None,
         rng: random.Random | None = None,
+        box: SecretBox = NO_KEYS,
     ) -> None:
         self._settings = settings
         self._pool = pool
@@ -88,6 +90,9 @@ class Deliverer:
         self.capacity = capacity or Capacity.from_settings(settings)
         #: The pace of each subscriber that answered 429; dispatch and the scheduler consult it.
         self.pacer = Pacer()
+        #: Opens the stored secrets as dispatch and the scheduler load subscriptions (once per
+        #: sealed value, so no attempt decrypts).
+        self.box = box
         self._hooks = Hooks(default_hooks(settings) if hooks is None else hooks)
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[None]] = set()

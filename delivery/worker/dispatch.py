@@ -37,6 +37,7 @@ from delivery.errors import PoisonMessageError
 from delivery.events import RoutingFacts, envelope_from_row, render_body
 from delivery.ops import metrics
 from delivery.ops.health import Health
+from delivery.secrets import SecretBox
 from delivery.settings import Settings
 from delivery.store.pool import is_connection_error, with_retries
 from delivery.store.states import SubscriptionState
@@ -100,11 +101,11 @@ def _from_outbox(row: Any) -> WireEvent:
     return WireEvent(facts, body, row["created_at_s"], row["traceparent"])
 
 
-async def _load_subscriptions(conn: asyncpg.Connection) -> list[Subscription]:
+async def _load_subscriptions(conn: asyncpg.Connection, box: SecretBox) -> list[Subscription]:
     """Every subscription; one whose row cannot be loaded (a value Python cannot hold, like a
     year-33715 expiry) is skipped, logged and counted instead of failing every batch."""
     try:
-        return [Subscription.from_row(r) for r in await conn.fetch(_SUBSCRIPTIONS)]
+        return [Subscription.from_row(r, box=box) for r in await conn.fetch(_SUBSCRIPTIONS)]
     except Exception as exc:
         if is_connection_error(exc):
             raise
@@ -114,7 +115,7 @@ async def _load_subscriptions(conn: asyncpg.Connection) -> list[Subscription]:
         try:
             row = await conn.fetchrow(_SUBSCRIPTION, subscription_id)
             if row is not None:
-                loaded.append(Subscription.from_row(row))
+                loaded.append(Subscription.from_row(row, box=box))
         except Exception as exc:
             if is_connection_error(exc):
                 raise
@@ -305,7 +306,8 @@ class Dispatcher:
         ids = sorted({i for message in named for i in message})
 
         async def read(conn: asyncpg.Connection) -> tuple[list[Any], list[Subscription]]:
-            return await conn.fetch(_OUTBOX_ROWS, ids), await _load_subscriptions(conn)
+            rows = await conn.fetch(_OUTBOX_ROWS, ids)
+            return rows, await _load_subscriptions(conn, self._deliverer.box)
 
         outbox_rows, subscriptions = await with_retries(
             self._pool, read, what="dispatch", deadline_s=_DB_RETRY_DEADLINE_S, transaction=False
@@ -329,11 +331,13 @@ class Dispatcher:
                     continue
                 active = sub.state == SubscriptionState.ACTIVE
                 # An open circuit's deliveries wait in PostgreSQL for the scheduler's probe,
-                # and a paused subscriber's (429) for the end of its pause.
+                # a paused subscriber's (429) for the end of its pause, and an operator's
+                # paused subscription's for its resume.
                 paused = sub.paced(now) or self._deliverer.pacer.paused(sub.id)
                 attempt_now = active and not sub.circuit_open and not paused
                 reservation = held.reserve(sub.id) if attempt_now else None
-                pairs.append(_Pair(event, sub, reservation, dead=not active))
+                dead = sub.state == SubscriptionState.DISABLED
+                pairs.append(_Pair(event, sub, reservation, dead=dead))
         arrays = (
             [e.facts.id for e in events],
             [p.event.facts.id for p in pairs],

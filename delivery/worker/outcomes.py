@@ -119,7 +119,7 @@ WHERE id = $1
 _DISABLE_SUBSCRIPTION = """
 UPDATE delivery.subscriptions
 SET state = 'disabled', disabled_reason = $2, updated_at = now()
-WHERE id = $1 AND state = 'active'
+WHERE id = $1 AND state IN ('active', 'paused')
 RETURNING true
 """
 

@@ -35,7 +35,8 @@ log = structlog.get_logger("delivery.scheduler")
 # backlog never costs a claim anything nor fills it. A subscription's due retries come before
 # its first attempts (their own index): a probe, or the first request after a pause, is then a
 # retry, which may well succeed, rather than a fresh event a throttling subscriber refuses
-# again. The lock is SKIP LOCKED.
+# again. An operator's paused subscription is not scanned either: its deliveries wait for its
+# resume. The lock is SKIP LOCKED.
 _CLAIM = f"""
 WITH subs AS (
     SELECT s.id,
@@ -43,7 +44,7 @@ WITH subs AS (
     FROM delivery.subscriptions s
     LEFT JOIN unnest($5::text[], $6::int[]) AS busy(subscription_id, free)
         ON busy.subscription_id = s.id
-    WHERE s.id <> ALL($2::text[])
+    WHERE s.id <> ALL($2::text[]) AND s.state <> 'paused'
       AND NOT (s.circuit_state = 'open' AND s.circuit_retry_at > clock_timestamp())
       AND (s.paced_until IS NULL OR s.paced_until <= clock_timestamp())
 ), candidates AS (
@@ -110,6 +111,7 @@ _GAUGES = """
 SELECT
     (SELECT count(*) FROM delivery.subscriptions WHERE state = 'active') AS active,
     (SELECT count(*) FROM delivery.subscriptions WHERE state = 'disabled') AS disabled,
+    (SELECT count(*) FROM delivery.subscriptions WHERE state = 'paused') AS paused,
     (SELECT count(*) FROM delivery.subscriptions WHERE circuit_state = 'open') AS circuits_open,
     (SELECT count(*) FROM delivery.subscriptions WHERE paced_until > clock_timestamp()) AS paced,
     (SELECT count(*) FROM delivery.deliveries WHERE state = 'pending' AND attempts = 0) AS fresh,
@@ -187,6 +189,7 @@ class Scheduler:
                 assert row is not None
                 metrics.SUBSCRIPTIONS.labels("active").set(row["active"])
                 metrics.SUBSCRIPTIONS.labels("disabled").set(row["disabled"])
+                metrics.SUBSCRIPTIONS.labels("paused").set(row["paused"])
                 metrics.CIRCUITS_OPEN.set(row["circuits_open"])
                 metrics.SUBSCRIPTIONS_PACED.set(row["paced"])
                 metrics.DELIVERIES_PENDING.labels("first_attempt").set(row["fresh"])
@@ -281,11 +284,17 @@ class Scheduler:
         for row in rows:
             sub = built.get(row["sub_id"])
             if sub is None:
-                sub = built[row["sub_id"]] = Subscription.from_row(row, prefix="sub_")
+                sub = built[row["sub_id"]] = Subscription.from_row(
+                    row, prefix="sub_", box=self._deliverer.box
+                )
             subs.append(sub)
         probes = await self._take_probes([s.id for s in subs if s.circuit_open])
         with self._capacity.reservations() as held:
             for row, sub in zip(rows, subs, strict=True):
+                if sub.state == SubscriptionState.PAUSED:
+                    # Paused since the claim's scan (not parked: it goes out on resume).
+                    over_capacity.append(row["delivery_id"])
+                    continue
                 if sub.state != SubscriptionState.ACTIVE:
                     disabled.append(row["delivery_id"])
                     continue

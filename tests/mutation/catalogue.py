@@ -76,7 +76,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "dispatch-disabled-not-dead",
         "delivery/worker/dispatch.py",
-        (("pairs.append(_Pair(event, sub, reservation, dead=not active))",
+        (("pairs.append(_Pair(event, sub, reservation, dead=dead))",
           "pairs.append(_Pair(event, sub, reservation, dead=False))"),),
         "an event for a disabled subscription is kept pending instead of as a dead letter",
         guarantee=DEAD_LETTERS,
@@ -515,7 +515,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "rotation-new-secret-only",
         "delivery/store/subscriptions.py",
-        (("keys.append(secret_key(self.previous_secret))", "pass"),),
+        (("secrets_.append(self.previous_secret)", "pass"),),
         "during a rotation's grace only the new secret signs",
         guarantee=ROTATION,
     ),
@@ -539,6 +539,12 @@ _MUTANTS: tuple[Mutant, ...] = (
         (('return " ".join(parts)', 'return ",".join(parts)'),),
         "several signatures are joined so that a verifier cannot split them",
         guarantee=ROTATION,
+    ),
+    Mutant(
+        "secret-written-plaintext",
+        "delivery/store/subscriptions.py",
+        (("box.seal(secret or generate(signing)),", "secret or generate(signing),"),),
+        "with DELIVERY_SECRETS_KEY set, a new subscription's secret is stored in plaintext",
     ),
     Mutant(
         "matching-ignores-account",
@@ -696,6 +702,40 @@ _MUTANTS: tuple[Mutant, ...] = (
         "a message that really crashes workers is redriven forever, never recorded",
         guarantee=POISON,
     ),
+    # -- tenants' ingest rate, paused subscriptions, replay of a window ------------------------
+    Mutant(
+        "quota-never-refuses",
+        "delivery/store/quotas.py",
+        (
+            (
+                "    WHERE greatest(r.tat, statement_timestamp()) + (excluded.tat - statement_timestamp())\n"
+                "          <= statement_timestamp() + make_interval(secs => $3::float8)\n",
+                "",
+            ),
+        ),
+        "a tenant over its ingest rate is let through",
+    ),
+    Mutant(
+        "dispatch-paused-dead",
+        "delivery/worker/dispatch.py",
+        (("dead = sub.state == SubscriptionState.DISABLED", "dead = not active"),),
+        "an event for a paused subscription is parked as a dead letter instead of kept pending",
+    ),
+    Mutant(
+        "scheduler-claims-paused",
+        "delivery/worker/scheduler.py",
+        (
+            ("WHERE s.id <> ALL($2::text[]) AND s.state <> 'paused'", "WHERE s.id <> ALL($2::text[])"),
+            ("if sub.state == SubscriptionState.PAUSED:", "if False:"),
+        ),
+        "a paused subscription's waiting deliveries are claimed (and parked as disabled)",
+    ),
+    Mutant(
+        "replay-past-the-window",
+        "delivery/store/replays.py",
+        (("AND created_at >= $2 AND created_at < $3", "AND created_at >= $2"),),
+        "a replay sends events committed after the window too",
+    ),
 )
 
 # The tests that kill each mutant, fastest first (the run stops at the first failure).
@@ -712,6 +752,10 @@ _HOSTILE = _H + "test_hostile_subscribers_beside_a_healthy_one_end_delivered_or_
 _SSRF = (
     "tests/integration/test_ssrf.py::"
     "test_a_blocked_target_gets_no_request_and_the_attempt_is_permanent"
+)
+_PAUSED = (
+    "tests/integration/test_pausing.py::"
+    "test_a_paused_subscription_gets_nothing_until_resumed_then_everything_in_order"
 )
 KILLS: dict[str, tuple[str, ...]] = {
     "dispatch-forged-acked": (
@@ -868,6 +912,10 @@ KILLS: dict[str, tuple[str, ...]] = {
     "sign-content-without-dot": (
         _S + "test_a_signed_request_verifies_with_the_standard_webhooks_library",
     ),
+    "secret-written-plaintext": (
+        "tests/integration/test_secrets.py::"
+        "test_with_a_key_the_database_holds_only_ciphertext_and_deliveries_verify",
+    ),
     "sign-joined-by-comma": (
         _S + "test_during_a_rotation_each_secret_alone_verifies_with_the_standard_webhooks_library",
     ),
@@ -912,6 +960,16 @@ KILLS: dict[str, tuple[str, ...]] = {
     ),
     "poison-redrive-unbounded": (
         _DL + "test_an_event_past_the_delivery_limit_with_no_redrives_left_is_recorded_as_poison",
+    ),
+    "quota-never-refuses": (
+        "tests/integration/test_quotas.py::"
+        "test_a_burst_goes_then_the_tenant_waits_and_a_refusal_takes_nothing",
+    ),
+    "dispatch-paused-dead": (_PAUSED,),
+    "scheduler-claims-paused": (_PAUSED,),
+    "replay-past-the-window": (
+        "tests/integration/test_replays.py::"
+        "test_a_window_is_sent_again_with_the_same_ids_and_nothing_outside_it",
     ),
 }
 

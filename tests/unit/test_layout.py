@@ -3,7 +3,8 @@ tooling or the demo, and no module-level import cycle exists. Pure: reads the so
 ``ast``, imports nothing of ours, needs no services.
 
 Layers, lowest first (a module may import its own layer and those below it):
-core (errors, settings, durations, events, signing, aio, targets, text, version, bundled) <- ops <-
+core (errors, settings, durations, events, signing, secrets, aio, targets, text, version,
+bundled) <- ops <-
 store (and outbox, the producer's half of the store) <- broker <- worker <- cli, demo, runner,
 workers/ (the top);
 ``delivery.testing`` may import anything. Production = delivery/ except testing/ and demo/,
@@ -24,8 +25,8 @@ from delivery.worker.retry import Outcome
 
 ROOT = Path(__file__).resolve().parents[2]
 CORE = {
-    "errors", "settings", "durations", "events", "signing", "aio", "targets", "text", "version",
-    "bundled",
+    "errors", "settings", "durations", "events", "signing", "secrets", "aio", "targets", "text",
+    "version", "bundled",
 }
 RANKS = {"core": 0, "ops": 1, "store": 2, "broker": 3, "worker": 4, "top": 5}
 # The CLI's `delivery demo` command imports the demo when it runs, never at start-up.
