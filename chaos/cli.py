@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         help="scenarios that check alerts: scale the rules' for: durations, the lag threshold "
-        "and the bounds by this (1: the rules as shipped; the short CI runs use 0.1)",
+        "and the bounds by this (1: the rules as shipped; the short CI runs use 0.25)",
     )
     run.add_argument(
         "--rules",

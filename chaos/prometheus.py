@@ -59,6 +59,9 @@ class RunPrometheus:
             params=params,
             timeout=aiohttp.ClientTimeout(total=_HTTP_TIMEOUT_S),
         ) as response:
+            if response.status != 200:
+                text = await response.text()
+                raise RuntimeError(f"prometheus query_range ALERTS: {response.status} {text}"[:300])
             body: dict[str, Any] = await response.json(content_type=None)
         if body.get("status") != "success":
             raise RuntimeError(f"prometheus query_range ALERTS failed: {body}"[:300])
@@ -168,7 +171,8 @@ async def _wait_ready(
     while time.monotonic() < deadline:
         if proc.returncode is not None:
             raise RuntimeError(f"prometheus exited {proc.returncode} at start-up")
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError, KeyError):
+        # Until it is up, Prometheus answers 503 "Service Unavailable" (plain text).
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError, KeyError, ValueError):
             async with session.get(
                 f"{base_url}/api/v1/query",
                 params={"query": "count(up == 1)"},

@@ -131,6 +131,7 @@ async def _run(
 ) -> RunReport:
     started = time.time()
     rng = random.Random(seed)
+    events = max(events, scenario.min_events)
     if scenario.min_production_s > 0:
         rate = min(rate, events / scenario.min_production_s)
     if scenario.max_rate is not None:

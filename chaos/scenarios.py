@@ -71,6 +71,9 @@ class Scenario:
     # The producers' normal rate is capped at this (events/s): scenarios whose subscribers
     # drain at a known rate keep the normal ingest below it.
     max_rate: float | None = None
+    # Runs publish at least this many events (a backlog that must outlast an alert's `for:`
+    # needs more than the short runs' 300).
+    min_events: int = 0
 
 
 # See RunContext.uptime: RabbitMQ is only crashed once its queues are this old.
@@ -539,6 +542,9 @@ SCENARIOS: dict[str, Scenario] = {
             _spike,
             env=_PACED_ENV,
             max_rate=_PACED_RATE,
+            # At a quarter of the rules' clock (the short runs) the backlog must still outlast
+            # 11 s of lag plus 7.5 s of `for:`: about 450 events behind at 20/s.
+            min_events=600,
             drain_metrics=True,
             min_production_s=4,
             redrives=_SPARE,
