@@ -35,8 +35,12 @@ pytestmark = pytest.mark.chaos
 
 SHORT_EVENTS = 300
 SHORT_RATE = 100.0
-# Scenarios that check their alerts run the rules at a quarter of their clock (chaos.alerts):
-# at a tenth the lag threshold (4.5 s) was within what a loaded 2-core machine stalls by.
+# Scenarios that expect an alert to fire run the rules at a quarter of their clock
+# (chaos.alerts): at a tenth the lag threshold (4.5 s) was within what a loaded 2-core machine
+# stalls by. Scenarios that only expect quiet run at the real clock: a stall does not scale
+# down with the rules, so a scaled threshold turns it into a false alarm (burst, at a quarter
+# and load 13: one 20 s stall, the 11 s threshold crossed), and quiet at the real thresholds is
+# the claim anyway.
 SHORT_ALERT_SCALE = 0.25
 
 
@@ -449,7 +453,7 @@ async def test_scenario_short(name: str, chaos_servers: Servers, tmp_path: Path)
         out_dir=tmp_path,
         rate=SHORT_RATE,
         servers=chaos_servers,
-        alert_scale=SHORT_ALERT_SCALE,
+        alert_scale=SHORT_ALERT_SCALE if scenario.alerts and scenario.alerts.fire else 1.0,
     )
     v = report.verdict
     print(
