@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import asyncpg
 import structlog
 
 from delivery.aio import backoff_s, wait_any
+from delivery.broker.nodes import watch_nodes
 from delivery.broker.relay import Relay
 from delivery.errors import StoppedBeforeConnected
 from delivery.ops import tracing
@@ -186,7 +188,14 @@ async def run_process(
         ):
             log.info("started", role=role, admin_port=port or None)
             async with asyncio.TaskGroup() as tg:
-                tasks: list[asyncio.Task[object]] = []
+                # Which listed broker nodes answer: gauges, and not-ready on a minority side.
+                tasks: list[asyncio.Task[object]] = [
+                    tg.create_task(
+                        supervise(
+                            "amqp_nodes", partial(watch_nodes, settings.amqp_url, health), stop
+                        )
+                    )
+                ]
                 if relay:
                     tasks.append(
                         tg.create_task(supervise("relay", Relay(settings, pool, health).run, stop))
