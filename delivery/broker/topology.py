@@ -45,6 +45,7 @@ class Topology:
     dead: AbstractQueue
 
 
+GROUP_SIZE_ARGUMENT = "x-quorum-initial-group-size"
 # Replicas of each quorum queue: three survive the loss of one node and cost a third of what five
 # do. RabbitMQ's default is every node of the cluster.
 QUORUM_GROUP_SIZE = 3
@@ -56,7 +57,7 @@ def quorum_arguments(nodes: int) -> FieldTable:
     stays one node."""
     arguments: FieldTable = {"x-queue-type": "quorum"}
     if nodes >= QUORUM_GROUP_SIZE:
-        arguments["x-quorum-initial-group-size"] = QUORUM_GROUP_SIZE
+        arguments[GROUP_SIZE_ARGUMENT] = QUORUM_GROUP_SIZE
     return arguments
 
 
@@ -84,17 +85,29 @@ async def declare(
     dead_exchange = await channel.declare_exchange(
         names.dead_exchange, aio_pika.ExchangeType.FANOUT, durable=True
     )
-    dead = await channel.declare_queue(
-        names.dead_queue, durable=True, arguments=quorum_arguments(nodes)
-    )
+    dead = await _declare_quorum(channel, names.dead_queue, quorum_arguments(nodes))
     await dead.bind(dead_exchange, routing_key="")
-    dispatch = await channel.declare_queue(
-        names.dispatch_queue,
-        durable=True,
-        arguments=dispatch_queue_arguments(names, delivery_limit, nodes),
+    dispatch = await _declare_quorum(
+        channel, names.dispatch_queue, dispatch_queue_arguments(names, delivery_limit, nodes)
     )
     await dispatch.bind(events, routing_key="#")
     return Topology(events=events, dispatch=dispatch, dead=dead)
+
+
+async def _declare_quorum(
+    channel: AbstractChannel, name: str, arguments: FieldTable
+) -> AbstractQueue:
+    """Declare a quorum queue. One declared while another number of nodes was listed (a
+    single node that grew into a cluster) differs only in its initial group size, which
+    RabbitMQ refuses as inequivalent (406, closing the channel): it is used as it is, declared
+    passively on the channel reopened (its members grow with ``rabbitmq-queues grow``)."""
+    try:
+        return await channel.declare_queue(name, durable=True, arguments=arguments)
+    except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+        if GROUP_SIZE_ARGUMENT not in str(exc):
+            raise
+    await channel.reopen()
+    return await channel.declare_queue(name, passive=True)
 
 
 async def delete(connection: AbstractConnection, names: Names) -> None:
