@@ -125,4 +125,3 @@ async def test_a_promoted_standby_takes_over_and_nothing_committed_is_lost(setti
     finally:
         with contextlib.suppress(Exception):
             await asyncio.to_thread(pair.close)
-

@@ -40,7 +40,10 @@ def test_a_list_of_nodes_is_split_and_trimmed():
     [
         ("amqp://h/,,amqp://h2/", "node 2 of the list is empty"),
         ("amqp://h/,http://h2/", "node 2 (http://h2/) is not an amqp:// URL"),
-        ("amqp://h:5672/,amqp://u:secret@h2:99999/", "node 2 (amqp://u:***@h2:99999/) has a bad port"),
+        (
+            "amqp://h:5672/,amqp://u:secret@h2:99999/",
+            "node 2 (amqp://u:***@h2:99999/) has a bad port",
+        ),
         ("amqp:///v", "node 1 (amqp:///v) names no host"),
     ],
 )
