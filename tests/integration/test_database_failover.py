@@ -18,6 +18,7 @@ from delivery.store.migrations import migrate
 from delivery.store.pool import is_connection_error
 from delivery.testing.env import IN_CI
 from delivery.testing.factories import add_subscription, trade
+from delivery.testing.metrics import counter_value
 from delivery.testing.postgres_standby import LocalPostgresPair
 from delivery.testing.processes import ProvisionError
 from delivery.testing.receiver import Receiver
@@ -88,6 +89,7 @@ async def test_a_promoted_standby_takes_over_and_nothing_committed_is_lost(setti
                     lambda r: r.unique_count() >= EVENTS // 4, 30, "a quarter delivered"
                 )
                 # When the primary crashes and the standby is promoted
+                changes = counter_value("delivery_database_server_changes_total")
                 crashed = time.monotonic()
                 await asyncio.to_thread(pair.primary.stop, "immediate")
                 await asyncio.to_thread(pair.standby.promote)
@@ -115,8 +117,10 @@ async def test_a_promoted_standby_takes_over_and_nothing_committed_is_lost(setti
                 assert set(committed) <= stored
                 assert set(committed) <= receiver.unique_ids()
                 assert all(a.signature_ok for a in receiver.delivered())
-                # And the process reconnected by itself: still ready, never restarted
+                # And the process reconnected by itself: still ready, never restarted, and it
+                # counted the move to another server (DeliveryDatabaseFailover)
                 await wait_until(lambda: health.ready, timeout_s=30, what="ready again")
+                assert counter_value("delivery_database_server_changes_total") > changes
                 print(
                     f"\n[failover] promoted {promoted_after_s:.1f} s after the crash; every "
                     f"committed event delivered {recovered_after_s:.1f} s after it; "
