@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -175,6 +176,19 @@ class Settings(BaseSettings):
     @classmethod
     def _present(cls, value: Any) -> Any:
         return value != "" if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_hosts(cls, value: str) -> str:
+        # Several hosts without a target would let a process settle on the read-only standby,
+        # where every write fails; after a failover, only read-write finds the new primary.
+        netloc = urlsplit(value).netloc.rsplit("@", 1)[-1]
+        if "," in netloc and not re.search(r"target_session_attrs=(read-write|primary)\b", value):
+            raise ValueError(
+                "several hosts need target_session_attrs=read-write, or a process may connect"
+                " to a standby"
+            )
+        return value
 
     @field_validator("amqp_url")
     @classmethod

@@ -76,3 +76,12 @@ def test_the_quorum_group_size_is_three_from_three_nodes_and_never_more_than_the
     assert GROUP_SIZE_ARGUMENT not in quorum_arguments(2)
     assert quorum_arguments(3)[GROUP_SIZE_ARGUMENT] == 3
     assert quorum_arguments(5)[GROUP_SIZE_ARGUMENT] == 3
+
+
+def test_a_multi_host_database_url_must_ask_for_the_primary():
+    with pytest.raises(ConfigError) as raised:
+        load_settings(require=(), database_url="postgresql://u@h1:5432,h2:5433/db")
+    assert str(raised.value).startswith("DELIVERY_DATABASE_URL: several hosts need")
+    url = "postgresql://u@h1:5432,h2:5433/db?target_session_attrs=read-write"
+    assert load_settings(require=(), database_url=url).database_url == url
+    assert load_settings(require=(), database_url="postgresql://u:p,q@h/db").database_url
