@@ -10,7 +10,9 @@ The producer API::
 from delivery.errors import (
     ConfigError,
     DeliveryPlatformError,
+    EventIdTakenError,
     InputError,
+    NotFoundError,
     PublishConflictError,
     SignatureError,
 )
@@ -21,8 +23,10 @@ __all__ = [
     "EVENT_TYPES",
     "ConfigError",
     "DeliveryPlatformError",
+    "EventIdTakenError",
     "InputError",
     "NewEvent",
+    "NotFoundError",
     "PublishConflictError",
     "PublishResult",
     "SignatureError",

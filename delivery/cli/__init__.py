@@ -16,7 +16,7 @@ from collections.abc import Awaitable
 from delivery.cli.commands import _COMMANDS, _PROCESSES, _REQUIRES
 from delivery.cli.output import EXIT_FAILURE, EXIT_USAGE
 from delivery.cli.parser import build_parser
-from delivery.errors import ConfigError, InputError
+from delivery.errors import ConfigError, InputError, QuotaExceededError
 from delivery.settings import Settings, load_settings, unknown_variables
 
 
@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_loop(_COMMANDS[args.command](args, settings))
     except KeyboardInterrupt:
         return 130
-    except (InputError, ConfigError) as exc:
+    # Over a quota is the caller's to fix (remove something, or raise the quota): usage, 2.
+    except (InputError, ConfigError, QuotaExceededError) as exc:
         _report(args, exc, str(exc))
         return EXIT_USAGE
     except Exception as exc:

@@ -13,6 +13,7 @@ import structlog
 from delivery.cli.operations import cmd_dlq, cmd_secrets, cmd_status, cmd_subscriptions
 from delivery.cli.output import EXIT_OK, _emit
 from delivery.cli.publish import cmd_publish
+from delivery.cli.tenants import cmd_keys, cmd_tenants
 from delivery.settings import Settings, unknown_variables
 
 log = structlog.get_logger("delivery.cli")
@@ -65,6 +66,8 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Any], Awaitable[int]]] = {
     "secrets": cmd_secrets,
     "dlq": cmd_dlq,
     "status": cmd_status,
+    "tenants": cmd_tenants,
+    "keys": cmd_keys,
     "demo": cmd_demo,
 }
 # The long-running processes: they log (structlog, in DELIVERY_LOG_FORMAT) rather than print.

@@ -27,6 +27,20 @@ async def _with_conn(settings: Settings, work: Callable[[Any], Awaitable[int]]) 
         await conn.close()
 
 
+def _tenant(args: argparse.Namespace) -> str:
+    """``--tenant``, checked as typed (``default`` when not given)."""
+    from delivery.store.tenants import DEFAULT_TENANT, parse_tenant_id
+
+    return parse_tenant_id(args.tenant if args.tenant is not None else DEFAULT_TENANT)
+
+
+async def _tenant_exists(conn: Any, tenant_id: str) -> None:
+    """``NotFoundError`` naming the tenant: an unknown one is an error, not an empty listing."""
+    from delivery.store import tenants
+
+    await tenants.get(conn, tenant_id)
+
+
 def _print_subscription(sub: Any, as_json: bool, *, with_secret: bool = False) -> None:
     data = sub.public_dict(with_secret=with_secret)
     if as_json or with_secret:
@@ -61,21 +75,26 @@ async def cmd_subscriptions(args: argparse.Namespace, settings: Settings) -> int
     from delivery.store import subscriptions as subs
     from delivery.store.secret_keys import open_box
 
+    tenant_id = _tenant(args)
+
     async def work(conn: Any) -> int:
         # Every action writes or shows secrets (an Ed25519 public key comes from its secret).
         box = await open_box(conn, settings)
+        await _tenant_exists(conn, tenant_id)
         if args.action == "add":
-            return await _add_subscription(conn, args, settings, box)
+            return await _add_subscription(conn, args, settings, box, tenant_id)
         if args.action == "list":
-            return await _list_subscriptions(conn, args, box)
+            return await _list_subscriptions(conn, args, box, tenant_id)
         subscription_id = subs.parse_subscription_id(args.id)
-        return await _act_on_subscription(conn, args, settings, subscription_id, box)
+        return await _act_on_subscription(
+            conn, args, settings, subscription_id, box=box, tenant_id=tenant_id
+        )
 
     return await _with_conn(settings, work)
 
 
 async def _add_subscription(
-    conn: Any, args: argparse.Namespace, settings: Settings, box: SecretBox
+    conn: Any, args: argparse.Namespace, settings: Settings, box: SecretBox, tenant_id: str
 ) -> int:
     from delivery.durations import parse_schedule_s
     from delivery.store import subscriptions as subs
@@ -94,6 +113,7 @@ async def _add_subscription(
     async with conn.transaction():
         sub = await subs.add(
             conn,
+            tenant_id=tenant_id,
             url=url,
             patterns=args.events,
             account_id=args.account,
@@ -108,11 +128,13 @@ async def _add_subscription(
     return EXIT_OK
 
 
-async def _list_subscriptions(conn: Any, args: argparse.Namespace, box: SecretBox) -> int:
+async def _list_subscriptions(
+    conn: Any, args: argparse.Namespace, box: SecretBox, tenant_id: str
+) -> int:
     from delivery.store import subscriptions as subs
     from delivery.targets import mask_url
 
-    items = await subs.list_all(conn, box=box)
+    items = await subs.list_all(conn, box=box, tenant_id=tenant_id)
     if args.json:
         _emit([s.public_dict() for s in items])
         return EXIT_OK
@@ -127,7 +149,13 @@ async def _list_subscriptions(conn: Any, args: argparse.Namespace, box: SecretBo
 
 
 async def _act_on_subscription(
-    conn: Any, args: argparse.Namespace, settings: Settings, subscription_id: str, box: SecretBox
+    conn: Any,
+    args: argparse.Namespace,
+    settings: Settings,
+    subscription_id: str,
+    *,
+    box: SecretBox,
+    tenant_id: str,
 ) -> int:
     from delivery.store import subscriptions as subs
     from delivery.store.dead_letters import park_pending
@@ -135,13 +163,20 @@ async def _act_on_subscription(
 
     action = args.action
     if action == "show":
-        _print_subscription(await subs.get(conn, subscription_id, box=box), args.json)
+        _print_subscription(
+            await subs.get(conn, subscription_id, box=box, tenant_id=tenant_id), args.json
+        )
     elif action in ("disable", "enable"):
         disable = action == "disable"
         state = SubscriptionState.DISABLED if disable else SubscriptionState.ACTIVE
         async with conn.transaction():
             sub = await subs.set_state(
-                conn, subscription_id, state, reason="disabled by operator", box=box
+                conn,
+                subscription_id,
+                state,
+                reason="disabled by operator",
+                box=box,
+                tenant_id=tenant_id,
             )
             if disable:
                 await park_pending(conn, subscription_id, "subscription disabled by operator")
@@ -150,22 +185,33 @@ async def _act_on_subscription(
         from delivery.store import pausing
 
         move = pausing.pause if action == "pause" else pausing.resume
-        _print_subscription(await move(conn, subscription_id, box=box), args.json)
+        _print_subscription(
+            await move(conn, subscription_id, box=box, tenant_id=tenant_id), args.json
+        )
     elif action == "replay":
         from delivery.store import replays
 
         since = replays.parse_moment(args.since, "--since")
         until = replays.parse_moment(args.until, "--until")
-        _emit({"replayed": await replays.replay_window(conn, subscription_id, since, until)})
+        replayed = await replays.replay_window(
+            conn, subscription_id, since, until, tenant_id=tenant_id
+        )
+        _emit({"replayed": replayed})
     elif action == "rotate-secret":
         async with conn.transaction():  # as for add: no new secret unless it can be shown
             sub = await subs.rotate_secret(
-                conn, subscription_id, grace_s=settings.secret_rotation_grace_s, box=box
+                conn,
+                subscription_id,
+                grace_s=settings.secret_rotation_grace_s,
+                box=box,
+                tenant_id=tenant_id,
             )
             answer = sub.public_dict(with_secret=True)
         _emit(answer)
     elif action == "remove":
-        await subs.remove(conn, subscription_id, keep_history=not args.delete_history)
+        await subs.remove(
+            conn, subscription_id, keep_history=not args.delete_history, tenant_id=tenant_id
+        )
         kept = "deleted" if args.delete_history else "kept"
         if args.json:
             _emit({"removed": subscription_id, "history": kept})
@@ -198,14 +244,19 @@ async def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
     from delivery.store import subscriptions as subs
     from delivery.store.pool import create_pool
 
+    tenant_id = _tenant(args)
+    subscription_id = None
     if args.subscription is not None:
         subscription_id = subs.parse_subscription_id(args.subscription)
 
-        async def exists(conn: Any) -> int:
-            await subs.exists(conn, subscription_id)  # an unknown one is an error, not "none"
-            return EXIT_OK
+    async def exists(conn: Any) -> int:
+        # An unknown tenant or subscription is an error, not "none".
+        await _tenant_exists(conn, tenant_id)
+        if subscription_id is not None:
+            await subs.exists(conn, subscription_id, tenant_id=tenant_id)
+        return EXIT_OK
 
-        await _with_conn(settings, exists)
+    await _with_conn(settings, exists)
 
     if args.action == "list":
 
@@ -221,7 +272,9 @@ async def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
                             f"{row['reason']}\n"
                         )
                 return EXIT_OK
-            items = await dlq.list_dead(conn, subscription_id=args.subscription, limit=args.limit)
+            items = await dlq.list_dead(
+                conn, subscription_id=args.subscription, limit=args.limit, tenant_id=tenant_id
+            )
             if args.json:
                 _emit(
                     [
@@ -250,7 +303,10 @@ async def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
         return await _with_conn(settings, work)
 
     selector = dlq.Selector(
-        ids=dlq.ids_from_args(args.ids), subscription_id=args.subscription, everything=args.all
+        ids=dlq.ids_from_args(args.ids),
+        subscription_id=args.subscription,
+        everything=args.all,
+        tenant_id=tenant_id,
     )
     pool = await create_pool(settings.database_url, min_size=1, max_size=2)
     try:
@@ -303,14 +359,16 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         else:
             for name, depth in report["queues"].items():
                 sys.stdout.write(f"queue {name}: {'missing' if depth is None else depth}\n")
+        # The tenant last: the columns before it kept their places.
         sys.stdout.write(
             f"{'SUBSCRIPTION':<21} {'STATE':<9} {'PENDING':>8} {'RETRYING':>8} {'DEAD':>6} "
-            f"{'DELIVERED':>9}  LAST SUCCESS\n"
+            f"{'DELIVERED':>9}  {'LAST SUCCESS':<32}  TENANT\n"
         )
         for s in report["subscriptions"]:
             sys.stdout.write(
                 f"{s['id']:<21} {s['state']:<9} {s['pending']:>8} {s['retrying']:>8} "
-                f"{s['dead']:>6} {s['delivered']:>9}  {s['last_success'] or '-'}\n"
+                f"{s['dead']:>6} {s['delivered']:>9}  {s['last_success'] or '-':<32}  "
+                f"{s['tenant_id']}\n"
             )
         return code
 

@@ -65,6 +65,14 @@ def _secrets_command(commands: Any) -> None:
     actions.add_parser("generate-key", help="print a new key for DELIVERY_SECRETS_KEY")
 
 
+_ANY_QUOTA = 999_999_999_999
+
+
+def _tenant_option(parser: argparse.ArgumentParser) -> None:
+    # No default here: the command resolves it (`default`), so parsing stays free of the store.
+    parser.add_argument("--tenant", metavar="ID", help="the tenant acted for (default: default)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="delivery", description="Reliable signed webhook delivery.")
     _global_options(parser, top=True)
@@ -91,10 +99,88 @@ def build_parser() -> argparse.ArgumentParser:
 
     publish = commands.add_parser("publish", help="publish JSON-lines events into the outbox")
     publish.add_argument("file", nargs="?", help="file of JSON lines (default: standard input)")
+    _tenant_option(publish)
 
+    _subscriptions_parsers(commands)
+    _secrets_command(commands)
+
+    dlq = commands.add_parser("dlq", help="dead letters")
+    dlq_actions = dlq.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    dl = dlq_actions.add_parser("list", help="list dead letters")
+    _tenant_option(dl)
+    dl.add_argument("--subscription")
+    dl.add_argument("--limit", type=_whole_number(1, 10_000), default=1000)
+    dl.add_argument(
+        "--poison",
+        action="store_true",
+        help="messages no worker could process, not deliveries (the platform's: no tenant)",
+    )
+    replay = dlq_actions.add_parser("replay", help="send dead letters again (same webhook-id)")
+    purge = dlq_actions.add_parser("purge", help="drop dead letters (asks first on a terminal)")
+    for p in (replay, purge):
+        _tenant_option(p)
+        p.add_argument("ids", nargs="*", metavar="ID")
+        p.add_argument("--subscription")
+        p.add_argument("--all", action="store_true")
+    purge.add_argument(
+        "--yes",
+        "-y",
+        action="store_true",
+        help="do not ask (required when standard input is not a terminal)",
+    )
+
+    commands.add_parser("status", help="backlog, queues and subscriptions at a glance")
+    _tenants_parsers(commands)
+
+    demo = commands.add_parser("demo", help="a whole run on this machine, to watch")
+    demo.add_argument(
+        "--events", type=_whole_number(1, 1_000_000), default=3000, help="how many to publish"
+    )
+    demo.add_argument("--keep", action="store_true", help="leave the throwaway services running")
+    return parser
+
+
+def _tenants_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``delivery tenants ...`` and ``delivery keys ...``."""
+    tenants = commands.add_parser("tenants", help="tenants and their quotas")
+    actions = tenants.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    add = actions.add_parser("add", help="add a tenant")
+    add.add_argument("name")
+    # Digits only here; the quotas' ranges are the store's (delivery.store.tenants), one place.
+    add.add_argument(
+        "--max-events-per-s",
+        type=_whole_number(0, _ANY_QUOTA),
+        help="ingest rate over the API (default: unlimited)",
+    )
+    add.add_argument(
+        "--max-subscriptions",
+        type=_whole_number(0, _ANY_QUOTA),
+        help="subscriptions it may hold, removed ones aside (default: unlimited)",
+    )
+    actions.add_parser("list", help="list tenants")
+    actions.add_parser("show", help="show a tenant").add_argument("id")
+
+    keys = commands.add_parser("keys", help="API keys")
+    key_actions = keys.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    create = key_actions.add_parser("create", help="create a key (shown once)")
+    create.add_argument("tenant_id", metavar="TENANT_ID")
+    create.add_argument(
+        "--scopes", default="publish,manage,read", help="comma-separated: publish,manage,read"
+    )
+    key_actions.add_parser("list", help="list a tenant's keys").add_argument(
+        "tenant_id", metavar="TENANT_ID"
+    )
+    key_actions.add_parser("revoke", help="revoke a key at once").add_argument(
+        "key_id", metavar="KEY_ID"
+    )
+
+
+def _subscriptions_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``delivery subscriptions ...``."""
     subs = commands.add_parser("subscriptions", help="manage subscriptions")
     sub_actions = subs.add_subparsers(dest="action", required=True, parser_class=_Parser)
     add = sub_actions.add_parser("add", help="add a subscription")
+    _tenant_option(add)
     add.add_argument("url")
     add.add_argument("--events", required=True, help="comma-separated globs: trade.*,account.*")
     add.add_argument("--account", help="only this account's events")
@@ -120,9 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument(
         "--timeout", type=float, help="seconds per attempt (default: DELIVERY_HTTP_TIMEOUT_S)"
     )
-    sub_actions.add_parser("list", help="list subscriptions")
+    _tenant_option(sub_actions.add_parser("list", help="list subscriptions"))
     for action in ("show", "disable", "enable", "pause", "resume", "rotate-secret", "remove"):
         p = sub_actions.add_parser(action, help=f"{action} a subscription")
+        _tenant_option(p)
         p.add_argument("id")
         if action == "remove":
             p.add_argument(
@@ -134,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     again = sub_actions.add_parser(
         "replay", help="send a time window's matching events again (same webhook-id)"
     )
+    _tenant_option(again)
     again.add_argument("id")
     for bound, text in (("since", "from (included)"), ("until", "to (excluded)")):
         again.add_argument(
@@ -142,35 +230,3 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="RFC3339",
             help=f"events committed {text} this moment, e.g. 2026-12-07T21:00:00Z",
         )
-
-    _secrets_command(commands)
-
-    dlq = commands.add_parser("dlq", help="dead letters")
-    dlq_actions = dlq.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    dl = dlq_actions.add_parser("list", help="list dead letters")
-    dl.add_argument("--subscription")
-    dl.add_argument("--limit", type=_whole_number(1, 10_000), default=1000)
-    dl.add_argument(
-        "--poison", action="store_true", help="messages no worker could process, not deliveries"
-    )
-    replay = dlq_actions.add_parser("replay", help="send dead letters again (same webhook-id)")
-    purge = dlq_actions.add_parser("purge", help="drop dead letters (asks first on a terminal)")
-    for p in (replay, purge):
-        p.add_argument("ids", nargs="*", metavar="ID")
-        p.add_argument("--subscription")
-        p.add_argument("--all", action="store_true")
-    purge.add_argument(
-        "--yes",
-        "-y",
-        action="store_true",
-        help="do not ask (required when standard input is not a terminal)",
-    )
-
-    commands.add_parser("status", help="backlog, queues and subscriptions at a glance")
-
-    demo = commands.add_parser("demo", help="a whole run on this machine, to watch")
-    demo.add_argument(
-        "--events", type=_whole_number(1, 1_000_000), default=3000, help="how many to publish"
-    )
-    demo.add_argument("--keep", action="store_true", help="leave the throwaway services running")
-    return parser

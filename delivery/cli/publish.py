@@ -30,6 +30,10 @@ _CHECK_PROGRESS_EVERY_LINES = 10_000
 
 
 async def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
+    from delivery.store.tenants import DEFAULT_TENANT, parse_tenant_id
+
+    # Checked as typed before the input is read; whether it exists, when writing (nothing is).
+    tenant = parse_tenant_id(args.tenant if args.tenant is not None else DEFAULT_TENANT)
     with contextlib.ExitStack() as stack:
         stream = _open_input(args.file, stack)
         spool = stack.enter_context(tempfile.TemporaryFile())
@@ -38,7 +42,7 @@ async def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
             sys.stderr.write(f"delivery publish: {bad} bad line(s); nothing was written\n")
             return EXIT_USAGE
         spool.seek(0)
-        published, duplicates = await _write(settings.database_url, spool, count)
+        published, duplicates = await _write(settings.database_url, spool, count, tenant)
     _emit({"published": published, "duplicates": duplicates})
     return EXIT_OK
 
@@ -76,7 +80,9 @@ def _check(stream: BinaryIO, spool: IO[bytes]) -> tuple[int, int]:
     return count, bad
 
 
-async def _write(database_url: str, spool: IO[bytes], count: int) -> tuple[int, int]:
+async def _write(
+    database_url: str, spool: IO[bytes], count: int, tenant: str
+) -> tuple[int, int]:
     import asyncpg
 
     from delivery.outbox import publish_validated
@@ -88,7 +94,7 @@ async def _write(database_url: str, spool: IO[bytes], count: int) -> tuple[int, 
         # One transaction for the whole input: all lines are written, or none.
         async with conn.transaction():
             for batch in _batches(spool):
-                result = await publish_validated(conn, batch)
+                result = await publish_validated(conn, batch, tenant=tenant)
                 published += len(result.published)
                 duplicates += len(result.duplicates)
                 report(published + duplicates)

@@ -1,4 +1,9 @@
-"""Dead letters: deliveries that will not be attempted again until an operator replays them."""
+"""Dead letters: deliveries that will not be attempted again until an operator replays them.
+
+A dead letter belongs to its subscription's tenant. Listing, replaying and purging act within
+one tenant (``tenant_id``, ``default`` unless named): another tenant's are never selected, even
+by id. Poison messages are the platform's, not a tenant's (no relay sent them).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import asyncpg
 
 from delivery.errors import InputError
 from delivery.events import format_timestamp
+from delivery.store.tenants import DEFAULT_TENANT
 from delivery.text import safe_text
 
 _BATCH = 1000
@@ -27,13 +33,21 @@ _PARK_SUBSCRIPTION = _PARK.format(which="subscription_id = $1")
 _PARK_DELIVERIES = _PARK.format(which="id = ANY($1::bigint[])")
 
 
+# Within the tenant: its subscriptions (removed ones too, whose dead letters stay).
+_OF_TENANT = (
+    "EXISTS (SELECT 1 FROM delivery.subscriptions ts"
+    " WHERE ts.id = d.subscription_id AND ts.tenant_id = ${n})"
+)
+
+
 @dataclass(frozen=True)
 class Selector:
-    """Which dead letters a command acts on: ids, one subscription's, or all."""
+    """Which of a tenant's dead letters a command acts on: ids, one subscription's, or all."""
 
     ids: tuple[int, ...] = ()
     subscription_id: str | None = None
     everything: bool = False
+    tenant_id: str = DEFAULT_TENANT
 
     def __post_init__(self) -> None:
         chosen = sum([bool(self.ids), self.subscription_id is not None, self.everything])
@@ -41,11 +55,16 @@ class Selector:
             raise InputError("name dead letters by ID..., --subscription ID or --all (one of them)")
 
     def where(self) -> tuple[str, list[Any]]:
+        """A condition on ``d`` (delivery.deliveries) and its parameters, $1 onwards."""
+        args: list[Any]
         if self.ids:
-            return "d.id = ANY($1::bigint[])", [list(self.ids)]
-        if self.subscription_id is not None:
-            return "d.subscription_id = $1", [self.subscription_id]
-        return "TRUE", []
+            which, args = "d.id = ANY($1::bigint[])", [list(self.ids)]
+        elif self.subscription_id is not None:
+            which, args = "d.subscription_id = $1", [self.subscription_id]
+        else:
+            which, args = "TRUE", []
+        tenant = _OF_TENANT.format(n=len(args) + 1)
+        return f"{which} AND {tenant}", [*args, self.tenant_id]
 
 
 @dataclass(frozen=True)
@@ -63,20 +82,27 @@ class DeadLetter:
 
 
 async def list_dead(
-    conn: asyncpg.Connection, *, subscription_id: str | None = None, limit: int = 1000
+    conn: asyncpg.Connection,
+    *,
+    subscription_id: str | None = None,
+    limit: int = 1000,
+    tenant_id: str = DEFAULT_TENANT,
 ) -> list[DeadLetter]:
     rows = await conn.fetch(
         """
         SELECT d.id, d.event_id, o.type AS event_type, d.subscription_id, d.dead_reason AS reason,
                d.attempts, d.last_status, d.first_attempt_at, d.last_attempt_at, d.dead_at
         FROM delivery.deliveries d
+        JOIN delivery.subscriptions s ON s.id = d.subscription_id
         JOIN delivery.outbox o ON o.event_id = d.event_id
-        WHERE d.state = 'dead' AND ($1::text IS NULL OR d.subscription_id = $1)
+        WHERE d.state = 'dead' AND s.tenant_id = $3
+          AND ($1::text IS NULL OR d.subscription_id = $1)
         ORDER BY d.dead_at, d.id
         LIMIT $2
         """,
         subscription_id,
         limit,
+        tenant_id,
     )
     return [DeadLetter(**dict(r)) for r in rows]
 

@@ -22,7 +22,7 @@ SELECT count(*) AS pending,
 FROM delivery.outbox WHERE published_at IS NULL
 """
 _PER_SUBSCRIPTION = """
-SELECT s.id, s.url, s.state, s.disabled_reason, s.event_patterns, s.account_id,
+SELECT s.id, s.tenant_id, s.url, s.state, s.disabled_reason, s.event_patterns, s.account_id,
        s.circuit_state, s.consecutive_failures, s.failing_since, s.paced_until,
        count(*) FILTER (WHERE d.state = 'pending' AND d.attempts = 0) AS pending,
        count(*) FILTER (WHERE d.state = 'pending' AND d.attempts > 0) AS retrying,
@@ -63,6 +63,7 @@ async def collect(
         subs.append(
             {
                 "id": row["id"],
+                "tenant_id": row["tenant_id"],  # an operator's view: every tenant's
                 "url": mask_url(row["url"]),  # a row from before credentials were refused
                 "state": row["state"],
                 "circuit": row["circuit_state"],

@@ -1,4 +1,9 @@
-"""Subscriptions: who gets which events, where, signed with which secrets."""
+"""Subscriptions: who gets which events, where, signed with which secrets.
+
+Each belongs to a tenant and is matched only to that tenant's events. Every function here acts
+within one tenant (``tenant_id``, ``default`` unless named): another tenant's subscription is
+answered exactly as an id that does not exist, so nothing tells the two apart.
+"""
 
 from __future__ import annotations
 
@@ -14,19 +19,21 @@ import asyncpg
 from pydantic import TypeAdapter, ValidationError
 
 from delivery.durations import check_schedule_s
-from delivery.errors import ConfigError, InputError, NotFoundError
+from delivery.errors import ConfigError, InputError, NotFoundError, QuotaExceededError
 from delivery.events import EVENT_TYPES, AccountId, format_timestamp
 from delivery.secrets import KEYS_VARIABLE, NO_KEYS, SecretBox, is_sealed
 from delivery.settings import MAX_HTTP_TIMEOUT_S
 from delivery.signing import Signing, SigningKey, generate, public_key, signing_key, validate
 from delivery.store.dead_letters import park_pending
 from delivery.store.states import CircuitState, SubscriptionState
+from delivery.store.tenants import DEFAULT_TENANT
 from delivery.targets import canonical_url, mask_url
 
 _PATTERN = re.compile(r"^[a-z0-9_.*?\[\]-]+$")
 _ACCOUNT_ID: TypeAdapter[str] = TypeAdapter(AccountId)
 FIELDS = (
     "id",
+    "tenant_id",
     "url",
     "event_patterns",
     "account_id",
@@ -57,6 +64,7 @@ def select_list(alias: str, prefix: str) -> str:
 @dataclass(frozen=True, slots=True)
 class Subscription:
     id: str
+    tenant_id: str
     url: str
     event_patterns: tuple[str, ...]
     account_id: str | None
@@ -201,6 +209,7 @@ def parse_patterns(text: str | Sequence[str]) -> tuple[str, ...]:
 async def add(
     conn: asyncpg.Connection,
     *,
+    tenant_id: str = DEFAULT_TENANT,
     url: str,
     patterns: str | Sequence[str],
     account_id: str | None = None,
@@ -224,39 +233,78 @@ async def add(
             retry_schedule_s = check_schedule_s(tuple(retry_schedule_s))
         except ValueError as exc:
             raise InputError(f"retry schedule: {exc}") from None
-    row = await conn.fetchrow(
-        f"""
-        INSERT INTO delivery.subscriptions
-            (id, url, event_patterns, account_id, secret, retry_schedule_s, timeout_s, signing)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-        RETURNING {_COLUMNS}
-        """,
-        new_subscription_id(),
-        url,
-        list(parsed),
-        account_id,
-        box.seal(secret or generate(signing)),
-        list(retry_schedule_s) if retry_schedule_s else None,
-        timeout_s,
-        signing,
-    )
+    # The tenant's row stays locked until the caller's transaction ends, so two concurrent adds
+    # cannot both see room for one more (a savepoint when the caller has a transaction).
+    async with conn.transaction():
+        await _check_quota(conn, tenant_id)
+        row = await conn.fetchrow(
+            f"""
+            INSERT INTO delivery.subscriptions
+                (id, tenant_id, url, event_patterns, account_id, secret, retry_schedule_s,
+                 timeout_s, signing)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+            RETURNING {_COLUMNS}
+            """,
+            new_subscription_id(),
+            tenant_id,
+            url,
+            list(parsed),
+            account_id,
+            box.seal(secret or generate(signing)),
+            list(retry_schedule_s) if retry_schedule_s else None,
+            timeout_s,
+            signing,
+        )
     return Subscription.from_row(row, box=box)
 
 
-async def list_all(conn: asyncpg.Connection, *, box: SecretBox = NO_KEYS) -> list[Subscription]:
-    """Every subscription but the removed ones (whose rows only keep their history)."""
+async def _check_quota(conn: asyncpg.Connection, tenant_id: str) -> None:
+    """``QuotaExceededError`` when the tenant has ``max_subscriptions`` already (removed ones do
+    not count); locks the tenant's row for the rest of the transaction. FOR NO KEY UPDATE:
+    it excludes the next add, not the foreign-key checks of other writes naming the tenant."""
+    quota = await conn.fetchrow(
+        "SELECT max_subscriptions FROM delivery.tenants WHERE id = $1 FOR NO KEY UPDATE",
+        tenant_id,
+    )
+    if quota is None:
+        raise NotFoundError(f"tenant {tenant_id!r} does not exist")
+    limit = quota["max_subscriptions"]
+    if limit is None:
+        return
+    held = await conn.fetchval(
+        "SELECT count(*) FROM delivery.subscriptions WHERE tenant_id = $1 AND state <> 'removed'",
+        tenant_id,
+    )
+    if held >= limit:
+        raise QuotaExceededError(
+            f"tenant {tenant_id!r} has {held} subscription(s), its quota (max_subscriptions"
+            f" {limit}): remove one or have the quota raised"
+        )
+
+
+async def list_all(
+    conn: asyncpg.Connection, *, tenant_id: str = DEFAULT_TENANT, box: SecretBox = NO_KEYS
+) -> list[Subscription]:
+    """The tenant's subscriptions but the removed ones (whose rows only keep their history)."""
     rows = await conn.fetch(
-        f"SELECT {_COLUMNS} FROM delivery.subscriptions WHERE state <> 'removed'"
-        " ORDER BY created_at, id"
+        f"SELECT {_COLUMNS} FROM delivery.subscriptions WHERE tenant_id = $1"
+        " AND state <> 'removed' ORDER BY created_at, id",
+        tenant_id,
     )
     return [Subscription.from_row(r, box=box) for r in rows]
 
 
 async def get(
-    conn: asyncpg.Connection, subscription_id: str, *, box: SecretBox = NO_KEYS
+    conn: asyncpg.Connection,
+    subscription_id: str,
+    *,
+    tenant_id: str = DEFAULT_TENANT,
+    box: SecretBox = NO_KEYS,
 ) -> Subscription:
     row = await conn.fetchrow(
-        f"SELECT {_COLUMNS} FROM delivery.subscriptions WHERE id = $1", subscription_id
+        f"SELECT {_COLUMNS} FROM delivery.subscriptions WHERE id = $1 AND tenant_id = $2",
+        subscription_id,
+        tenant_id,
     )
     if row is None:
         raise NotFoundError(f"subscription {subscription_id!r} does not exist")
@@ -265,10 +313,15 @@ async def get(
     return Subscription.from_row(row, box=box)
 
 
-async def exists(conn: asyncpg.Connection, subscription_id: str) -> None:
-    """``NotFoundError`` unless the subscription exists (or was removed: its history stays)."""
+async def exists(
+    conn: asyncpg.Connection, subscription_id: str, *, tenant_id: str = DEFAULT_TENANT
+) -> None:
+    """``NotFoundError`` unless the tenant's subscription exists (or was removed: its history
+    stays)."""
     found = await conn.fetchval(
-        "SELECT true FROM delivery.subscriptions WHERE id = $1", subscription_id
+        "SELECT true FROM delivery.subscriptions WHERE id = $1 AND tenant_id = $2",
+        subscription_id,
+        tenant_id,
     )
     if not found:
         raise NotFoundError(f"subscription {subscription_id!r} does not exist")
@@ -280,6 +333,7 @@ async def set_state(
     state: SubscriptionState,
     *,
     reason: str | None = None,
+    tenant_id: str = DEFAULT_TENANT,
     box: SecretBox = NO_KEYS,
 ) -> Subscription:
     row = await conn.fetchrow(
@@ -288,15 +342,16 @@ async def set_state(
         SET state = $2, disabled_reason = CASE WHEN $2 = 'disabled' THEN $3 END, updated_at = now(),
             consecutive_failures = 0, circuit_state = 'closed', circuit_retry_at = NULL,
             failing_since = NULL
-        WHERE id = $1 AND state <> 'removed'
+        WHERE id = $1 AND tenant_id = $4 AND state <> 'removed'
         RETURNING {_COLUMNS}
         """,
         subscription_id,
         state,
         reason,
+        tenant_id,
     )
     if row is None:
-        raise NotFoundError(await _missing(conn, subscription_id))
+        raise NotFoundError(await _missing(conn, subscription_id, tenant_id))
     return Subscription.from_row(row, box=box)
 
 
@@ -306,6 +361,7 @@ async def rotate_secret(
     *,
     grace_s: float,
     new_secret: str | None = None,
+    tenant_id: str = DEFAULT_TENANT,
     box: SecretBox = NO_KEYS,
 ) -> Subscription:
     async with conn.transaction():
@@ -313,11 +369,12 @@ async def rotate_secret(
         # outgoing one is sealed too if it was written before the key was set.
         current = await conn.fetchrow(
             "SELECT secret, signing FROM delivery.subscriptions"
-            " WHERE id = $1 AND state <> 'removed' FOR UPDATE",
+            " WHERE id = $1 AND tenant_id = $2 AND state <> 'removed' FOR UPDATE",
             subscription_id,
+            tenant_id,
         )
         if current is None:
-            raise NotFoundError(await _missing(conn, subscription_id))
+            raise NotFoundError(await _missing(conn, subscription_id, tenant_id))
         signing = Signing(current["signing"])
         if new_secret is not None:
             validate(signing, new_secret)
@@ -337,10 +394,13 @@ async def rotate_secret(
     return Subscription.from_row(row, box=box)
 
 
-async def _missing(conn: asyncpg.Connection, subscription_id: str) -> str:
-    """Why ``subscription_id`` cannot be acted on: it never existed, or it was removed."""
+async def _missing(conn: asyncpg.Connection, subscription_id: str, tenant_id: str) -> str:
+    """Why ``subscription_id`` cannot be acted on: it never existed (for this tenant), or it
+    was removed."""
     state = await conn.fetchval(
-        "SELECT state FROM delivery.subscriptions WHERE id = $1", subscription_id
+        "SELECT state FROM delivery.subscriptions WHERE id = $1 AND tenant_id = $2",
+        subscription_id,
+        tenant_id,
     )
     if state == SubscriptionState.REMOVED:
         return f"subscription {subscription_id!r} was removed"
@@ -348,14 +408,20 @@ async def _missing(conn: asyncpg.Connection, subscription_id: str) -> str:
 
 
 async def remove(
-    conn: asyncpg.Connection, subscription_id: str, *, keep_history: bool = True
+    conn: asyncpg.Connection,
+    subscription_id: str,
+    *,
+    keep_history: bool = True,
+    tenant_id: str = DEFAULT_TENANT,
 ) -> None:
     """Stop delivering to a subscription. Its deliveries, attempts and dead letters stay (its
     pending deliveries become dead letters) unless ``keep_history`` is false: then the row and
     all of that are deleted, as they are for an already removed one."""
     if not keep_history:
         result = await conn.execute(
-            "DELETE FROM delivery.subscriptions WHERE id = $1", subscription_id
+            "DELETE FROM delivery.subscriptions WHERE id = $1 AND tenant_id = $2",
+            subscription_id,
+            tenant_id,
         )
         if result.endswith(" 0"):
             raise NotFoundError(f"subscription {subscription_id!r} does not exist")
@@ -367,11 +433,12 @@ async def remove(
             SET state = 'removed', disabled_reason = 'removed by operator', updated_at = now(),
                 circuit_state = 'closed', circuit_retry_at = NULL, consecutive_failures = 0,
                 failing_since = NULL
-            WHERE id = $1 AND state <> 'removed'
+            WHERE id = $1 AND tenant_id = $2 AND state <> 'removed'
             RETURNING id
             """,
             subscription_id,
+            tenant_id,
         )
         if removed is None:
-            raise NotFoundError(await _missing(conn, subscription_id))
+            raise NotFoundError(await _missing(conn, subscription_id, tenant_id))
         await park_pending(conn, subscription_id, "subscription removed by operator")

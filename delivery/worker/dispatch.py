@@ -12,7 +12,8 @@ event's body, type, account, trace context and creation time are read from its o
 (beside the subscriptions, on one pooled connection), so anyone able to publish on the events
 exchange cannot have a webhook signed. A message naming an event the outbox does not hold was
 not sent by a relay: it is rejected as poison, and the dead-letter consumer records it with
-that reason.
+that reason. The outbox row also says whose event it is: it is matched only to subscriptions
+of its own tenant.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ _SUBSCRIPTION_IDS = "SELECT id FROM delivery.subscriptions WHERE state <> 'remov
 _SUBSCRIPTION = f"{_SUBSCRIPTIONS} AND s.id = $1"
 # The events a batch names, as the outbox holds them: what dispatch delivers.
 _OUTBOX_ROWS = """
-SELECT event_id, type, account_id, sequence, occurred_at, data::text AS data, traceparent,
-       extract(epoch FROM created_at)::float8 AS created_at_s
+SELECT event_id, tenant_id, type, account_id, sequence, occurred_at, data::text AS data,
+       traceparent, extract(epoch FROM created_at)::float8 AS created_at_s
 FROM delivery.outbox WHERE event_id = ANY($1::text[])
 """
 # The inbox rows and the deliveries of the events that were new to it, in one statement (atomic
@@ -334,10 +335,14 @@ class Dispatcher:
             for event_id in message:
                 copies[event_id] = copies.get(event_id, 0) + 1
         events = [_from_outbox(stored[i]) for i in copies]
+        by_tenant: dict[str, list[Subscription]] = {}
+        for sub in subscriptions:
+            by_tenant.setdefault(sub.tenant_id, []).append(sub)
         pairs: list[_Pair] = []
         for event in events:
             facts = event.facts
-            for sub in subscriptions:
+            # Tenant isolation: only the event's own tenant's subscriptions are candidates.
+            for sub in by_tenant.get(stored[facts.id]["tenant_id"], ()):
                 if not sub.matches(facts.type, facts.account_id):
                     continue
                 active = sub.state == SubscriptionState.ACTIVE

@@ -152,8 +152,10 @@ async def test_the_platform_never_jit_compiles(settings):
     assert await pool.fetchval("SHOW jit") == "off"
     await pool.close()
     conn = await asyncpg.connect(settings.database_url)
+    # Every signature (the tenant's, and the previous release's kept for `default`).
     assert await conn.fetchval(
-        "SELECT 'jit=off' = ANY(proconfig) FROM pg_proc WHERE proname = 'publish_events'"
+        "SELECT bool_and(coalesce('jit=off' = ANY(proconfig), false)) AND count(*) = 2"
+        " FROM pg_proc WHERE proname = 'publish_events'"
     )
     await conn.close()
 

@@ -40,6 +40,7 @@ SIGNATURE = "every POST carries a valid Standard Webhooks signature"
 BOUNDS = "concurrency per subscriber and per process is bounded"
 PACING = "a 429 holds back and paces its subscription; it never opens the circuit"
 RECORDED = "every attempt ends in a recorded outcome; one bad row never fails its neighbours"
+TENANTS = "a tenant's events reach only its own subscriptions, and its ids are never another's"
 
 _MUTANTS: tuple[Mutant, ...] = (
     # -- dispatch ---------------------------------------------------------------------------
@@ -213,14 +214,15 @@ _MUTANTS: tuple[Mutant, ...] = (
     # -- outbox ---------------------------------------------------------------------------------
     Mutant(
         "outbox-sequence-gap",
-        "migrations/0007_publish_function.sql",
+        # The live publish function is 0016's (0007's is replaced by it).
+        "migrations/0016_tenant_keys.sql",
         (("b.last_sequence - c.n + row_number()", "b.last_sequence - c.n + 1 + row_number()"),),
         "sequences start one too high for each batch: a gap per publish",
         guarantee=OUTBOX,
     ),
     Mutant(
         "outbox-duplicate-not-skipped",
-        "migrations/0007_publish_function.sql",
+        "migrations/0016_tenant_keys.sql",
         (
             (
                 "        WHERE NOT EXISTS (SELECT 1 FROM delivery.outbox o "
@@ -239,6 +241,44 @@ _MUTANTS: tuple[Mutant, ...] = (
         "a duplicate id is reported as published, so a producer cannot tell a retry from a "
         "new event",
         guarantee=OUTBOX,
+    ),
+    # -- tenants ------------------------------------------------------------------------------
+    Mutant(
+        "dispatch-ignores-tenant",
+        "delivery/worker/dispatch.py",
+        (
+            (
+                '            for sub in by_tenant.get(stored[facts.id]["tenant_id"], ()):\n',
+                "            for sub in subscriptions:\n",
+            ),
+        ),
+        "an event is matched to every tenant's subscriptions",
+        guarantee=TENANTS,
+    ),
+    Mutant(
+        "outbox-taken-id-is-a-duplicate",
+        "migrations/0016_tenant_keys.sql",
+        (("        IF taken IS NOT NULL THEN\n", "        IF false THEN\n"),),
+        "an id another tenant holds is reported as this tenant's duplicate",
+        guarantee=TENANTS,
+    ),
+    Mutant(
+        "subscription-get-ignores-tenant",
+        "delivery/store/subscriptions.py",
+        (
+            (
+                'SELECT {_COLUMNS} FROM delivery.subscriptions WHERE id = $1 AND tenant_id = $2",',
+                'SELECT {_COLUMNS} FROM delivery.subscriptions WHERE id = $1 OR tenant_id = $2",',
+            ),
+        ),
+        "another tenant's subscription is shown by id",
+        guarantee=TENANTS,
+    ),
+    Mutant(
+        "quota-without-lock",
+        "delivery/store/subscriptions.py",
+        ((" WHERE id = $1 FOR NO KEY UPDATE\",", " WHERE id = $1\","),),
+        "two concurrent adds both see room for one more subscription",
     ),
     # -- scheduler ----------------------------------------------------------------------------
     Mutant(
@@ -742,6 +782,7 @@ _MUTANTS: tuple[Mutant, ...] = (
 _R = "tests/unit/test_retry_policy.py::"
 _S = "tests/unit/test_signing.py::"
 _DL = "tests/integration/test_dead_letters.py::"
+_TN = "tests/integration/test_tenants.py::"
 _F = "tests/integration/test_fault_paths.py::"
 _G = "tests/integration/test_guarantees.py::"
 _P = "tests/integration/test_pacing.py::"
@@ -952,6 +993,16 @@ KILLS: dict[str, tuple[str, ...]] = {
     "redrive-unbounded": (
         _DL + "test_the_redrive_sweep_sends_again_only_lost_events_with_redrives_left",
     ),
+    "dispatch-ignores-tenant": (
+        _TN + "test_an_event_reaches_only_its_own_tenants_subscriptions",
+    ),
+    "outbox-taken-id-is-a-duplicate": (
+        _TN + "test_an_id_another_tenant_holds_is_refused_and_nothing_of_the_batch_is_written",
+    ),
+    "subscription-get-ignores-tenant": (
+        _TN + "test_another_tenants_subscription_is_answered_as_a_missing_one",
+    ),
+    "quota-without-lock": (_TN + "test_the_subscription_quota_holds_under_concurrent_adds",),
     "dispatch-poison-requeued": (
         _DL + "test_an_unparseable_message_is_dead_lettered_at_once_not_requeued",
     ),

@@ -24,6 +24,7 @@ _NOW = datetime(2026, 1, 1, tzinfo=UTC)
 def _subscription(*, account_id: str | None, patterns: tuple[str, ...]) -> Subscription:
     return Subscription(
         id="sub_unit",
+        tenant_id="default",
         url="http://127.0.0.1:9/h",
         event_patterns=patterns,
         account_id=account_id,
