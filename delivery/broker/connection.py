@@ -80,6 +80,7 @@ async def connect(url: str, *, name: str, stop: asyncio.Event) -> AbstractRobust
     urls = node_urls(url)
     timeout_s = SETUP_TIMEOUT_S if len(urls) == 1 else NODE_CONNECT_TIMEOUT_S
     failures = 0
+    error = ""  # the last node's, in the retry line
     while True:
         for node in _in_turn(urls, _lost.get(name)):
             try:
@@ -89,8 +90,10 @@ async def connect(url: str, *, name: str, stop: asyncio.Event) -> AbstractRobust
                     timeout=timeout_s,
                 )
             except (ConnectionError, OSError, AMQPConnectionError, TimeoutError) as exc:
-                log.warning("amqp_connect_failed", connection=name, node=safe_url(node),
-                            error=repr(exc)[:200])  # fmt: skip
+                error = repr(exc)[:200]
+                if len(urls) > 1:
+                    log.warning("amqp_connect_failed", connection=name, node=safe_url(node),
+                                error=error)  # fmt: skip
                 if stop.is_set():
                     raise StoppedBeforeConnected(name) from None
                 continue
@@ -99,7 +102,8 @@ async def connect(url: str, *, name: str, stop: asyncio.Event) -> AbstractRobust
             return connection
         failures += 1
         delay_s = backoff_s(failures, base_s=0.2, max_s=_CONNECT_BACKOFF_MAX_S)
-        log.warning("amqp_connect_retry", connection=name, nodes=len(urls), retry_in_s=delay_s)
+        log.warning("amqp_connect_retry", connection=name, nodes=len(urls), error=error,
+                    retry_in_s=delay_s)  # fmt: skip
         await wait_any(stop, timeout_s=delay_s * random.uniform(0.8, 1.2))
         if stop.is_set():
             raise StoppedBeforeConnected(name)
