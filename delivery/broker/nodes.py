@@ -24,7 +24,9 @@ from delivery.settings import node_urls, safe_url
 log = structlog.get_logger("delivery.amqp.nodes")
 
 COMPONENT = "amqp_nodes"
-PROBE_EVERY_S = 5.0
+# A connection opened and closed per node and process each time: not much more often, or the
+# probes themselves become the connection churn RabbitMQ advises against.
+PROBE_EVERY_S = 10.0
 PROBE_TIMEOUT_S = 5.0
 
 

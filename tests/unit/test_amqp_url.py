@@ -6,7 +6,7 @@ import pytest
 from delivery.broker.connection import _in_turn, with_defaults
 from delivery.broker.nodes import has_majority
 from delivery.broker.topology import GROUP_SIZE_ARGUMENT, quorum_arguments
-from delivery.errors import ConfigError
+from delivery.errors import BrokerNodeLostError, ConfigError
 from delivery.settings import load_settings, node_urls, safe_url
 
 
@@ -85,3 +85,13 @@ def test_a_multi_host_database_url_must_ask_for_the_primary():
     url = "postgresql://u@h1:5432,h2:5433/db?target_session_attrs=read-write"
     assert load_settings(require=(), database_url=url).database_url == url
     assert load_settings(require=(), database_url="postgresql://u:p,q@h/db").database_url
+
+
+def test_a_lost_node_restarts_its_component_at_once_and_anything_else_is_a_failure():
+    from workers.process import _failing_over
+
+    lost = BrokerNodeLostError("delivery-relay: node amqp://h1/ unreachable; failing over")
+    assert _failing_over(lost)
+    assert _failing_over(ExceptionGroup("task group", [lost]))
+    assert not _failing_over(ExceptionGroup("task group", [lost, ValueError("bug")]))
+    assert not _failing_over(ValueError("bug"))
