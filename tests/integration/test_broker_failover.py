@@ -1,7 +1,8 @@
 """A RabbitMQ node killed under load (issue #16): with DELIVERY_AMQP_URL listing the three
 nodes of a cluster, the running process is connected to the first; ``kill -9`` that node and
 the process fails over to another node by itself, without a restart, and every event is
-delivered. The quorum queues have three members, so they keep a majority on the two left."""
+delivered. The quorum queues have three members, so they keep a majority on the two left;
+with a second node gone the process is on the minority side and says it is not ready."""
 
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ async def test_a_killed_node_fails_the_process_over_to_another_and_every_event_a
             if IN_CI:
                 pytest.fail(f"cannot start a throwaway RabbitMQ cluster: {exc}")
             pytest.skip(f"cannot start a throwaway RabbitMQ cluster: {exc}")
-        first, second, _third = cluster.nodes
+        first, second, third = cluster.nodes
         settings = settings.model_copy(update={"amqp_url": cluster.url})
         dispatch_queue = f"{settings.amqp_prefix}.dispatch"
         async with Receiver() as receiver:
@@ -99,7 +100,7 @@ async def test_a_killed_node_fails_the_process_over_to_another_and_every_event_a
                 line = await asyncio.to_thread(_queue_line, second, dispatch_queue)
                 assert int(line.split("\t")[1]) >= 1, line
                 assert "delivery-worker" in await asyncio.to_thread(_connections, second) + (
-                    await asyncio.to_thread(_connections, cluster.nodes[2])
+                    await asyncio.to_thread(_connections, third)
                 )
                 # And it knows one node is lost, and stays ready: two of three are a majority
                 await wait_until(
@@ -108,6 +109,13 @@ async def test_a_killed_node_fails_the_process_over_to_another_and_every_event_a
                     what="two nodes reachable",
                 )
                 await wait_until(lambda: health.ready, timeout_s=30, what="ready")
+                # When a second node dies, then it reaches a minority and says it is not ready
+                await asyncio.to_thread(third.kill)
+                await wait_until(
+                    lambda: not health.ready and not health.report()["components"]["amqp_nodes"],
+                    timeout_s=30,
+                    what="not ready on the minority side",
+                )
                 print(
                     f"\n[broker failover] every event delivered {delivered_after_s:.1f} s after"
                     f" the kill; {len(receiver.duplicates())} duplicates"
