@@ -57,10 +57,9 @@ async def _first_node(amqp_url: str) -> AbstractConnection:
     """A plain connection to the first listed node that answers; the last error if none does."""
     urls = node_urls(amqp_url)
     for node in urls[:-1]:
-        try:
+        # Another node may answer: only the last one's error is reported (as "unreachable").
+        with contextlib.suppress(Exception):
             return await aio_pika.connect(with_defaults(node), timeout=10)
-        except Exception as exc:
-            log.debug("queue_depth_node_unreachable", error=repr(exc)[:200])
     return await aio_pika.connect(with_defaults(urls[-1]), timeout=10)
 
 
