@@ -32,7 +32,7 @@ SELECT s.id, s.tenant_id, s.url, s.state, s.disabled_reason, s.event_patterns, s
        min(d.next_attempt_at) FILTER (WHERE d.state = 'pending') AS next_attempt_at
 FROM delivery.subscriptions s
 LEFT JOIN delivery.deliveries d ON d.subscription_id = s.id
-WHERE s.state <> 'removed'
+WHERE s.state <> 'removed' AND ($1::text IS NULL OR s.tenant_id = $1)
 GROUP BY s.id
 ORDER BY s.created_at, s.id
 """
@@ -58,8 +58,26 @@ async def collect(
     (``queue_report``). One shape whatever the broker says: ``ok`` is false, and
     ``queues_error`` says why, when the depths could not be read."""
     outbox = await outbox_backlog(conn)
+    subs = await subscription_health(conn)
+    depths, queues_error = await queues()
+    poison = await conn.fetchval("SELECT count(*) FROM delivery.poison_messages")
+    return {
+        "ok": queues_error is None,
+        "outbox": {"pending": outbox.pending, "oldest_age_s": round(outbox.oldest_s, 3)},
+        "poison_messages": poison,
+        "queues": depths,
+        "queues_error": queues_error,
+        "subscriptions": subs,
+    }
+
+
+async def subscription_health(
+    db: asyncpg.Pool | asyncpg.Connection, tenant_id: str | None = None
+) -> list[dict[str, Any]]:
+    """Per subscription (not removed): state, circuit, counts by delivery state, last success;
+    one tenant's, or every tenant's (``None``: the operator's view)."""
     subs = []
-    for row in await conn.fetch(_PER_SUBSCRIPTION):
+    for row in await db.fetch(_PER_SUBSCRIPTION, tenant_id):
         subs.append(
             {
                 "id": row["id"],
@@ -81,16 +99,7 @@ async def collect(
                 "next_attempt_at": _ts(row["next_attempt_at"]),
             }
         )
-    depths, queues_error = await queues()
-    poison = await conn.fetchval("SELECT count(*) FROM delivery.poison_messages")
-    return {
-        "ok": queues_error is None,
-        "outbox": {"pending": outbox.pending, "oldest_age_s": round(outbox.oldest_s, 3)},
-        "poison_messages": poison,
-        "queues": depths,
-        "queues_error": queues_error,
-        "subscriptions": subs,
-    }
+    return subs
 
 
 def _ts(value: Any) -> str | None:
