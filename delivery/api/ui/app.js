@@ -238,7 +238,7 @@ async function viewSubscription(id, params) {
     stateCell(d.state, "State"),
     el("td", { class: "num", "data-label": "Attempts" }, d.attempts),
     td("Last attempt", when(d.last_attempt_at)),
-    td("Reason", d.dead_reason || d.last_error || (d.last_status ? `HTTP ${d.last_status}` : "")),
+    td("Reason", d.state === "delivered" ? "" : d.dead_reason || d.last_error || (d.last_status ? `HTTP ${d.last_status}` : "")),
     td("Attempts log", el("ol", { class: "attempts" }, d.attempt_log.map((a) => el("li", {},
       when(a.started_at), ` · ${a.outcome}`, a.status ? ` · HTTP ${a.status}` : "",
       ` · ${Math.round(a.duration_ms)} ms`, a.error ? ` · ${a.error}` : "",
@@ -408,7 +408,7 @@ async function viewDeadLetters(params) {
 async function viewOps(section) {
   const [o, poison] = await Promise.all([api("GET", "/v1/ops/overview"), api("GET", "/v1/ops/poison-messages")]);
   const queues = Object.entries(o.queues).map(([name, depth]) => el("tr", {},
-    td("Queue", el("span", { class: "mono" }, name)), el("td", { class: "num", "data-label": "Ready" }, depth ?? "unknown")));
+    td("Queue", el("span", { class: "mono" }, name)), el("td", { class: "num", "data-label": "Ready" }, depth ?? "not declared yet (no worker has started)")));
   const unhealthy = o.unhealthy.map((s) => el("tr", {},
     td("Tenant", s.tenant_id), td("Subscription", el("span", { class: "mono" }, s.id), el("div", { class: "mono" }, s.url)),
     stateCell(s.state, "State"), stateCell(s.circuit, "Circuit"),
