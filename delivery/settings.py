@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     # is empty, was lost by the broker after its confirm: the relay publishes it again.
     redrive_after_s: float = Field(default=60.0, gt=0, le=_DAY_S)
     max_redrives: int = Field(default=3, ge=0, le=100)
+    # How often each relay reads the backlog gauges (outbox pending and oldest age, the lag by
+    # stage). The lag alert's 2-minute promise counts 5 s for it; chaos runs that scale the
+    # alert rules down scale this with them.
+    backlog_gauges_interval_s: float = Field(default=5.0, ge=0.1, le=300)
 
     worker_prefetch: int = Field(default=256, ge=1, le=65_535)
     dispatch_batch_size: int = Field(default=128, ge=1, le=10_000)

@@ -132,6 +132,13 @@ QUEUE_DEPTH = Gauge("delivery_queue_messages", "Messages ready in a broker queue
 # delivery_build_info{version="..."} 1: which release each scraped process runs.
 BUILD_INFO = Info("delivery_build", "The running release of delivery-webhooks")
 BUILD_INFO.info({"version": VERSION})
+# Cluster-wide like the outbox gauges (every relay exports the same value: max(), never sum()).
+LAG = Gauge(
+    "delivery_lag_seconds",
+    "Age since commit of the oldest event not yet delivered for the first time, by stage"
+    " (outbox: not relayed; dispatch: relayed, not dispatched; delivery: no first outcome)",
+    ["stage"],
+)
 # No tenant label: tenants are unbounded in number. Which tenant is refused is in the API's log.
 INGEST_REJECTED = Counter(
     "delivery_ingest_rejected_events_total",

@@ -43,6 +43,8 @@ REPRODUCED_BY: dict[str, set[str]] = {
     },
     "subscriber-duplicates.md": {"kill-workers", "pg-cut"},
     "scaling-out.md": {"producer-spike"},
+    "delivery-lag.md": {"producer-spike", "burst"},
+    "slo.md": {"producer-spike"},
     "poison-message.md": {"flaps-while-db-stalled"},
     "rolling-upgrade.md": {"rolling-sigterm"},
 }
