@@ -13,9 +13,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
+from delivery.store import keys
 from delivery.testing.api import ApiProcess, api_process
 from delivery.testing.env import IN_CI
 from delivery.testing.factories import trade
@@ -135,6 +137,7 @@ async def test_a_subscriber_fixes_a_failing_endpoint_and_replays_from_the_page(
             await expect(row.locator("td.state-dead")).to_have_text("dead")
             await expect(row.locator("td[data-label='Reason']")).to_contain_text("400")
         await expect(page.locator("svg.chart")).to_have_attribute("aria-label", _two_failed())
+        await page.screenshot(path=str(tmp_path / "failed-1280.png"), full_page=True)
         utc = await page.locator("td[data-label='Last attempt'] time").first.get_attribute("title")
         assert utc is not None and utc.endswith("Z (UTC)")
 
@@ -142,6 +145,9 @@ async def test_a_subscriber_fixes_a_failing_endpoint_and_replays_from_the_page(
         receiver.set_behaviour("/hook", Behaviour(status=200))
         await page.get_by_role("link", name="Dead letters of this subscription").click()
         await expect(page.locator("table tbody tr")).to_have_count(2)
+        await page.set_viewport_size({"width": 390, "height": 844})
+        await page.screenshot(path=str(tmp_path / "dead-letters-390.png"), full_page=True)
+        await page.set_viewport_size({"width": 1280, "height": 900})
         await page.get_by_role("button", name="Replay all matching the filter").click()
         await expect(page.locator("#progress")).to_contain_text("Replayed 2", timeout=WAIT_MS)
         await receiver.wait_for(lambda r: r.unique_count("/hook") == 2, 30, "2 replayed")
@@ -252,6 +258,13 @@ async def test_tenants_csrf_phone_width_keyboard_and_on_call(
         assert await _fetch(page, "POST", "/v1/subscriptions", body, None) == 403
         assert await _fetch(page, "POST", "/v1/subscriptions", body, "x" * 43) == 403
         assert await _fetch(page, "POST", "/v1/subscriptions", body, csrf["csrf_token"]) == 201
+        # Revoking the key ends its sessions at once.
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            await keys.revoke(conn, csrf["key_id"])
+        finally:
+            await conn.close()
+        assert await page.evaluate("fetch('/v1/subscriptions').then(r => r.status)") == 401
         await phone.close()
 
         # On-call: the operator key's page shows the platform's health; the runbook anchors.
