@@ -1,9 +1,10 @@
 """The web page (``/ui/``) in a real browser: Debian's headless Chromium driven by Playwright,
 on a real ``delivery api`` and pipeline. A subscriber signs in, subscribes a failing endpoint,
 reads why its deliveries failed, fixes it, bulk-replays and sees them delivered, pauses,
-resumes, rotates the secret and signs out; another tenant sees none of it; a change with the
-session cookie but without the CSRF token is refused; the page fits a 390 px phone and works
-from the keyboard; on-call's page shows the platform's health.
+resumes, sends a test event, rotates the secret and signs out; another tenant sees none of
+it; a change with the session cookie but without the CSRF token is refused, and revoking the
+key ends its session; the page fits a 390 px phone and works from the keyboard; on-call's page
+shows the platform's health.
 
 Screenshots of both widths are written to the test's tmp_path (``--basetemp`` to keep them).
 """
@@ -169,6 +170,12 @@ async def test_a_subscriber_fixes_a_failing_endpoint_and_replays_from_the_page(
         await expect(state_card).to_have_text("paused", timeout=WAIT_MS)
         await page.get_by_role("button", name="Resume").click()
         await expect(state_card).to_have_text("active", timeout=WAIT_MS)
+
+        # A test event goes through the publish route to this endpoint, signed.
+        await page.get_by_role("button", name="Send test event").click()
+        await expect(page.get_by_role("status")).to_contain_text("published", timeout=WAIT_MS)
+        await receiver.wait_for(lambda r: r.unique_count("/hook") == 3, 30, "the test event")
+        assert all(a.signature_ok for a in receiver.delivered("/hook"))
 
         # Rotate the secret: a new one, shown once.
         page.once("dialog", lambda dialog: dialog.accept())
