@@ -23,13 +23,13 @@ from aiormq.exceptions import DeliveryError
 from pamqp.commands import Basic
 
 from delivery.aio import backoff_s, wait_any
-from delivery.broker.connection import SETUP_TIMEOUT_S, connect, is_connected
+from delivery.broker.connection import SETUP_TIMEOUT_S, connect, is_connected, watch_node
 from delivery.broker.redrive import redrive_lost
 from delivery.broker.topology import Names, declare
 from delivery.broker.wire import Outgoing, pack_rows
 from delivery.ops import metrics
 from delivery.ops.health import Health
-from delivery.settings import Settings
+from delivery.settings import Settings, node_urls
 from delivery.store.lag import DispatchFrontier, read_lag
 from delivery.store.pool import is_connection_error
 from delivery.store.status import outbox_backlog
@@ -84,7 +84,8 @@ class Relay:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until ``stop`` is set; the batch in progress finishes first."""
-        self._connection = await connect(self._settings.amqp_url, name="delivery-relay", stop=stop)
+        url = self._settings.amqp_url
+        self._connection = await connect(url, name="delivery-relay", stop=stop)
         try:
             async with asyncio.timeout(SETUP_TIMEOUT_S):
                 channel = await self._connection.channel(
@@ -94,6 +95,12 @@ class Relay:
                 await self._declare()
             async with asyncio.TaskGroup() as tg:
                 listener = tg.create_task(self._listen(stop))
+                # Raises when the node is lost and others are listed: the supervisor then
+                # starts the relay again on another node (a batch in flight is cancelled, its
+                # rows stay unpublished and go out again).
+                watch = tg.create_task(
+                    watch_node(self._connection, url, name="delivery-relay", stop=stop)
+                )
                 # Several batches in flight: while one waits for its confirms (a quorum queue's
                 # fsync), another claims what was committed meanwhile (SKIP LOCKED keeps their
                 # rows apart), so an event waits for one confirm, not for a queue of batches.
@@ -103,6 +110,7 @@ class Relay:
                 ]
                 await asyncio.gather(*loops)
                 listener.cancel()
+                watch.cancel()
         finally:
             self._health.set("relay", False)
             await self._connection.close()
@@ -165,7 +173,10 @@ class Relay:
     async def _declare(self) -> None:
         assert self._channel is not None
         topology = await declare(
-            self._channel, self._names, delivery_limit=self._settings.amqp_delivery_limit
+            self._channel,
+            self._names,
+            delivery_limit=self._settings.amqp_delivery_limit,
+            nodes=len(node_urls(self._settings.amqp_url)),
         )
         self._exchange = topology.events
 

@@ -128,6 +128,18 @@ SUBSCRIPTIONS_UNLOADABLE = Counter(
     "delivery_subscriptions_unloadable_total",
     "Subscription rows dispatch could not load and skipped (per dispatched batch)",
 )
+DATABASE_SERVER_CHANGES = Counter(
+    "delivery_database_server_changes_total",
+    "New database connections that landed on another server than the last one (a failover to"
+    " a promoted standby, or a restart)",
+)
+AMQP_NODES_LISTED = Gauge(
+    "delivery_amqp_nodes_listed", "RabbitMQ nodes listed in DELIVERY_AMQP_URL"
+)
+AMQP_NODES_REACHABLE = Gauge(
+    "delivery_amqp_nodes_reachable",
+    "Listed RabbitMQ nodes that answered this process's last AMQP handshake probe",
+)
 QUEUE_DEPTH = Gauge("delivery_queue_messages", "Messages ready in a broker queue", ["queue"])
 # delivery_build_info{version="..."} 1: which release each scraped process runs.
 BUILD_INFO = Info("delivery_build", "The running release of delivery-webhooks")

@@ -51,6 +51,9 @@ REPRODUCED_BY: dict[str, set[str]] = {
 # Operator procedures and failures no scenario causes: their section says so in one line.
 NOT_REPRODUCED = {
     "attempt-loop.md",
+    "broker-node-lost.md",
+    "broker-partition.md",
+    "database-failover.md",
     "dead-letters-growing.md",
     "subscriber-410.md",
     "subscriber-throttling.md",
