@@ -97,10 +97,13 @@ def _operation(route: Route, refs: Mapping[tuple[Any, JsonSchemaMode], Any]) -> 
         "operationId": route.operation,
         "summary": route.summary,
         "tags": [route.tag] if route.tag else [],
-        "x-scope": route.scope.value,
         "parameters": params,
         "responses": responses,
     }
+    if route.anonymous:
+        op["security"] = []
+    else:
+        op["x-scope"] = route.scope.value
     if route.body is not None:
         op["requestBody"] = {
             "required": True,
