@@ -109,6 +109,13 @@ class Settings(BaseSettings):
     # SecretStr: never printed in a repr, a traceback or a log line.
     secrets_key: SecretStr = SecretStr("")
 
+    # `delivery api`: where it listens (loopback unless asked, as the admin server), and the
+    # largest request body it reads. 4 MiB holds a batch of 1,000 ordinary events with room to
+    # spare; a larger body is refused (413) before it is read whole into memory.
+    api_host: str = Field(default="127.0.0.1", pattern=r"^[A-Za-z0-9_.:-]{1,253}$")
+    api_port: int = Field(default=8080, ge=0, le=65535)
+    api_max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+
     db_pool_min: int = Field(default=1, ge=0, le=1_000)
     db_pool_max: int = Field(default=10, ge=1, le=1_000)
 

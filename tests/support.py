@@ -155,3 +155,38 @@ async def hand_driven_dispatcher(settings: Settings) -> AsyncIterator[tuple[Deli
             yield deliverer, Dispatcher(settings, pool, deliverer, scheduler, health)
     finally:
         await pool.close()
+
+
+async def tenant_with_key(
+    settings: Settings,
+    name: str,
+    scopes: str = "publish,manage,read",
+    *,
+    max_events_per_s: int | None = None,
+) -> tuple[str, str]:
+    """A new tenant on this test's database and an API key for it: (tenant id, key)."""
+    import asyncpg
+
+    from delivery.store import keys, tenants
+
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        tenant = await tenants.add(conn, name, max_events_per_s=max_events_per_s)
+        _, key = await keys.create(conn, tenant.id, keys.parse_scopes(scopes))
+    finally:
+        await conn.close()
+    return tenant.id, key
+
+
+async def key_for(settings: Settings, tenant_id: str, scopes: str) -> tuple[str, str]:
+    """Another key of an existing tenant: (key id, key)."""
+    import asyncpg
+
+    from delivery.store import keys
+
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        listed, key = await keys.create(conn, tenant_id, keys.parse_scopes(scopes))
+    finally:
+        await conn.close()
+    return listed.id, key

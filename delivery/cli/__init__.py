@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
             settings = load_settings(
                 require=_REQUIRES.get(args.command, ("database_url",)),
                 admin_port=getattr(args, "admin_port", None),
+                api_host=getattr(args, "host", None),
+                api_port=getattr(args, "port", None),
             )
         return _run_loop(_COMMANDS[args.command](args, settings))
     except KeyboardInterrupt:

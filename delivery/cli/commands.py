@@ -46,6 +46,17 @@ async def cmd_process(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+async def cmd_api(_args: argparse.Namespace, settings: Settings) -> int:
+    from delivery.api.server import serve_api
+    from delivery.ops.logs import configure_logging
+
+    configure_logging(settings.log_format, settings.log_level, no_color=settings.no_color)
+    for warning in unknown_variables():
+        log.warning("unknown_setting", warning=warning)
+    await serve_api(settings)
+    return EXIT_OK
+
+
 async def cmd_demo(args: argparse.Namespace, settings: Settings | None) -> int:
     from delivery.demo.run import run_demo
     from delivery.settings import load_settings
@@ -69,9 +80,10 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Any], Awaitable[int]]] = {
     "tenants": cmd_tenants,
     "keys": cmd_keys,
     "demo": cmd_demo,
+    "api": cmd_api,
 }
 # The long-running processes: they log (structlog, in DELIVERY_LOG_FORMAT) rather than print.
-_PROCESSES = frozenset({"run", "relay", "worker"})
+_PROCESSES = frozenset({"run", "relay", "worker", "api"})
 # What each command cannot run without.
 _REQUIRES: dict[str, tuple[str, ...]] = {
     "run": ("database_url", "amqp_url"),

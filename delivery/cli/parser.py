@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("run", "relay + workers in one process"),
         ("relay", "move outbox rows to RabbitMQ"),
         ("worker", "consume events and deliver webhooks"),
+        ("api", "the authenticated multi-tenant HTTP API"),
     ):
         proc = commands.add_parser(name, help=text)
         proc.add_argument(
@@ -96,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
             type=_whole_number(0, 65535),
             help="port for /metrics, /healthz, /readyz",
         )
+        if name == "api":
+            proc.add_argument("--host", help="bind address (default: DELIVERY_API_HOST, 127.0.0.1)")
+            proc.add_argument(
+                "--port",
+                type=_whole_number(0, 65535),
+                help="port (default: DELIVERY_API_PORT, 8080)",
+            )
 
     publish = commands.add_parser("publish", help="publish JSON-lines events into the outbox")
     publish.add_argument("file", nargs="?", help="file of JSON lines (default: standard input)")

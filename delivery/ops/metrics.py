@@ -145,6 +145,17 @@ DELIVERIES_PENDING = Gauge(
     ["kind"],
 )
 
+# `delivery api`: route is the template (/v1/subscriptions/{id}), never the raw path.
+API_REQUESTS = Counter(
+    "delivery_api_requests_total", "HTTP API requests answered", ["route", "method", "status"]
+)
+API_REQUEST_DURATION = Histogram(
+    "delivery_api_request_duration_seconds",
+    "Time to answer one HTTP API request",
+    ["route", "method"],
+    buckets=_LATENCY_BUCKETS_S[:13],
+)
+
 
 def _initialise_label_values() -> None:
     """Labelled series exist from the start at 0, so `increase()` sees their first event."""

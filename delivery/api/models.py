@@ -1,0 +1,294 @@
+"""The request and response bodies of the HTTP API (pydantic v2, ``extra="forbid"``).
+
+The same classes validate requests, shape responses and, through ``openapi``, are the document.
+Times are RFC 3339; ``created_at`` of an event is when its publish committed, and the time
+windows (``since``/``until``) of every listing and replay filter on it.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    RootModel,
+    StringConstraints,
+)
+
+from delivery.events import AccountId, AnyEvent, EventId
+
+MAX_BATCH = 1000
+MAX_PAGE = 200
+DEFAULT_PAGE = 50
+
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
+
+
+def _rfc3339(value: object) -> object:
+    # pydantic alone would also take a number (seconds since 1970) or a date without a time:
+    # the document says an RFC 3339 string, and so does the server.
+    if not (isinstance(value, str) and _RFC3339.match(value)):
+        raise ValueError("must be an RFC 3339 timestamp like 2026-12-07T21:00:00Z")
+    return value
+
+
+Moment = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
+SubscriptionId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+Cursor = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,512}$")]
+Limit = Annotated[int, Field(ge=1, le=MAX_PAGE)]
+EventType = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_.]{1,64}$")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- errors --------------------------------------------------------------------------------
+
+
+class ErrorDetail(_Model):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(_Model):
+    error: ErrorDetail
+
+
+# -- path parameters -------------------------------------------------------------------------
+
+
+class EventPath(_Model):
+    id: EventId
+
+
+class SubscriptionPath(_Model):
+    id: SubscriptionId
+
+
+# -- events ------------------------------------------------------------------------------------
+
+
+class PublishBatch(_Model):
+    events: Annotated[list[AnyEvent], Field(min_length=1, max_length=MAX_BATCH)]
+
+
+class PublishRequest(RootModel[AnyEvent | PublishBatch]):
+    """One envelope, or ``{"events": [...]}``. Documented by this model; validated event by
+    event (``events.parse_body``), so an error names its index (``events[3].data.price``)."""
+
+
+class PublishResult(_Model):
+    published: int
+    duplicates: int
+    ids: list[str] = Field(description="every event's id, in the order given")
+
+
+class EventOut(_Model):
+    id: str
+    type: str
+    account_id: str
+    sequence: int
+    occurred_at: datetime
+    created_at: datetime
+    data: dict[str, Any]
+
+
+class AttemptOut(_Model):
+    attempt: int
+    started_at: datetime
+    duration_ms: float
+    outcome: str
+    status: int | None
+    error: str | None
+    response_excerpt: str | None
+
+
+class DeliveryOut(_Model):
+    id: int
+    event_id: str
+    subscription_id: str
+    state: str
+    attempts: int
+    created_at: datetime
+    next_attempt_at: datetime | None
+    first_attempt_at: datetime | None
+    last_attempt_at: datetime | None
+    delivered_at: datetime | None
+    last_status: int | None
+    last_error: str | None
+    dead_reason: str | None
+    dead_at: datetime | None
+    attempt_log: list[AttemptOut]
+
+
+class EventDetail(_Model):
+    event: EventOut
+    deliveries: list[DeliveryOut] = Field(
+        description="per subscription the event was dispatched to: its state and attempts"
+    )
+    awaiting_dispatch: list[str] = Field(
+        description="until a worker has dispatched the event: the ids of the subscriptions it"
+        " matches now, which have no delivery yet (empty once it is dispatched)"
+    )
+
+
+class Window(_Model):
+    since: Moment | None = None
+    until: Moment | None = None
+
+
+class EventsQuery(Window):
+    type: EventType | None = None
+    account_id: AccountId | None = None
+    cursor: Cursor | None = None
+    limit: Limit = DEFAULT_PAGE
+
+
+class EventPage(_Model):
+    items: list[EventOut]
+    next_cursor: str | None
+
+
+# -- subscriptions -----------------------------------------------------------------------------
+
+Pattern = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_.*?\[\]-]{1,100}$")]
+Url = Annotated[str, StringConstraints(pattern=r"^[Hh][Tt][Tt][Pp][Ss]?://[^\s]{1,2040}$")]
+Schedule = Annotated[
+    str,
+    StringConstraints(
+        pattern=r"^\d{1,12}(\.\d{1,9})?(ms|s|m|h|d)(,\d{1,12}(\.\d{1,9})?(ms|s|m|h|d)){0,49}$"
+    ),
+]
+TimeoutS = Annotated[float, Field(gt=0, le=300)]
+
+
+class SubscriptionCreate(_Model):
+    url: Url
+    events: Annotated[list[Pattern], Field(min_length=1, max_length=50)]
+    account_id: AccountId | None = None
+    secret: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+    retry_schedule: Schedule | None = None
+    timeout_s: TimeoutS | None = None
+    ordered: bool = False
+    signing: Literal["hmac", "ed25519"] = "hmac"
+
+
+class SubscriptionPatch(_Model):
+    url: Url | None = None
+    events: Annotated[list[Pattern], Field(min_length=1, max_length=50)] | None = None
+    account_id: AccountId | None = None
+    retry_schedule: Schedule | None = None
+    timeout_s: TimeoutS | None = None
+
+
+class SubscriptionOut(_Model):
+    id: str
+    url: str
+    events: list[str]
+    account_id: str | None
+    state: str
+    disabled_reason: str | None
+    retry_schedule: str | None
+    timeout_s: float | None
+    circuit_state: str
+    ordered: bool
+    signing: Literal["hmac", "ed25519"]
+    public_key: str | None = Field(
+        description="ed25519: the whpk_ key that verifies its v1a signatures; hmac: null"
+    )
+    created_at: datetime
+    updated_at: datetime
+
+
+class SubscriptionWithSecret(SubscriptionOut):
+    secret: str | None = Field(
+        description="hmac: the whsec_ secret, shown only here, on creation and rotation;"
+        " ed25519: null (the platform keeps the secret key; verify with public_key)"
+    )
+
+
+class SubscriptionsQuery(_Model):
+    cursor: Cursor | None = None
+    limit: Limit = DEFAULT_PAGE
+
+
+class SubscriptionPage(_Model):
+    items: list[SubscriptionOut]
+    next_cursor: str | None
+
+
+class ReplayWindow(_Model):
+    since: Moment
+    until: Moment
+
+
+class Replayed(_Model):
+    replayed: int
+
+
+class DeliveriesQuery(Window):
+    state: Literal["pending", "delivered", "dead"] | None = None
+    cursor: Cursor | None = None
+    limit: Limit = DEFAULT_PAGE
+
+
+class DeliveryPage(_Model):
+    items: list[DeliveryOut]
+    next_cursor: str | None
+
+
+# -- dead letters ------------------------------------------------------------------------------
+
+
+class DeadLetterOut(_Model):
+    id: int
+    event_id: str
+    event_type: str
+    subscription_id: str
+    reason: str | None
+    attempts: int
+    last_status: int | None
+    first_attempt_at: datetime | None
+    last_attempt_at: datetime | None
+    dead_at: datetime | None
+    created_at: datetime = Field(description="when the event's publish committed")
+
+
+class DeadLettersQuery(Window):
+    subscription_id: SubscriptionId | None = None
+    cursor: Cursor | None = None
+    limit: Limit = DEFAULT_PAGE
+
+
+class DeadLetterPage(_Model):
+    items: list[DeadLetterOut]
+    next_cursor: str | None
+
+
+DeadLetterId = Annotated[int, Field(ge=1, le=2**63 - 1)]
+
+
+class DeadLetterSelection(Window):
+    """Either ``ids``, or a filter: ``subscription_id`` and/or a ``since``/``until`` window, or
+    ``all: true`` (every dead letter of the tenant)."""
+
+    ids: Annotated[list[DeadLetterId], Field(min_length=1, max_length=10_000)] | None = None
+    subscription_id: SubscriptionId | None = None
+    all: bool = False
+
+
+class DeadLettersReplayed(_Model):
+    replayed: int
+    skipped: int = Field(description="dead letters of a subscription that is not active")
+
+
+class DeadLettersPurged(_Model):
+    purged: int

@@ -1,0 +1,135 @@
+"""The ``delivery api`` process: the lifecycle of ``delivery relay``/``worker``
+(``workers.process``) for an HTTP server.
+
+Start: the admin server (/metrics, /healthz, /readyz), then the database pool (waited for with
+backoff, as the workers wait), then the API socket; ready once the pool answers. The first
+SIGTERM/SIGINT marks the process not-ready and stops accepting; requests in flight get
+``DELIVERY_SHUTDOWN_TIMEOUT_S`` to finish; then the pool closes and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+
+import asyncpg
+import structlog
+from aiohttp import web
+
+from delivery.aio import backoff_s, wait_any
+from delivery.api.app import build_app
+from delivery.api.routes import ROUTES
+from delivery.errors import ConfigError, StoppedBeforeConnected
+from delivery.ops.admin import serve_admin
+from delivery.ops.health import Health
+from delivery.settings import Settings
+from delivery.store.pool import create_pool, is_connection_error
+from delivery.store.secret_keys import open_box
+
+log = structlog.get_logger("delivery.api.server")
+
+_COMPONENT = "api"
+_BACKOFF_MAX_S = 10.0
+
+
+async def _open_pool(settings: Settings, stop: asyncio.Event) -> asyncpg.Pool:
+    failures = 0
+    while True:
+        try:
+            return await create_pool(
+                settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
+            )
+        except Exception as exc:
+            if not is_connection_error(exc):
+                raise
+            failures += 1
+            delay = backoff_s(failures, base_s=0.5, max_s=_BACKOFF_MAX_S)
+            log.warning("database_unreachable", error=repr(exc)[:300], retry_in_s=delay)
+            await wait_any(stop, timeout_s=delay)
+            if stop.is_set():
+                raise StoppedBeforeConnected("postgresql") from exc
+
+
+def _install_signals(stop: asyncio.Event, health: Health) -> Callable[[], None]:
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signame: str) -> None:
+        log.info("shutdown_started", signal=signame)
+        health.draining = True
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+
+    def remove() -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+    return remove
+
+
+async def serve_api(
+    settings: Settings,
+    *,
+    stop: asyncio.Event | None = None,
+    handle_signals: bool = True,
+) -> None:
+    """Serve until a signal (or ``stop``), then drain and return."""
+    stop = stop or asyncio.Event()
+    health = Health()
+    health.register(_COMPONENT)
+    remove_signals = _install_signals(stop, health) if handle_signals else (lambda: None)
+    try:
+        async with serve_admin(health, settings.admin_port, settings.admin_host) as admin_port:
+            try:
+                pool = await _open_pool(settings, stop)
+            except StoppedBeforeConnected:
+                log.info("stopped", role="api")
+                return
+            try:
+                await _serve(settings, pool, health, stop, admin_port)
+            finally:
+                await pool.close()
+    finally:
+        remove_signals()
+    log.info("stopped", role="api")
+
+
+async def _serve(
+    settings: Settings, pool: asyncpg.Pool, health: Health, stop: asyncio.Event, admin_port: int
+) -> None:
+    # aiohttp's drain: stop listening, then wait up to shutdown_timeout for requests in flight.
+    async with pool.acquire() as conn:
+        # As a worker does: refuse to start when a stored secret cannot be opened.
+        box = await open_box(conn, settings)
+    runner = web.AppRunner(
+        build_app(ROUTES, pool, settings, box),
+        access_log=None,
+        shutdown_timeout=settings.shutdown_timeout_s,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.api_host, settings.api_port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(
+            f"DELIVERY_API_HOST/DELIVERY_API_PORT: cannot listen on"
+            f" {settings.api_host}:{settings.api_port}: {exc.strerror}"
+        ) from None
+    try:
+        await pool.fetchval("SELECT 1")
+        health.set(_COMPONENT, True)
+        log.info(
+            "started",
+            role="api",
+            host=settings.api_host,
+            port=settings.api_port,
+            admin_port=admin_port or None,
+        )
+        await stop.wait()
+        health.draining = True
+    finally:
+        health.set(_COMPONENT, False)
+        await runner.cleanup()

@@ -1,0 +1,71 @@
+"""The HTTP API's pure parts: publish bodies (the failing event named by index and field),
+opaque cursors, error fields. No server, no services."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from delivery.api import pagination
+from delivery.api.app import where
+from delivery.api.events import parse_body
+from delivery.api.problems import ApiError, field_of
+from delivery.testing.factories import trade
+
+
+def test_a_single_event_takes_its_id_from_the_idempotency_key():
+    [event] = parse_body(trade(1), "evt_key")
+    assert event.id == "evt_key"
+    [same] = parse_body(trade(1, id="evt_key"), "evt_key")
+    assert same.id == "evt_key"
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "field"),
+    [
+        (trade(1, id="evt_a"), "evt_b", "id"),
+        ({"events": [trade(1)]}, "evt_k", "Idempotency-Key"),
+        (trade(1), "has space", "Idempotency-Key"),
+        ({"events": []}, None, "events"),
+        ({"events": "no"}, None, "events"),
+        ({"events": [trade(1)], "more": 1}, None, "more"),
+        ({"events": [trade(0), trade(1), {**trade(2), "sequence": 3}]}, None, "events[2].sequence"),
+        ({**trade(1), "type": "trade.unknown"}, None, "type"),
+        ({"events": [trade(0), {**trade(1), "account_id": 7}]}, None, "events[1].account_id"),
+    ],
+)
+def test_a_refused_body_names_the_field_and_the_index(body, key, field):
+    with pytest.raises(ApiError) as refused:
+        parse_body(body, key)
+    assert refused.value.status == 400
+    assert refused.value.field == field
+
+
+def test_a_float_price_in_the_fourth_event_is_named_events_3_data_price():
+    events = [trade(i) for i in range(5)]
+    events[3] = {**events[3], "data": {**events[3]["data"], "price": 1.5}}
+    with pytest.raises(ApiError) as refused:
+        parse_body({"events": events}, None)
+    assert refused.value.field == "events[3].data.price"
+
+
+def test_a_cursor_round_trips_and_a_forged_one_is_refused_naming_cursor():
+    moment = datetime(2026, 12, 7, 21, 0, tzinfo=UTC)
+    assert pagination.decode(pagination.encode(moment, "sub_1"), datetime, str) == (moment, "sub_1")
+    assert pagination.decode(pagination.encode(42), int) == (42,)
+    for forged in ("0", "bm9wZQ", pagination.encode("x"), pagination.encode(2**63), "!!"):
+        with pytest.raises(ApiError) as refused:
+            pagination.decode(forged, int)
+        assert refused.value.field == "cursor"
+
+
+def test_a_page_knows_whether_another_follows():
+    assert pagination.page([1, 2, 3], 2) == ([1, 2], True)
+    assert pagination.page([1, 2], 2) == ([1, 2], False)
+
+
+def test_fields_are_written_as_a_client_reads_them():
+    assert where(["events", 3, "data", "price"]) == "events[3].data.price"
+    assert field_of("data.price: must be a decimal string") == "data.price"
+    assert field_of("an event must be a JSON object") is None
