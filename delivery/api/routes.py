@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from delivery.api import dead_letters, events, subscriptions
+from delivery.api import balances, dead_letters, events, stream, subscriptions
+from delivery.api.balances import AccountBalances, AccountPath
 from delivery.api.models import (
     DeadLetterPage,
     DeadLetterSelection,
@@ -225,5 +226,27 @@ ROUTES: tuple[Route, ...] = (
         {200: DeadLettersPurged},
         body=DeadLetterSelection,
         tag="dead-letters",
+    ),
+    Route(
+        "GET",
+        "/v1/accounts/{account_id}/balances",
+        "getAccountBalances",
+        "The account's balances as of its sequence N (then stream with after N)",
+        Scope.READ,
+        balances.get_balances,
+        {200: AccountBalances},
+        path_model=AccountPath,
+        tag="accounts",
+    ),
+    Route(
+        "GET",
+        "/v1/stream",
+        "stream",
+        'The live stream (WebSocket): send {"op": "subscribe", "accounts", "types",'
+        ' "after"}; receive each event\'s webhook body as a text frame, and heartbeats',
+        Scope.READ,
+        stream.stream,
+        {101: None},
+        tag="stream",
     ),
 )
