@@ -47,7 +47,7 @@ async def read_new(conn: asyncpg.Connection, since_horizon: int) -> FeedRead:
     # Repeatable read: the horizon and the rows come from one snapshot.
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         now = int(await conn.fetchval(_HORIZON))
-        rows = await conn.fetch(_NEW_ROWS, str(since_horizon))
+        rows = await conn.fetch(_NEW_ROWS, since_horizon)
     return FeedRead(horizon=now, rows=rows)
 
 
