@@ -244,3 +244,26 @@ async def test_keys_tenants_client_limit_and_heartbeats(settings):
                     error = (await answer.json())["error"]
                     errors.append({**error, "message": error["message"].replace(account, "ID")})
             assert errors[0] == errors[1]
+
+
+async def test_a_row_whose_lower_pk_commits_later_is_still_streamed(settings):
+    tenant, key = await tenant_with_key(settings, "late")
+    async with api_process(settings_env(settings)) as api, api.client(key) as http:
+        # after 0 for both: nothing depends on when the server reads the subscribe.
+        after = {"acc_early": 0, "acc_late": 0}
+        async with stream_client(http, accounts=list(after), after=after) as sc:
+            held = await asyncpg.connect(settings.database_url)
+            try:
+                slow_tx = held.transaction()
+                await slow_tx.start()
+                await publish_many(held, [trade(1, "acc_late", id="evt_late")], tenant=tenant)
+                # A higher pk commits first and is streamed while the lower one is in flight.
+                await _publish(settings, tenant, [trade(2, "acc_early", id="evt_early")])
+                await sc.wait_for(lambda s: s.last("acc_early") == 1, timeout_s=10, what="early")
+                pks = await held.fetch("SELECT event_id, pk FROM delivery.outbox ORDER BY pk")
+                assert [r["event_id"] for r in pks] == ["evt_late", "evt_early"]
+                await slow_tx.commit()
+            finally:
+                await held.close()
+            await sc.wait_for(lambda s: s.last("acc_late") == 1, timeout_s=10, what="late")
+            assert [e["id"] for e in sc.events] == ["evt_early", "evt_late"]
