@@ -62,7 +62,10 @@ def parse_subscribe(raw: str | bytes) -> Subscription:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "message"
         raise InputError(f"{field}: {err['msg']}") from None
-    types = parse_patterns(msg.types) if msg.types is not None else None
+    try:
+        types = parse_patterns(msg.types) if msg.types is not None else None
+    except InputError as exc:  # the subscriptions' word for the field is "events"
+        raise InputError("types" + str(exc).removeprefix("events")) from None
     accounts = frozenset(msg.accounts) if msg.accounts is not None else None
     if accounts is not None:
         stray = sorted(set(msg.after) - accounts)
