@@ -16,6 +16,7 @@ import structlog
 from aiohttp import WSMsgType, web
 
 from delivery.api.feed import FEED, Client
+from delivery.api.problems import ApiError
 from delivery.api.routing import Call, Reply
 from delivery.api.stream_protocol import (
     CLOSE_BAD_SUBSCRIBE,
@@ -46,6 +47,8 @@ async def stream(call: Call) -> Reply:
     settings = call.settings
     tenant_id = call.caller.tenant_id
     ws = web.WebSocketResponse(max_msg_size=_MAX_MESSAGE_BYTES, autoping=True)
+    if not ws.can_prepare(call.request).ok:
+        raise ApiError("invalid_request", "this route is a WebSocket: send Upgrade: websocket")
     await ws.prepare(call.request)
     try:
         subscription = await _subscription(ws)
