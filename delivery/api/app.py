@@ -33,6 +33,8 @@ SETTINGS = web.AppKey("settings", Settings)
 BOX = web.AppKey("box", SecretBox)
 _CALLER = "delivery.caller"
 _UNMATCHED = "unmatched"
+# Methods we never serve are counted as one, so a client cannot add label values at will.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # aiohttp's own answers (no route, wrong method, body too large), in the API's codes.
 _HTTP_CODES = {
     400: "invalid_request",
@@ -53,10 +55,10 @@ def where(loc: Sequence[int | str]) -> str:
     return out
 
 
-def _invalid(exc: ValidationError, prefix: str = "") -> ApiError:
+def _invalid(exc: ValidationError) -> ApiError:
     err = exc.errors()[0]
     loc = [p for p in err["loc"] if not (isinstance(p, str) and "." in p)]  # union tags
-    field = where([prefix, *loc] if prefix else loc) or None
+    field = where(loc) or None
     return ApiError("invalid_request", f"{field or 'body'}: {err['msg']}", field=field)
 
 
@@ -79,8 +81,9 @@ async def _json_body(request: web.Request) -> Any:
         raise ApiError("invalid_request", f"the body is not valid JSON: {exc}") from None
 
 
-def _adapter(route: Route) -> Any:
+def _adapter(route: Route) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
+        # Auth first: without a valid key nothing else about the request is answered.
         app = request.app
         caller = await caller_for(app[POOL], request.headers.get("Authorization"), route.scope)
         request[_CALLER] = caller
@@ -145,12 +148,13 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
             response = error_response(ApiError("internal", "internal error; it was logged"))
     duration_s = time.perf_counter() - started
     route = _route_template(request)
-    metrics.API_REQUESTS.labels(route, request.method, str(response.status)).inc()
-    metrics.API_REQUEST_DURATION.labels(route, request.method).observe(duration_s)
+    method = request.method if request.method in _METHODS else "other"
+    metrics.API_REQUESTS.labels(route, method, str(response.status)).inc()
+    metrics.API_REQUEST_DURATION.labels(route, method).observe(duration_s)
     caller = request.get(_CALLER)
     access.info(
         "request",
-        method=request.method,
+        method=method,
         route=route,
         status=response.status,
         duration_ms=round(duration_s * 1000, 2),

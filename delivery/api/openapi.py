@@ -83,6 +83,11 @@ def _operation(route: Route, refs: Mapping[tuple[Any, JsonSchemaMode], Any]) -> 
         answer: dict[str, Any] = {"description": _REASONS.get(status, "OK")}
         if model is not None:
             answer["content"] = {"application/json": {"schema": refs[(model, "serialization")]}}
+        if route.links:
+            answer["links"] = {
+                target: {"operationId": target, "parameters": {"id": expression}}
+                for target, expression in route.links.items()
+            }
         responses[str(status)] = answer
     error = {"application/json": {"schema": refs[(ErrorBody, "serialization")]}}
     for status in route.error_statuses():

@@ -32,6 +32,17 @@ from delivery.api.routing import Header, Route
 from delivery.store.keys import Scope
 
 _SUB = "/v1/subscriptions/{id}"
+# What may follow a created subscription (the OpenAPI links of its 201).
+_ON_A_SUBSCRIPTION = (
+    "getSubscription",
+    "updateSubscription",
+    "rotateSubscriptionSecret",
+    "pauseSubscription",
+    "resumeSubscription",
+    "replaySubscription",
+    "listSubscriptionDeliveries",
+    "removeSubscription",
+)
 
 ROUTES: tuple[Route, ...] = (
     Route(
@@ -46,6 +57,7 @@ ROUTES: tuple[Route, ...] = (
         raw_body=True,
         errors=(409, 422, 429),
         tag="events",
+        links={"getEvent": "$response.body#/ids/0"},
         headers=(
             Header(
                 events.IDEMPOTENCY_KEY,
@@ -87,6 +99,7 @@ ROUTES: tuple[Route, ...] = (
         body=SubscriptionCreate,
         errors=(409, 422),
         tag="subscriptions",
+        links=dict.fromkeys(_ON_A_SUBSCRIPTION, "$response.body#/id"),
     ),
     Route(
         "GET",

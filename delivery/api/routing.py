@@ -71,6 +71,9 @@ class Route:
     headers: tuple[Header, ...] = ()
     errors: tuple[int, ...] = ()  # statuses beyond those every route may answer
     tag: str = ""
+    # OpenAPI links from the success answer: operationId -> the path's {id} as a runtime
+    # expression ("$response.body#/id"), so clients and fuzzers can chain calls.
+    links: Mapping[str, str] = field(default_factory=dict)
 
     def error_statuses(self) -> tuple[int, ...]:
         common = {400, 401, 403, 503}

@@ -5,6 +5,8 @@ revocation, metrics and the access log, the SIGTERM drain."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import sys
 
 import asyncpg
 import pytest
@@ -247,12 +249,15 @@ async def test_metrics_count_route_templates_and_the_access_log_never_holds_the_
                 pass
             async with http.get("/v1/events/evt_nope"):
                 pass
+            async with http.request("PROPFIND", "/v1/events"):  # a method we never serve
+                pass
         async with api.client() as http, http.get(api.admin_url + "/metrics") as answer:
             exposition = await answer.text()
         log = api.log()
     assert 'route="/v1/events/{id}",status="200"' in exposition
     assert 'route="/v1/events/{id}",status="404"' in exposition
     assert "evt_m1" not in exposition  # the template, never the raw path
+    assert 'method="other"' in exposition and "PROPFIND" not in exposition
     assert "delivery_api_request_duration_seconds_bucket" in exposition
     assert '"route": "/v1/events/{id}"' in log and '"key_id": "key_' in log
     assert key not in log and "Bearer" not in log
@@ -319,3 +324,26 @@ async def _wait_until_unready(api) -> None:
             return False
 
     await wait_until(unready, timeout_s=10, what="the api to report draining")
+
+
+async def test_a_port_in_use_stops_the_api_with_one_line_and_exit_2(settings):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "delivery",
+            "api",
+            "--port",
+            str(port),
+            env=settings_env(settings),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2
+    last = stderr.decode().strip().splitlines()[-1]
+    assert "DELIVERY_API_HOST/DELIVERY_API_PORT" in last and str(port) in last
+    assert "Traceback" not in stderr.decode()
