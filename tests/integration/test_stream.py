@@ -267,3 +267,18 @@ async def test_a_row_whose_lower_pk_commits_later_is_still_streamed(settings):
                 await held.close()
             await sc.wait_for(lambda s: s.last("acc_late") == 1, timeout_s=10, what="late")
             assert [e["id"] for e in sc.events] == ["evt_early", "evt_late"]
+
+
+async def test_sigterm_closes_stream_clients_with_1001_and_the_api_exits_0(settings):
+    tenant, key = await tenant_with_key(settings, "drain")
+    await _publish(settings, tenant, [trade(1, "acc_d", id="evt_d1")])
+    async with (
+        api_process(settings_env(settings)) as api,
+        api.client(key) as http,
+        stream_client(http, accounts=["acc_d"], after={"acc_d": 0}) as sc,
+    ):
+        await sc.wait_for(lambda s: s.last("acc_d") == 1, timeout_s=10, what="the event")
+        # Within DELIVERY_SHUTDOWN_TIMEOUT_S (5 s here): an open stream is not waited on.
+        assert await api.stop(timeout_s=4) == 0
+        await asyncio.wait_for(sc.closed.wait(), 5)
+        assert sc.close_code == 1001
