@@ -168,13 +168,15 @@ async def deliveries(call: Call) -> Reply:
 
 async def pause(call: Call) -> Reply:
     async with call.pool.acquire() as conn:
-        sub = await pausing.pause(conn, call.path.id, tenant_id=call.caller.tenant_id)
+        sub = await pausing.pause(conn, call.path.id, tenant_id=call.caller.tenant_id, box=call.box)
     return Reply(200, _out(sub))
 
 
 async def resume(call: Call) -> Reply:
     async with call.pool.acquire() as conn:
-        sub = await pausing.resume(conn, call.path.id, tenant_id=call.caller.tenant_id)
+        sub = await pausing.resume(
+            conn, call.path.id, tenant_id=call.caller.tenant_id, box=call.box
+        )
     return Reply(200, _out(sub))
 
 
