@@ -22,6 +22,7 @@ from delivery.api.stream_protocol import (
     CLOSE_BAD_SUBSCRIBE,
     CLOSE_BEHIND,
     CLOSE_GOING_AWAY,
+    CLOSE_SERVER_ERROR,
     CLOSE_TRY_LATER,
     HEARTBEAT_FRAME,
     Subscription,
@@ -110,8 +111,9 @@ async def _serve(
         return CLOSE_GOING_AWAY, "the server is stopping: resume with after"
     if sender.done() and not sender.cancelled() and sender.exception() is not None:
         exc = sender.exception()
-        if not isinstance(exc, ConnectionError):
+        if not isinstance(exc, ConnectionError):  # e.g. the database went away mid-history
             log.error("stream_send_failed", error=repr(exc)[:300])
+            return CLOSE_SERVER_ERROR, "server error: reconnect and resume with after"
     return None, ""
 
 

@@ -20,6 +20,7 @@ CLOSE_BEHIND = 4008  # the client's buffer filled: reconnect and resume with `af
 CLOSE_BAD_SUBSCRIBE = 4400  # the subscribe message was not understood: fix it
 CLOSE_TRY_LATER = 1013  # the tenant's client limit is reached (RFC 6455 "try again later")
 CLOSE_GOING_AWAY = 1001  # the server is stopping: reconnect and resume with `after`
+CLOSE_SERVER_ERROR = 1011  # something failed on our side (logged): reconnect and resume
 MAX_ACCOUNTS = 1_000
 
 HEARTBEAT_FRAME = orjson.dumps({"op": "heartbeat"}).decode()
