@@ -105,6 +105,8 @@ def _adapter(route: Route) -> Handler:
             if mapped is None:
                 raise
             raise mapped from None
+        if reply.stream is not None:
+            return reply.stream
         payload = reply.body.model_dump_json().encode() if reply.body is not None else None
         return web.Response(
             status=reply.status,

@@ -17,6 +17,8 @@ from delivery.version import VERSION
 
 _REF = "#/components/schemas/{model}"
 _REASONS = {
+    101: "Switching to WebSocket: frames as the summary says; closed with 4008 when the client"
+    " falls behind (resume with after), 1013 at the tenant's client limit",
     200: "OK",
     201: "Created",
     202: "Accepted",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from delivery.api import dead_letters, events, ops, session, subscriptions
+from delivery.api import balances, dead_letters, events, ops, session, stream, subscriptions
+from delivery.api.balances import AccountBalances, AccountPath
 from delivery.api.models import (
     DeadLetterPage,
     DeadLetterSelection,
@@ -325,5 +326,27 @@ ROUTES: tuple[Route, ...] = (
         errors=(401, 403),
         tag="session",
         anonymous=True,
+    ),
+    Route(
+        "GET",
+        "/v1/accounts/{account_id}/balances",
+        "getAccountBalances",
+        "The account's balances as of its sequence N (then stream with after N)",
+        Scope.READ,
+        balances.get_balances,
+        {200: AccountBalances},
+        path_model=AccountPath,
+        tag="accounts",
+    ),
+    Route(
+        "GET",
+        "/v1/stream",
+        "stream",
+        'The live stream (WebSocket): send {"op": "subscribe", "accounts", "types",'
+        ' "after"}; receive each event\'s webhook body as a text frame, and heartbeats',
+        Scope.READ,
+        stream.stream,
+        {101: None},
+        tag="stream",
     ),
 )

@@ -48,6 +48,8 @@ class Reply:
     status: int
     body: BaseModel | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+    # A response the handler already sent itself (the stream's WebSocket), returned as is.
+    stream: web.StreamResponse | None = None
 
 
 Handler = Callable[[Call], Awaitable[Reply]]

@@ -60,6 +60,7 @@ NOT_REPRODUCED = {
     "subscriber-throttling.md",
     "leaked-signing-secret.md",
     "replay-after-incident.md",
+    "stream-clients-behind.md",
 }
 
 _CHAOS_RUN = re.compile(r"\bpython3?\s+-m\s+chaos\s+run\b(.*)")
