@@ -18,12 +18,24 @@ from collections.abc import AsyncIterator, Iterator
 import aio_pika
 import pytest
 import pytest_asyncio
+import structlog
 
 from delivery.broker.topology import Names, delete
 from delivery.settings import Settings
 from delivery.store.migrations import migrate
 from delivery.testing.env import IN_CI
 from delivery.testing.services import Services, create_database, drop_database, provision_services
+
+# Components run in the test process log through structlog's default configuration, whose
+# console renderer formats an exception with `rich` when it is installed (a test tool pulls it
+# in): 0.3-0.4 s a traceback, enough to throttle a failing loop under test and hide whether it
+# backs off. Plain tracebacks, as delivery.ops.logs configures the processes.
+structlog.configure(
+    processors=[
+        *structlog.get_config()["processors"][:-1],
+        structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback),
+    ]
+)
 
 
 @pytest.fixture(scope="session")

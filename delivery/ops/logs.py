@@ -95,8 +95,14 @@ def configure_logging(
     if fmt == "json" or (fmt == "auto" and not tty):
         rendering = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
-        # The console renderer formats exceptions itself (format_exc_info would flatten them).
-        rendering = [structlog.dev.ConsoleRenderer(colors=tty and not no_color)]
+        # The console renderer formats exceptions itself (format_exc_info would flatten them),
+        # plainly: with `rich` installed (a test tool pulls it in) structlog would render each
+        # traceback with it, tens of milliseconds a time, which throttles a failing loop's logs.
+        rendering = [
+            structlog.dev.ConsoleRenderer(
+                colors=tty and not no_color, exception_formatter=structlog.dev.plain_traceback
+            )
+        ]
     # The libraries' records (aiormq, asyncio, warnings): the same processors and renderer.
     handler = _Handler(_Writer(out, "logging"))
     handler.setFormatter(
