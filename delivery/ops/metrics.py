@@ -128,6 +128,14 @@ SUBSCRIPTIONS_UNLOADABLE = Counter(
     "delivery_subscriptions_unloadable_total",
     "Subscription rows dispatch could not load and skipped (per dispatched batch)",
 )
+SUBSCRIPTION_INDEX_RELOADS = Counter(
+    "delivery_subscription_index_reloads_total",
+    "Full reloads of a worker's subscription index, by why (start, resync, reconnect, behind)",
+    ["reason"],
+)
+SUBSCRIPTION_INDEX_SIZE = Gauge(
+    "delivery_subscription_index_size", "Subscriptions in this worker's in-memory index"
+)
 QUEUE_DEPTH = Gauge("delivery_queue_messages", "Messages ready in a broker queue", ["queue"])
 # delivery_build_info{version="..."} 1: which release each scraped process runs.
 BUILD_INFO = Info("delivery_build", "The running release of delivery-webhooks")
