@@ -133,6 +133,11 @@ SUBSCRIPTION_INDEX_RELOADS = Counter(
     "Full reloads of a worker's subscription index, by why (start, resync, reconnect, behind)",
     ["reason"],
 )
+SUBSCRIPTION_INDEX_WAITS = Counter(
+    "delivery_subscription_index_waits_total",
+    "Batches dispatch held until its subscription index had the notifications of changes"
+    " committed before the batch's events",
+)
 SUBSCRIPTION_INDEX_SIZE = Gauge(
     "delivery_subscription_index_size", "Subscriptions in this worker's in-memory index"
 )

@@ -124,12 +124,14 @@ class SubscriptionFeed:
 
     async def current(self, conn: asyncpg.Connection, version: int) -> SubscriptionIndex:
         """The index with every subscription change up to ``version`` applied."""
-        if self._reload is None and self._notified_version < version and self._listening:
+        self.version = max(self.version, self._notified_version)
+        if self._reload is None and self.version < version and self._listening:
+            metrics.SUBSCRIPTION_INDEX_WAITS.inc()
             deadline = time.monotonic() + CATCH_UP_S
             while self._notified_version < version and time.monotonic() < deadline:
                 self._notified.clear()
                 await wait_any(self._notified, timeout_s=deadline - time.monotonic())
-        self.version = max(self.version, self._notified_version)
+            self.version = max(self.version, self._notified_version)
         if self._reload is None and time.monotonic() >= self._next_resync_s:
             self._reload = "resync"
         if self._reload is None and self.version < version:

@@ -76,7 +76,7 @@ async def test_a_running_worker_follows_create_edit_disable_pause_and_remove(set
         # Removed: matched to nothing.
         await subscriptions.remove(conn, sub.id)
         e5 = await publish(5)
-        assert await _deliveries(conn, e5) == {witness.id: "delivered"}
+        assert set(await _deliveries(conn, e5)) == {witness.id}
         assert receiver.unique_ids("/s") == {e1}
         # All of it through notifications: no full reload was needed on the way.
         after = counter_value(_RELOADS, reason="start") + counter_value(_RELOADS, reason="behind")
@@ -147,7 +147,12 @@ async def test_a_lost_listen_connection_is_followed_by_a_full_reload(settings):
                 )
 
             await wait_until(listening, timeout_s=10, what="the feed listening")
-            await feed.current(dispatch_conn, 0)
+            # Nothing changed since the load: the index is used as it is, without waiting for
+            # notifications (a wait here held every batch for seconds).
+            waits = counter_value("delivery_subscription_index_waits_total")
+            for _ in range(3):
+                await feed.current(dispatch_conn, await dispatch_conn.fetchval(VERSION))
+            assert counter_value("delivery_subscription_index_waits_total") == waits
             # A change notified while listening: applied without a reload.
             reconnects = counter_value(_RELOADS, reason="reconnect")
             sub = await subscriptions.add(conn, url="https://example.com/h", patterns="*")
