@@ -132,7 +132,8 @@ def parser() -> argparse.ArgumentParser:
         "--systems",
         type=_systems,
         default=list(SYSTEMS),
-        help="comma-separated systems that flat and paced compare",
+        help="comma-separated systems that flat and paced compare (every peer but asyncio needs "
+        "pip install -e '.[bench]'; a missing one is skipped)",
     )
     add(
         "--only",

@@ -47,6 +47,8 @@ class System:
 
     name: ClassVar[str]
     label: ClassVar[str]
+    # The module an optional peer needs (a bench extra): without it the system is skipped.
+    requires: ClassVar[str | None] = None
 
     def __init__(self, admin_db_url: str, amqp_url: str, log_dir: Path | None = None) -> None:
         self.tag = secrets.token_hex(3)

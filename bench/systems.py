@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 from bench.ours import Ours
-from bench.peers.systems import AsyncioPeer, CeleryPeer, DramatiqPeer
+from bench.peers.systems import AsyncioPeer, CeleryPeer, DramatiqPeer, FastStreamPeer, TaskiqPeer
 from bench.system import System
 
 SYSTEMS: dict[str, type[System]] = {
-    s.name: s for s in (Ours, AsyncioPeer, DramatiqPeer, CeleryPeer)
+    s.name: s for s in (Ours, AsyncioPeer, FastStreamPeer, TaskiqPeer, DramatiqPeer, CeleryPeer)
 }

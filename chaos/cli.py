@@ -1,6 +1,6 @@
 """``python -m chaos list`` and ``python -m chaos run SCENARIO|all [--events N] [--seed S]
-[--out DIR] [--rate R]``. Exit 0 when every run matched its expectation, 1 otherwise, 2 on
-bad usage."""
+[--out DIR] [--rate R] [--alert-scale F] [--rules FILE]``. Exit 0 when every run matched its
+expectation, 1 otherwise, 2 on bad usage."""
 
 from __future__ import annotations
 
@@ -26,6 +26,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=1, help="random seed (1)")
     run.add_argument("--rate", type=float, help="normal producer rate, events/s (150)")
     run.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output dir ({DEFAULT_OUT})")
+    run.add_argument(
+        "--alert-scale",
+        type=float,
+        default=1.0,
+        help="scenarios that check alerts: scale the rules' for: durations, the lag threshold "
+        "and the bounds by this (1: the rules as shipped; the short CI runs use 0.25)",
+    )
+    run.add_argument(
+        "--rules",
+        type=Path,
+        help="alert rules to evaluate instead of ops/prometheus/alerts.yml (e.g. one with an "
+        "alert removed, to see the checker fail the run)",
+    )
     return parser
 
 
@@ -50,6 +63,8 @@ async def _run_all(names: list[str], args: argparse.Namespace) -> list[RunReport
             seed=args.seed,
             out_dir=out,
             rate=args.rate or DEFAULT_RATE,
+            alert_scale=args.alert_scale,
+            alert_rules=args.rules,
         )
         reports.append(report)
         status = "PASS" if report.passed else "FAIL: " + "; ".join(report.problems)
@@ -58,6 +73,16 @@ async def _run_all(names: list[str], args: argparse.Namespace) -> list[RunReport
     sys.stdout.write((out / "summary.md").read_text())
     sys.stderr.write(f"chaos: records in {out}\n")
     return reports
+
+
+def _bad_usage(args: argparse.Namespace) -> str | None:
+    if args.events < 1:
+        return "--events must be at least 1"
+    if not 0.01 <= args.alert_scale <= 1:
+        return "--alert-scale must be within [0.01, 1]"
+    if args.rules is not None and not args.rules.is_file():
+        return f"--rules {args.rules}: no such file"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             f"chaos: unknown scenario {', '.join(unknown)} (see: python -m chaos list)\n"
         )
         return EXIT_USAGE
-    if args.events < 1:
-        sys.stderr.write("chaos: --events must be at least 1\n")
+    bad = _bad_usage(args)
+    if bad:
+        sys.stderr.write(f"chaos: {bad}\n")
         return EXIT_USAGE
     try:
         import uvloop

@@ -76,6 +76,9 @@ class RunContext:
     # Facts a scenario wants in its report (e.g. the backlog seen during a memory alarm).
     notes: dict[str, Any] = field(default_factory=dict)
     ready_at: float = field(default_factory=time.monotonic)  # every process ready, topology up
+    # Alert rules scaled by this for short runs (chaos.alerts): plans whose faults are sized for
+    # an alert's timing scale their durations with it.
+    alert_scale: float = 1.0
 
     @property
     def production_s(self) -> float:

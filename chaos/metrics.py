@@ -21,6 +21,7 @@ WATCHED = (
     "delivery_outbox_oldest_age_seconds",
     "delivery_queue_messages",
     "delivery_deliveries_pending",
+    "delivery_lag_seconds",
 )
 
 

@@ -23,7 +23,7 @@ import aiohttp
 
 from chaos.metrics import parse_metrics
 
-__all__ = ["ManagedProcess", "Role"]
+__all__ = ["ManagedProcess", "Role", "die_with_parent"]
 
 Role = Literal["relay", "worker", "run"]
 
@@ -32,7 +32,7 @@ _READY_POLL_S = 0.1
 _HTTP_TIMEOUT_S = 2.0
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+def die_with_parent() -> None:  # pragma: no cover - runs in the child, between fork and exec
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
@@ -81,7 +81,7 @@ class ManagedProcess:
             stdout=self._log,
             stderr=self._log,
             # Only prctl runs between fork and exec: no Python state is touched there.
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
 
     async def kill(self) -> None:

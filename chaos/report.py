@@ -12,9 +12,10 @@ from typing import Any
 
 import orjson
 
+from chaos.alerts import Episode, timeline_lines
 from chaos.records import Arrival
 
-__all__ = ["RunReport", "markdown_table", "write_arrivals", "write_summary"]
+__all__ = ["RunReport", "alert_timelines", "markdown_table", "write_arrivals", "write_summary"]
 
 
 @dataclass
@@ -36,6 +37,8 @@ class RunReport:
     producer: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
+    # Scenarios with alert expectations: the rules' scale, the episodes, what was wrong.
+    alerts: dict[str, Any] = field(default_factory=dict)
     out_dir: str = ""
 
     @property
@@ -55,7 +58,7 @@ class RunReport:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "report.json"
         path.write_bytes(orjson.dumps(self.as_dict(), option=orjson.OPT_INDENT_2))
-        (directory / "report.md").write_text(markdown_table([self]))
+        (directory / "report.md").write_text(markdown_table([self]) + alert_timelines([self]))
         return path
 
 
@@ -123,11 +126,34 @@ def markdown_table(reports: Sequence[RunReport]) -> str:
     return _HEADER + "".join(_row(r) for r in reports)
 
 
+def alert_timelines(reports: Sequence[RunReport]) -> str:
+    """Per scenario with alert expectations: faults and alert episodes, from production start."""
+    out: list[str] = []
+    for r in reports:
+        if not r.alerts:
+            continue
+        a = r.alerts
+        expected = ", ".join(f"{k} within {v:g} s" for k, v in a["expected"].items()) or "none"
+        episodes = [Episode(**e) for e in a["episodes"]]
+        out += [
+            "",
+            f"### Alerts: {r.scenario} (rules at scale {a['scale']:g}, evaluated every "
+            f"{a['interval_s']:g} s)",
+            "",
+            f"Expected to fire: {expected}; tolerated: {', '.join(a['tolerated']) or 'none'}; "
+            f"every other alert must stay quiet. Judgement: "
+            + ("; ".join(a["problems"]) if a["problems"] else "as expected."),
+            "",
+            *timeline_lines(episodes, r.faults, r.started_at),
+        ]
+    return "\n".join(out) + ("\n" if out else "")
+
+
 def write_summary(reports: Sequence[RunReport], directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "summary.json").write_bytes(
         orjson.dumps([r.as_dict() for r in reports], option=orjson.OPT_INDENT_2)
     )
     path = directory / "summary.md"
-    path.write_text(markdown_table(reports))
+    path.write_text(markdown_table(reports) + alert_timelines(reports))
     return path

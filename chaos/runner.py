@@ -3,6 +3,7 @@ plan; then heal, settle, check, report. Everything it started is torn down, what
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import random
@@ -16,11 +17,13 @@ import aiohttp
 import asyncpg
 import structlog
 
+from chaos.alerts import judge
 from chaos.cluster import Cluster, Servers
 from chaos.context import FaultLog, RunContext
 from chaos.metrics import MetricsSampler
 from chaos.phases import drive
 from chaos.producer import Producer
+from chaos.prometheus import ALERT_RULES, RunPrometheus, find_binary, running_prometheus
 from chaos.report import RunReport
 from chaos.scenarios import SUBSCRIPTIONS, Scenario
 from delivery.store import subscriptions
@@ -88,8 +91,12 @@ async def run_scenario(
     out_dir: Path,
     rate: float = DEFAULT_RATE,
     servers: Servers | None = None,
+    alert_scale: float = 1.0,
+    alert_rules: Path | None = None,
 ) -> RunReport:
-    """Run ``scenario`` once; ``servers`` lets several runs share one pair (the test suite)."""
+    """Run ``scenario`` once; ``servers`` lets several runs share one pair (the test suite).
+    ``alert_scale``: the alert rules' clock for scenarios with alert expectations (1: as
+    shipped; short runs scale it down, see chaos.alerts)."""
     run_dir = out_dir / scenario.name
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
@@ -97,7 +104,14 @@ async def run_scenario(
         handler = _configure_logging(log_stream)
         try:
             return await _run(
-                scenario, events=events, seed=seed, run_dir=run_dir, rate=rate, shared=servers
+                scenario,
+                events=events,
+                seed=seed,
+                run_dir=run_dir,
+                rate=rate,
+                shared=servers,
+                alert_scale=alert_scale,
+                alert_rules=alert_rules or ALERT_RULES,
             )
         finally:
             structlog.reset_defaults()
@@ -112,22 +126,45 @@ async def _run(
     run_dir: Path,
     rate: float,
     shared: Servers | None,
+    alert_scale: float,
+    alert_rules: Path,
 ) -> RunReport:
     started = time.time()
     rng = random.Random(seed)
+    events = max(events, scenario.min_events)
     if scenario.min_production_s > 0:
         rate = min(rate, events / scenario.min_production_s)
+    if scenario.max_rate is not None:
+        rate = min(rate, scenario.max_rate)
     problems: list[str] = []
+    env = dict(scenario.env)
+    if scenario.alerts is not None:
+        # The gauges' refresh is part of every alert's delay: it keeps the rules' clock.
+        env["DELIVERY_BACKLOG_GAUGES_INTERVAL_S"] = f"{5.0 * alert_scale:g}"
+    alerts: dict[str, Any] = {}
     async with (
         _servers(shared) as servers,
         aiohttp.ClientSession() as session,
         Receiver() as receiver,
+        contextlib.AsyncExitStack() as stack,
     ):
-        cluster = Cluster(servers, run_dir, scenario.name, scenario.layout, scenario.env)
+        cluster = Cluster(servers, run_dir, scenario.name, scenario.layout, env)
         try:
             await cluster.start()
             await _subscribe(cluster, receiver)
             await cluster.start_processes(session)
+            prometheus: RunPrometheus | None = None
+            if scenario.alerts is not None:
+                prometheus = await stack.enter_async_context(
+                    running_prometheus(
+                        _prometheus_binary(scenario),
+                        run_dir / "prometheus",
+                        cluster.processes,
+                        session,
+                        scale=alert_scale,
+                        rules=alert_rules,
+                    )
+                )
             producer = Producer(
                 cluster.link_db_url("producer"),
                 key=f"{scenario.name[:24]}-{seed}",
@@ -143,10 +180,13 @@ async def _run(
                 sampler=MetricsSampler(lambda: cluster.processes),
                 session=session,
                 rng=rng,
+                alert_scale=alert_scale,
             )
             ctx.ready_at = time.monotonic()
             log.info("scenario_started", scenario=scenario.name, events=events, rate=rate)
             verdict = await drive(ctx, scenario, problems)
+            if prometheus is not None:
+                alerts = await _judge_alerts(prometheus, ctx, scenario, session, problems)
             state_codes = await cluster.stop()
         except BaseException:
             log.exception("scenario_crashed", scenario=scenario.name)
@@ -189,11 +229,50 @@ async def _run(
         },
         metrics=ctx.sampler.maxima(),
         notes=ctx.notes,
+        alerts=alerts,
         out_dir=str(run_dir),
     )
     report.write(run_dir)
     log.info("scenario_finished", scenario=scenario.name, passed=passed, problems=problems)
     return report
+
+
+def _prometheus_binary(scenario: Scenario) -> str:
+    binary = find_binary()
+    if binary is None:
+        raise RuntimeError(
+            f"prometheus not found (apt-get install prometheus): {scenario.name} checks its alerts"
+        )
+    return binary
+
+
+async def _judge_alerts(
+    prometheus: RunPrometheus,
+    ctx: RunContext,
+    scenario: Scenario,
+    session: aiohttp.ClientSession,
+    problems: list[str],
+) -> dict[str, Any]:
+    """The run's alert timeline from Prometheus, judged against the scenario's expectation
+    (the bounds count from the first fault's start)."""
+    assert scenario.alerts is not None
+    # A few more evaluations, so that the last state the rules reached (a resolution just
+    # now) is in ALERTS and more than chaos.alerts' gap before the end of the query.
+    await asyncio.sleep(5 * prometheus.interval_s)
+    seen = await prometheus.alert_episodes(session, time.time())
+    anchor = min((w.start for w in ctx.faults.windows), default=None)
+    found = judge(seen, scenario.alerts, anchor, prometheus.scale)
+    problems += found
+    return {
+        "rules": str(prometheus.rules),
+        "scale": prometheus.scale,
+        "interval_s": prometheus.interval_s,
+        "anchor": anchor,
+        "expected": {k: v * prometheus.scale for k, v in scenario.alerts.fire.items()},
+        "tolerated": sorted(scenario.alerts.tolerate),
+        "episodes": [e.as_dict() for e in seen],
+        "problems": found,
+    }
 
 
 def _keep_server_logs(servers: Servers, run_dir: Path) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chaos import faults
+from chaos.alerts import AlertExpectation
 from chaos.cluster import AlarmKind, Layout
 from chaos.context import RunContext
 from chaos.records import SubscriptionSpec, Verdict
@@ -64,6 +65,15 @@ class Scenario:
     # Killing one worker at a time causes neither: its un-acked messages go back to the queue
     # and the other worker records them at once.
     redrives: frozenset[str] = frozenset()
+    # The alerts the run must see fire (and by when) and may tolerate; every other alert must
+    # stay quiet. A scenario with an expectation runs a real Prometheus (chaos.prometheus).
+    alerts: AlertExpectation | None = None
+    # The producers' normal rate is capped at this (events/s): scenarios whose subscribers
+    # drain at a known rate keep the normal ingest below it.
+    max_rate: float | None = None
+    # Runs publish at least this many events (a backlog that must outlast an alert's `for:`
+    # needs more than the short runs' 300).
+    min_events: int = 0
 
 
 # See RunContext.uptime: RabbitMQ is only crashed once its queues are this old.
@@ -269,10 +279,56 @@ async def _subscriber_flap(ctx: RunContext) -> None:
     await _until_produced(ctx)
 
 
+# Spike and burst: subscribers answer in 100 ms and each worker sends one request at a time to
+# each of them, so a subscription drains at 20 events/s (2 workers) however busy the machine
+# is, and the producers' normal rate (10/s) is half that. Sizes are in seconds at the alert
+# rules' real clock, times ctx.alert_scale (short runs scale the rules down).
+_PACED_ENV = {
+    "DELIVERY_PER_SUBSCRIPTION_MAX_IN_FLIGHT": "1",
+    "DELIVERY_PER_SUBSCRIPTION_MAX_QUEUED": "0",
+}
+_PACED_RATE = 10.0
+_PACED_DELAY_S = 0.1
+_DRAIN_TIMEOUT_S = 900.0
+
+
+def _paced_subscribers(ctx: RunContext) -> None:
+    for spec in SUBSCRIPTIONS:
+        ctx.receiver.set_behaviour(spec.path, Behaviour(delay_s=_PACED_DELAY_S))
+
+
+async def _until_lag_drained(ctx: RunContext) -> None:
+    """The subscribers keep their pace until the backlog drained by itself (every stage's lag
+    gauge back at 0): the heal after production would otherwise make them fast at once."""
+
+    async def drained() -> bool:
+        sample = await ctx.sampler.sample_once(ctx.session)
+        lags = [v for k, v in sample.values.items() if k.startswith("delivery_lag_seconds")]
+        return bool(lags) and max(lags) == 0
+
+    await wait_until(drained, timeout_s=_DRAIN_TIMEOUT_S, what="the lag gauges at 0")
+
+
 async def _spike(ctx: RunContext) -> None:
-    await ctx.progress(0.2)
-    await faults.producer_spike(ctx, factor=10, duration_s=_span(ctx, 0.2, 2.0, 60.0))
+    """Hook0's incident, small: ingest at 10x the normal rate, 5x the subscribers' drain rate,
+    for 30 s; the oldest waiting event then ages almost as fast as the clock for minutes."""
+    _paced_subscribers(ctx)
+    await ctx.progress(0.1)
+    await faults.producer_spike(ctx, factor=10, duration_s=30.0 * ctx.alert_scale)
     await _until_produced(ctx)
+    await _until_lag_drained(ctx)
+
+
+async def _burst(ctx: RunContext) -> None:
+    """A burst the platform absorbs: 10x for 3 s, about 240 events behind, drained at the 10/s
+    the subscribers have to spare within about 25 s (lag under the lag alert's 45 s). A 5 s
+    burst over a normal rate of 15/s (3/4 of the drain rate) left a backlog that took minutes:
+    the lag alert fired, rightly, and the run failed (chaos/RESULTS.md)."""
+    _paced_subscribers(ctx)
+    await ctx.progress(0.1)
+    await faults.producer_spike(ctx, factor=10, duration_s=3.0 * ctx.alert_scale)
+    await _until_produced(ctx)
+    await _until_lag_drained(ctx)
 
 
 async def _stall_then_kill_workers(ctx: RunContext) -> None:
@@ -481,11 +537,34 @@ SCENARIOS: dict[str, Scenario] = {
         ),
         Scenario(
             "producer-spike",
-            "producers at 10x the normal rate for a while: lag rises, then drains",
+            "producers at 10x the normal rate, 5x the subscribers' drain rate, for 30 s: "
+            "subscribers fall minutes behind, the lag alert fires within 2 minutes",
             _spike,
+            env=_PACED_ENV,
+            max_rate=_PACED_RATE,
+            # At a quarter of the rules' clock (the short runs) the backlog must still outlast
+            # 11 s of lag plus 7.5 s of `for:`: about 450 events behind at 20/s.
+            min_events=600,
             drain_metrics=True,
             min_production_s=4,
             redrives=_SPARE,
+            # The latency SLO alerts may fire too: minutes of lag burn its budget.
+            alerts=AlertExpectation(
+                fire={"DeliveryLagHigh": 120.0},
+                tolerate=frozenset({"DeliveryLatencySLOBurnFast", "DeliveryLatencySLOBurnSlow"}),
+            ),
+        ),
+        Scenario(
+            "burst",
+            "producers at 10x the normal rate for 3 s: a backlog that drains by itself, "
+            "and no alert",
+            _burst,
+            env=_PACED_ENV,
+            max_rate=_PACED_RATE,
+            drain_metrics=True,
+            min_production_s=4,
+            redrives=_SPARE,
+            alerts=AlertExpectation(),
         ),
         Scenario(
             "worker-pg-stall-kill",

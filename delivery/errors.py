@@ -14,6 +14,7 @@ Hierarchy::
     ├── PoisonMessageError ......... dead-letter the message; it can never be processed
     ├── SignatureError ............. reject the webhook (a receiver's answer, 401)
     ├── QueueMissingError .......... start the consumer again; it declares its queue anew
+    ├── BrokerNodeLostError ........ start the component again: it connects to another node
     └── StoppedBeforeConnected ..... nothing: shutdown began before the broker or database answered
 
 Raised where: ``ConfigError`` by settings, migrations, tracing and the admin server
@@ -25,8 +26,9 @@ and again when the worker connects (``delivery.worker.resolver``);
 (``delivery.broker.wire``, through ``delivery.events.routing_facts``);
 ``SignatureError`` by ``delivery.signing.verify``; ``QueueMissingError`` by the queue-depth
 watcher (``delivery.broker.depths``) that dispatch runs;
-``StoppedBeforeConnected`` by ``delivery.broker.connection.connect`` and the process's
-first database connect (``workers.process``).
+``BrokerNodeLostError`` by ``delivery.broker.connection.watch_node``, which each broker
+component runs; ``StoppedBeforeConnected`` by ``delivery.broker.connection.connect`` and
+the process's first database connect (``workers.process``).
 
 Two kinds of error live elsewhere, on purpose. The dev tooling's ``ProvisionError`` (a
 throwaway server could not be found or started) is in ``delivery.testing.processes``: the
@@ -104,6 +106,12 @@ class SignatureError(DeliveryPlatformError):
 class QueueMissingError(DeliveryPlatformError):
     """A queue we consume from was deleted while we ran: start the consumer again, which
     declares the topology anew (the supervisor does)."""
+
+
+class BrokerNodeLostError(DeliveryPlatformError):
+    """The RabbitMQ node a component was connected to stayed unreachable while other nodes of
+    its cluster are listed: start the component again (its supervisor does), and it connects to
+    the next node that answers."""
 
 
 class StoppedBeforeConnected(DeliveryPlatformError):

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -24,6 +26,36 @@ _HOUR_S = 3_600.0
 _DAY_S = 86_400.0
 # One attempt's longest wait (also the bound of a subscription's own --timeout).
 MAX_HTTP_TIMEOUT_S = 300.0
+
+
+def node_urls(url: str) -> list[str]:
+    """The nodes of ``DELIVERY_AMQP_URL`` (comma-separated), each checked: ``ValueError``
+    naming the bad one (the settings turn it into one line naming the variable)."""
+    urls = [part.strip() for part in url.split(",")]
+    for position, node in enumerate(urls, start=1):
+        if not node:
+            raise ValueError(f"node {position} of the list is empty")
+        parts = urlsplit(node)
+        if parts.scheme not in ("amqp", "amqps"):
+            raise ValueError(f"node {position} ({safe_url(node)}) is not an amqp:// URL")
+        try:
+            bad_port = parts.port == 0
+        except ValueError:  # not a number, or out of range
+            bad_port = True
+        if bad_port:
+            raise ValueError(f"node {position} ({safe_url(node)}) has a bad port")
+        if not parts.hostname:
+            raise ValueError(f"node {position} ({safe_url(node)}) names no host")
+    return urls
+
+
+def safe_url(url: str) -> str:
+    """A URL fit for a log line or an error: no password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class Settings(BaseSettings):
@@ -69,6 +101,10 @@ class Settings(BaseSettings):
     # is empty, was lost by the broker after its confirm: the relay publishes it again.
     redrive_after_s: float = Field(default=60.0, gt=0, le=_DAY_S)
     max_redrives: int = Field(default=3, ge=0, le=100)
+    # How often each relay reads the backlog gauges (outbox pending and oldest age, the lag by
+    # stage). The lag alert's 2-minute promise counts 5 s for it; chaos runs that scale the
+    # alert rules down scale this with them.
+    backlog_gauges_interval_s: float = Field(default=5.0, ge=0.1, le=300)
 
     worker_prefetch: int = Field(default=256, ge=1, le=65_535)
     dispatch_batch_size: int = Field(default=128, ge=1, le=10_000)
@@ -153,6 +189,26 @@ class Settings(BaseSettings):
     @classmethod
     def _present(cls, value: Any) -> Any:
         return value != "" if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_hosts(cls, value: str) -> str:
+        # Several hosts without a target would let a process settle on the read-only standby,
+        # where every write fails; after a failover, only read-write finds the new primary.
+        netloc = urlsplit(value).netloc.rsplit("@", 1)[-1]
+        if "," in netloc and not re.search(r"target_session_attrs=(read-write|primary)\b", value):
+            raise ValueError(
+                "several hosts need target_session_attrs=read-write, or a process may connect"
+                " to a standby"
+            )
+        return value
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_nodes(cls, value: str) -> str:
+        if value:
+            node_urls(value)  # every node of the list, at start-up
+        return value
 
     @field_validator("secrets_key")
     @classmethod

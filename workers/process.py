@@ -13,13 +13,15 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import asyncpg
 import structlog
 
 from delivery.aio import backoff_s, wait_any
+from delivery.broker.nodes import watch_nodes
 from delivery.broker.relay import Relay
-from delivery.errors import StoppedBeforeConnected
+from delivery.errors import BrokerNodeLostError, StoppedBeforeConnected
 from delivery.ops import tracing
 from delivery.ops.admin import serve_admin
 from delivery.ops.health import Health
@@ -52,6 +54,11 @@ async def supervise(
         except Exception as exc:
             if stop.is_set():
                 return  # failing because shutdown began (e.g. the broker never came): done
+            if _failing_over(exc):
+                # Its broker node was lost: start again now, on the next node (connect backs
+                # off by itself if none answers), and keep the error log for real failures.
+                log.warning("component_failing_over", component=name, error=repr(exc)[:300])
+                continue
             failures += 1
             delay = backoff_s(failures, base_s=0.5, max_s=_RESTART_BACKOFF_MAX_S)
             log.exception(
@@ -60,6 +67,15 @@ async def supervise(
             await wait_any(stop, timeout_s=delay)
         else:
             return
+
+
+def _failing_over(exc: BaseException) -> bool:
+    """The component ended because its RabbitMQ node was lost (maybe inside a TaskGroup's
+    ExceptionGroup)."""
+    if isinstance(exc, BaseExceptionGroup):
+        lost, other = exc.split(BrokerNodeLostError)
+        return lost is not None and other is None  # anything else is a failure to log
+    return isinstance(exc, BrokerNodeLostError)
 
 
 async def _open_pool(settings: Settings, stop: asyncio.Event) -> asyncpg.Pool:
@@ -186,7 +202,14 @@ async def run_process(
         ):
             log.info("started", role=role, admin_port=port or None)
             async with asyncio.TaskGroup() as tg:
-                tasks: list[asyncio.Task[object]] = []
+                # Which listed broker nodes answer: gauges, and not-ready on a minority side.
+                tasks: list[asyncio.Task[object]] = [
+                    tg.create_task(
+                        supervise(
+                            "amqp_nodes", partial(watch_nodes, settings.amqp_url, health), stop
+                        )
+                    )
+                ]
                 if relay:
                     tasks.append(
                         tg.create_task(supervise("relay", Relay(settings, pool, health).run, stop))

@@ -1,6 +1,7 @@
-"""The peers as systems under test: how the asyncio, Celery and Dramatiq peers are started,
-fed, counted and stopped. Their entry point is their RabbitMQ queue; each is published to with
-its framework's own client (aio-pika, ``send_task``, ``broker.enqueue``)."""
+"""The peers as systems under test: how the asyncio, FastStream, taskiq, Celery and Dramatiq
+peers are started, fed, counted and stopped. Their entry point is their RabbitMQ queue; each is
+published to with its framework's own client (aio-pika, ``RabbitBroker.publish``, ``kiq``,
+``send_task``, ``broker.enqueue``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import aio_pika
@@ -114,9 +116,142 @@ class AsyncioPeer(_Peer):
         await super().teardown(keep_logs=keep_logs)
 
 
+class FastStreamPeer(_Peer):
+    name = "faststream"
+    label = "FastStream (RabbitBroker, 2 processes x prefetch 16, NACK_ON_ERROR)"
+    requires = "faststream"
+
+    def config(self) -> PeerConfig:
+        from bench.peers.faststream_peer import WORKERS
+
+        # Per process: aio-pika runs every prefetched message at once, so prefetch is the
+        # concurrency; 2 x 16 = the 32 in flight of every other peer.
+        per_process = 32 // WORKERS
+        return replace(super().config(), concurrency=per_process, prefetch=per_process)
+
+    async def start_processes(self, processes: int) -> None:
+        from bench.peers.faststream_peer import WORKERS, make_broker, queue
+
+        config = self.config()
+        self._broker = make_broker(self.amqp_url, config.prefetch)
+        await self._broker.start()
+        await self._broker.declare_queue(queue(config.queue))
+        self.procs.append(
+            await spawn(
+                [
+                    sys.executable,
+                    "-m",
+                    "faststream",
+                    "run",
+                    "bench.peers.faststream_peer:app",
+                    "--workers",
+                    str(WORKERS),
+                    "--log-level",
+                    "warning",
+                ],
+                env(config.env()),
+                self.log_dir / "faststream.log",
+            )
+        )
+
+    async def publish(self, events: Sequence[Event], rate: float) -> dict[str, float]:
+        from bench.peers.faststream_peer import queue
+
+        target = queue(self.config().queue)
+
+        async def one(event: Event) -> None:
+            await self._broker.publish(
+                event.body, target, message_id=event.id, persist=True, mandatory=True
+            )
+
+        return await _paced(events, rate, one)
+
+    async def teardown(self, *, keep_logs: bool = False) -> None:
+        if getattr(self, "_broker", None) is not None:
+            with contextlib.suppress(Exception):
+                await self._broker.stop()
+        await super().teardown(keep_logs=keep_logs)
+
+
+class TaskiqPeer(_Peer):
+    name = "taskiq"
+    label = "taskiq (taskiq-aio-pika, 2 processes x 16 async tasks, when_executed)"
+    requires = "taskiq_aio_pika"
+
+    def config(self) -> PeerConfig:
+        from bench.peers.taskiq_peer import MAX_ASYNC_TASKS, QOS
+
+        return replace(super().config(), concurrency=MAX_ASYNC_TASKS, prefetch=QOS)
+
+    async def start_processes(self, processes: int) -> None:
+        from bench.peers.taskiq_peer import (
+            MAX_ASYNC_TASKS,
+            MAX_PREFETCH,
+            WORKERS,
+            make_broker,
+        )
+
+        config = self.config()
+        # Its startup declares the exchange and queues the workers will consume, so nothing
+        # published before they are up is lost.
+        self._broker = make_broker(self.amqp_url, self.prefix)
+        await self._broker.startup()
+        self.procs.append(
+            await spawn(
+                [
+                    sys.executable,
+                    "-m",
+                    "taskiq",
+                    "worker",
+                    "bench.peers.taskiq_peer:broker",
+                    "--workers",
+                    str(WORKERS),
+                    "--max-async-tasks",
+                    str(MAX_ASYNC_TASKS),
+                    "--max-prefetch",
+                    str(MAX_PREFETCH),
+                    "--ack-type",
+                    "when_executed",
+                    "--log-level",
+                    "WARNING",
+                ],
+                env(config.env()),
+                self.log_dir / "taskiq.log",
+            )
+        )
+
+    async def publish(self, events: Sequence[Event], rate: float) -> dict[str, float]:
+        from taskiq.kicker import AsyncKicker
+
+        from bench.peers.taskiq_peer import TASK_NAME
+
+        kicker: AsyncKicker[Any, Any] = AsyncKicker(TASK_NAME, self._broker, {})
+
+        async def one(event: Event) -> None:
+            await kicker.kiq(event.id, event.body.decode())
+
+        return await _paced(events, rate, one)
+
+    def queues(self) -> list[str]:
+        from bench.peers.taskiq_peer import names
+
+        n = names(self.prefix)
+        return [n["queue"], n["dead_letter"]]
+
+    def exchanges(self) -> list[str]:
+        return [self.prefix]
+
+    async def teardown(self, *, keep_logs: bool = False) -> None:
+        if getattr(self, "_broker", None) is not None:
+            with contextlib.suppress(Exception):
+                await self._broker.shutdown()
+        await super().teardown(keep_logs=keep_logs)
+
+
 class CeleryPeer(_Peer):
     name = "celery"
     label = "Celery (prefork, acks_late, concurrency 4)"
+    requires = "celery"
 
     async def start_processes(self, processes: int) -> None:
         from bench.peers.celery_peer import make_app
@@ -187,6 +322,7 @@ class CeleryPeer(_Peer):
 class DramatiqPeer(_Peer):
     name = "dramatiq"
     label = "Dramatiq (RabbitmqBroker, 4 processes x 8 threads)"
+    requires = "dramatiq"
 
     async def start_processes(self, processes: int) -> None:
         config = self.config()

@@ -18,7 +18,7 @@ NOTES = Path(__file__).resolve().parent.parent / "notes.md"
 
 HOW_TO_RUN = """\
 ```bash
-pip install -e '.[bench]'          # the peers: Celery, Dramatiq, psycopg, requests
+pip install -e '.[bench]'          # the peers: FastStream, taskiq, Celery, Dramatiq, psycopg, requests
 pip install py-spy                 # only for the profile scenario (--only profile)
 python -m bench run                # everything, 3 runs each; writes bench/results.json and this file
 python -m bench run --quick        # a smoke of every default scenario (a few hundred events, no figures)
@@ -32,8 +32,9 @@ database and queue names, all removed afterwards), otherwise throwaway local ser
 `--own-postgres` starts a throwaway PostgreSQL with stock settings (fsync and autovacuum on)
 whatever `DELIVERY_DATABASE_URL` says: this machine's shared server runs with autovacuum off,
 under which the 1,000,000-event backlog is never vacuumed.
-`tests/test_bench_smoke.py` runs the same code on 200 events per system (Celery and Dramatiq
-are in the `dev` extra the test command installs; outside CI a missing one is skipped)."""
+`tests/integration/test_bench_smoke.py` runs the same code on 200 events per system (the
+FastStream, taskiq, Celery and Dramatiq peers are in the `dev` extra the test command installs;
+outside CI a missing one is skipped)."""
 
 
 def render(results: dict[str, Any]) -> str:

@@ -23,10 +23,19 @@ def method(meta: dict[str, Any]) -> list[str]:
         "multiplier, no result backend, psycopg 3 + requests. Dramatiq: `RabbitmqBroker`, "
         "default middleware, 4 processes × 8 threads, psycopg 3 + requests. Hand-written "
         "asyncio: aio-pika + aiohttp + asyncpg on uvloop, prefetch 100, a semaphore of 32 "
-        "(one pooled connection each). Their queues are classic durable queues, as each framework "
-        "declares them; messages are persistent.",
+        "(one pooled connection each). FastStream: `RabbitBroker` (on aio-pika), "
+        "`faststream run --workers 2`, `Channel(prefetch_count=16)` per process (aio-pika runs "
+        "every prefetched message at once, so prefetch is the concurrency), "
+        "`AckPolicy.NACK_ON_ERROR`. taskiq: `AioPikaBroker` (taskiq-aio-pika), `taskiq worker "
+        "--workers 2 --max-async-tasks 16 --max-prefetch 16 --ack-type when_executed`, qos 100, "
+        "`SimpleRetryMiddleware` for a failed delivery (taskiq acks a task that raised). The three "
+        "asyncio peers run the same job class (`bench/peers/async_job.py`: asyncpg + aiohttp), "
+        "32 messages in progress in all; each module's docstring cites the documentation it "
+        "follows. Their queues are durable and declared as each framework declares them: classic, "
+        "but taskiq-aio-pika's, which is a quorum queue by default; messages are persistent.",
         "* **Entry points.** The peers' job starts at their queue: the orchestrator publishes "
-        "with each framework's own client (`send_task`, `broker.enqueue`, aio-pika). Ours starts "
+        "with each framework's own client (`send_task`, `broker.enqueue`, aio-pika, "
+        "`RabbitBroker.publish`, `kiq`). Ours starts "
         "at the outbox, one hop earlier, and pays for the relay and a second RabbitMQ pass.",
         "* **Flat out.** Each system is started and warmed up (20 events through), then every "
         "one of its processes is paused (SIGSTOP), the backlog is staged at its entry point, the "
@@ -38,7 +47,8 @@ def method(meta: dict[str, Any]) -> list[str]:
         "(`publish_many(conn, [event])`), latency from commit; peers: one publish per event, "
         "latency from the publish call returning. Nearest-rank percentiles over all events.",
         "* **Measured from outside**, via /proc: CPU = utime+stime (plus reaped children's) summed "
-        "over the whole process tree of the system (Celery's and Dramatiq's children included); "
+        "over the whole process tree of the system (the children of Celery, Dramatiq, "
+        "`faststream run` and `taskiq worker` included); "
         "RSS = each process's VmHWM. The subscriber is the project's receiver "
         "(`delivery.testing.receiver`, aiohttp) run by `bench/receiver.py` on uvloop in its own "
         "process: "
@@ -46,7 +56,8 @@ def method(meta: dict[str, Any]) -> list[str]:
         "PostgreSQL's and RabbitMQ's CPU are not counted for anyone.",
         "* **Shared machine.** Before each session the bench waits (bounded) for the 1-minute load "
         "to drop; the load seen is in the table at the end. Systems are interleaved run by run "
-        "(ours, asyncio, Dramatiq, Celery, then again) so a load change hits all of them.",
+        "(ours, asyncio, FastStream, taskiq, Dramatiq, Celery, then again) so a load change hits "
+        "all of them.",
         "",
     ]
 

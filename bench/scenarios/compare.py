@@ -53,7 +53,8 @@ async def compare(run: Run) -> None:
     run.results["compare"] = sessions
     for i in range(args.runs):
         for name in args.systems:
-            if name in {"celery", "dramatiq"} and not _importable(name):
+            requires = SYSTEMS[name].requires
+            if requires is not None and not _importable(requires):
                 say(f"{name} not installed (pip install -e '.[bench]'): skipped")
                 continue
             quiet = await run.quiet()

@@ -16,6 +16,7 @@ from delivery.broker.connection import is_connected, with_defaults
 from delivery.broker.topology import Names
 from delivery.errors import QueueMissingError
 from delivery.ops import metrics
+from delivery.settings import node_urls
 
 log = structlog.get_logger("delivery.dispatch")
 
@@ -45,11 +46,21 @@ async def ready_counts(
 async def queue_depths(amqp_url: str, names: Names) -> dict[str, int | None]:
     """Message counts by passive declare, on a connection of their own; ``None`` for a queue
     that does not exist (yet)."""
-    connection = await aio_pika.connect(with_defaults(amqp_url), timeout=10)
+    connection = await _first_node(amqp_url)
     try:
         return await ready_counts(connection, (names.dispatch_queue, names.dead_queue))
     finally:
         await connection.close()
+
+
+async def _first_node(amqp_url: str) -> AbstractConnection:
+    """A plain connection to the first listed node that answers; the last error if none does."""
+    urls = node_urls(amqp_url)
+    for node in urls[:-1]:
+        # Another node may answer: only the last one's error is reported (as "unreachable").
+        with contextlib.suppress(Exception):
+            return await aio_pika.connect(with_defaults(node), timeout=10)
+    return await aio_pika.connect(with_defaults(urls[-1]), timeout=10)
 
 
 async def queue_report(

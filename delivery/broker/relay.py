@@ -23,13 +23,14 @@ from aiormq.exceptions import DeliveryError
 from pamqp.commands import Basic
 
 from delivery.aio import backoff_s, wait_any
-from delivery.broker.connection import SETUP_TIMEOUT_S, connect, is_connected
+from delivery.broker.connection import SETUP_TIMEOUT_S, connect, is_connected, watch_node
 from delivery.broker.redrive import redrive_lost
 from delivery.broker.topology import Names, declare
 from delivery.broker.wire import Outgoing, pack_rows
 from delivery.ops import metrics
 from delivery.ops.health import Health
-from delivery.settings import Settings
+from delivery.settings import Settings, node_urls
+from delivery.store.lag import DispatchFrontier, read_lag
 from delivery.store.pool import is_connection_error
 from delivery.store.status import outbox_backlog
 
@@ -55,7 +56,6 @@ UPDATE delivery.outbox SET published_at = clock_timestamp()
 FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
 WHERE pk = ANY($1::bigint[])
 """
-_BACKLOG_EVERY_S = 5.0
 _REDRIVE_EVERY_S = 15.0
 # Batches in a row with rows to publish and not one confirm (a blocked broker, a queue without
 # a leader) make the relay not ready: connected, but not doing its job.
@@ -75,6 +75,7 @@ class Relay:
         self._exchange: AbstractExchange | None = None
         self._channel: AbstractChannel | None = None
         self._last_backlog_s = 0.0
+        self._frontier = DispatchFrontier()
         self._last_redrive_s = time.monotonic()
         # Shared by the relay's loops: batches with rows and no confirm since the last confirm.
         self._batches_unconfirmed = 0
@@ -83,7 +84,8 @@ class Relay:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until ``stop`` is set; the batch in progress finishes first."""
-        self._connection = await connect(self._settings.amqp_url, name="delivery-relay", stop=stop)
+        url = self._settings.amqp_url
+        self._connection = await connect(url, name="delivery-relay", stop=stop)
         try:
             async with asyncio.timeout(SETUP_TIMEOUT_S):
                 channel = await self._connection.channel(
@@ -93,6 +95,12 @@ class Relay:
                 await self._declare()
             async with asyncio.TaskGroup() as tg:
                 listener = tg.create_task(self._listen(stop))
+                # Raises when the node is lost and others are listed: the supervisor then
+                # starts the relay again on another node (a batch in flight is cancelled, its
+                # rows stay unpublished and go out again).
+                watch = tg.create_task(
+                    watch_node(self._connection, url, name="delivery-relay", stop=stop)
+                )
                 # Several batches in flight: while one waits for its confirms (a quorum queue's
                 # fsync), another claims what was committed meanwhile (SKIP LOCKED keeps their
                 # rows apart), so an event waits for one confirm, not for a queue of batches.
@@ -102,6 +110,7 @@ class Relay:
                 ]
                 await asyncio.gather(*loops)
                 listener.cancel()
+                watch.cancel()
         finally:
             self._health.set("relay", False)
             await self._connection.close()
@@ -164,7 +173,10 @@ class Relay:
     async def _declare(self) -> None:
         assert self._channel is not None
         topology = await declare(
-            self._channel, self._names, delivery_limit=self._settings.amqp_delivery_limit
+            self._channel,
+            self._names,
+            delivery_limit=self._settings.amqp_delivery_limit,
+            nodes=len(node_urls(self._settings.amqp_url)),
         )
         self._exchange = topology.events
 
@@ -258,12 +270,25 @@ class Relay:
 
     async def _maybe_update_backlog(self) -> None:
         now = time.monotonic()
-        if now - self._last_backlog_s < _BACKLOG_EVERY_S:
+        if now - self._last_backlog_s < self._settings.backlog_gauges_interval_s:
             return
         self._last_backlog_s = now
         backlog = await outbox_backlog(self._pool)
         metrics.OUTBOX_PENDING.set(backlog.pending)
         metrics.OUTBOX_OLDEST_AGE.set(backlog.oldest_s)
+        await self._update_lag()
+
+    async def _update_lag(self) -> None:
+        # Its own failure is not the relay's: a lag read that fails leaves the gauges as they
+        # were (Prometheus still has the last value) and never makes the relay not ready.
+        try:
+            lag = await read_lag(self._pool, self._frontier)
+        except Exception as exc:
+            log.debug("lag_read_failed", error=repr(exc)[:200])
+            return
+        for stage, age_s in lag.by_stage().items():
+            if age_s is not None:  # unknown: the walk goes on at the next read
+                metrics.LAG.labels(stage).set(round(age_s, 3))
 
     async def _listen(self, stop: asyncio.Event) -> None:
         """Keep one dedicated LISTEN connection (pooled ones run ``UNLISTEN *`` on release)."""

@@ -141,10 +141,29 @@ SUBSCRIPTION_INDEX_WAITS = Counter(
 SUBSCRIPTION_INDEX_SIZE = Gauge(
     "delivery_subscription_index_size", "Subscriptions in this worker's in-memory index"
 )
+DATABASE_SERVER_CHANGES = Counter(
+    "delivery_database_server_changes_total",
+    "New database connections that landed on another server than the last one (a failover to"
+    " a promoted standby, or a restart)",
+)
+AMQP_NODES_LISTED = Gauge(
+    "delivery_amqp_nodes_listed", "RabbitMQ nodes listed in DELIVERY_AMQP_URL"
+)
+AMQP_NODES_REACHABLE = Gauge(
+    "delivery_amqp_nodes_reachable",
+    "Listed RabbitMQ nodes that answered this process's last AMQP handshake probe",
+)
 QUEUE_DEPTH = Gauge("delivery_queue_messages", "Messages ready in a broker queue", ["queue"])
 # delivery_build_info{version="..."} 1: which release each scraped process runs.
 BUILD_INFO = Info("delivery_build", "The running release of delivery-webhooks")
 BUILD_INFO.info({"version": VERSION})
+# Cluster-wide like the outbox gauges (every relay exports the same value: max(), never sum()).
+LAG = Gauge(
+    "delivery_lag_seconds",
+    "Age since commit of the oldest event not yet delivered for the first time, by stage"
+    " (outbox: not relayed; dispatch: relayed, not dispatched; delivery: no first outcome)",
+    ["stage"],
+)
 # No tenant label: tenants are unbounded in number. Which tenant is refused is in the API's log.
 INGEST_REJECTED = Counter(
     "delivery_ingest_rejected_events_total",

@@ -14,6 +14,8 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from delivery.ops import metrics
+
 log = structlog.get_logger("delivery.db")
 
 T = TypeVar("T")
@@ -50,12 +52,27 @@ async def _no_session_reset(_conn: asyncpg.Connection) -> None:
     release is a wasted round trip. asyncpg still rolls back an open transaction."""
 
 
+# Which server a new connection landed on: its address, port and start time. A change means a
+# failover (a multi-host URL found another primary) or a restart.
+_SERVER = """
+SELECT set_config('jit', 'off', false), inet_server_addr()::text, inet_server_port(),
+       pg_postmaster_start_time()::text
+"""
+_server_seen: list[tuple[object, ...]] = []
+
+
 async def _session_settings(conn: asyncpg.Connection) -> None:
     # JIT compiles a query whose estimated cost is high, every time it runs. With a
     # 1,000,000-row deliveries table the scheduler's claim crossed that line: 400-600 ms of
     # LLVM compiling per 2 ms claim, and a backlog drained at ~250 events/s. Nothing we run
-    # gains from it. A SET rather than a startup parameter, which PgBouncer would refuse.
-    await conn.execute("SET jit = off")
+    # gains from it. A setting rather than a startup parameter, which PgBouncer would refuse;
+    # the same round trip says which server this is.
+    row = await conn.fetchrow(_SERVER)
+    server = tuple(row.values())[1:] if row is not None else ()
+    if _server_seen and _server_seen[-1] != server:
+        metrics.DATABASE_SERVER_CHANGES.inc()
+        log.warning("database_server_changed", was=_server_seen[-1], now=server)
+    _server_seen[:] = [server]
 
 
 async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:

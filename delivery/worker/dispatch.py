@@ -31,7 +31,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustC
 from aio_pika.exceptions import ChannelInvalidStateError
 
 from delivery.aio import wait_any
-from delivery.broker.connection import SETUP_TIMEOUT_S, connect, is_connected
+from delivery.broker.connection import SETUP_TIMEOUT_S, connect, is_connected, watch_node
 from delivery.broker.depths import watch_depths
 from delivery.broker.topology import Names, declare
 from delivery.broker.wire import WireEvent, decode, event_count
@@ -39,7 +39,7 @@ from delivery.errors import PoisonMessageError
 from delivery.events import RoutingFacts, envelope_from_row, render_body
 from delivery.ops import metrics
 from delivery.ops.health import Health
-from delivery.settings import Settings
+from delivery.settings import Settings, node_urls
 from delivery.store.pool import is_connection_error, with_retries
 from delivery.store.states import SubscriptionState
 from delivery.store.subscriptions import Subscription
@@ -150,22 +150,33 @@ class Dispatcher:
         # broker has requeued them already.
         while not self._received.empty():
             self._received.get_nowait()
-        self._connection = await connect(self._settings.amqp_url, name="delivery-worker", stop=stop)
+        url = self._settings.amqp_url
+        self._connection = await connect(url, name="delivery-worker", stop=stop)
         try:
             async with asyncio.timeout(SETUP_TIMEOUT_S):
                 channel = await self._connection.channel()
                 await channel.set_qos(prefetch_count=self._settings.worker_prefetch)
                 topology = await declare(
-                    channel, self._names, delivery_limit=self._settings.amqp_delivery_limit
+                    channel,
+                    self._names,
+                    delivery_limit=self._settings.amqp_delivery_limit,
+                    nodes=len(node_urls(url)),
                 )
                 self._queue = topology.dispatch
                 tag = await topology.dispatch.consume(self._on_message)
             self._health.set("dispatch", True)
             async with asyncio.TaskGroup() as tg:
                 depths = tg.create_task(watch_depths(self._connection, self._names, stop))
+                # Raises when the node is lost and others are listed: the batch in progress is
+                # cancelled (its reservations given back, its messages requeued by the broker)
+                # and the supervisor starts dispatch again on another node.
+                watch = tg.create_task(
+                    watch_node(self._connection, url, name="delivery-worker", stop=stop)
+                )
                 listen = tg.create_task(self._feed.listen(stop))
                 await self._loop(stop)
                 depths.cancel()
+                watch.cancel()
                 listen.cancel()
             # Drain: stop taking work, hand back what we hold but have not dispatched.
             with contextlib.suppress(Exception):

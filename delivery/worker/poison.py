@@ -15,14 +15,14 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from delivery.aio import wait_any
-from delivery.broker.connection import SETUP_TIMEOUT_S, connect, is_connected
+from delivery.broker.connection import SETUP_TIMEOUT_S, connect, is_connected, watch_node
 from delivery.broker.redrive import redrive_events
 from delivery.broker.topology import Names, declare
 from delivery.broker.wire import decode
 from delivery.errors import PoisonMessageError
 from delivery.ops import metrics
 from delivery.ops.health import Health
-from delivery.settings import Settings
+from delivery.settings import Settings, node_urls
 from delivery.store.pool import with_retries
 
 log = structlog.get_logger("delivery.poison")
@@ -97,7 +97,8 @@ class PoisonRecorder:
         health.register("poison")
 
     async def run(self, stop: asyncio.Event) -> None:
-        connection = await connect(self._settings.amqp_url, name="delivery-poison", stop=stop)
+        url = self._settings.amqp_url
+        connection = await connect(url, name="delivery-poison", stop=stop)
         try:
             async with asyncio.timeout(SETUP_TIMEOUT_S):
                 channel = await connection.channel()
@@ -106,11 +107,18 @@ class PoisonRecorder:
                     channel,
                     Names(self._settings.amqp_prefix),
                     delivery_limit=self._settings.amqp_delivery_limit,
+                    nodes=len(node_urls(url)),
                 )
                 await topology.dead.consume(self._on_message)
-            while not stop.is_set():
-                self._health.set("poison", is_connected(connection))
-                await wait_any(stop, timeout_s=_HEALTH_EVERY_S)
+            async with asyncio.TaskGroup() as tg:
+                # Raises when the node is lost and others are listed: started again elsewhere.
+                watch = tg.create_task(
+                    watch_node(connection, url, name="delivery-poison", stop=stop)
+                )
+                while not stop.is_set():
+                    self._health.set("poison", is_connected(connection))
+                    await wait_any(stop, timeout_s=_HEALTH_EVERY_S)
+                watch.cancel()
         finally:
             self._health.set("poison", False)
             await connection.close()

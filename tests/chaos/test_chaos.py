@@ -7,6 +7,7 @@ The long versions run by hand: ``python -m chaos run all --events 10000`` (see c
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -16,10 +17,12 @@ import orjson
 import pytest
 import pytest_asyncio
 
+from chaos.alerts import AlertExpectation, Episode, episodes, judge, scale_rules
 from chaos.checker import check
 from chaos.cluster import Servers
 from chaos.context import FaultWindow
 from chaos.producer import EventSpec
+from chaos.prometheus import ALERT_RULES, find_binary
 from chaos.proxy import FaultProxy
 from chaos.records import Arrival, Redrive, SettledState, SubscriptionSpec, Verdict
 from chaos.redrives import HEALED, SPARE
@@ -32,6 +35,13 @@ pytestmark = pytest.mark.chaos
 
 SHORT_EVENTS = 300
 SHORT_RATE = 100.0
+# Scenarios that expect an alert to fire run the rules at a quarter of their clock
+# (chaos.alerts): at a tenth the lag threshold (4.5 s) was within what a loaded 2-core machine
+# stalls by. Scenarios that only expect quiet run at the real clock: a stall does not scale
+# down with the rules, so a scaled threshold turns it into a false alarm (burst, at a quarter
+# and load 13: one 20 s stall, the 11 s threshold crossed), and quiet at the real thresholds is
+# the claim anyway.
+SHORT_ALERT_SCALE = 0.25
 
 
 # -- the checker, on made-up records --------------------------------------------------------
@@ -250,6 +260,70 @@ def test_checker_tells_a_redrive_that_healed_a_loss_from_a_spare_copy():
     assert spare_only.valid and spare_only.redrives_spare == 1
 
 
+# -- the alert checker, on made-up timelines ------------------------------------------------
+
+
+def _alerts_series(name: str, state: str, times: list[float]) -> dict[str, object]:
+    return {
+        "metric": {
+            "__name__": "ALERTS",
+            "alertname": name,
+            "alertstate": state,
+            "severity": "critical",
+        },
+        "values": [[t, "1"] for t in times],
+    }
+
+
+def test_alert_episodes_come_from_the_alerts_series_pending_firing_and_resolved():
+    series = [
+        _alerts_series("DeliveryLagHigh", "pending", [100.0, 101.0]),
+        _alerts_series("DeliveryLagHigh", "firing", [102.0, 103.0, 104.0]),
+        # The same alert again later: a second episode, still active at the end (120).
+        _alerts_series("DeliveryLagHigh", "pending", [118.0, 119.0, 120.0]),
+        _alerts_series("DeliveryTargetDown", "pending", [110.0]),
+    ]
+    seen = episodes(series, step_s=1.0, end=120.0)
+    assert [(e.alert, e.pending_at, e.firing_at, e.resolved_at) for e in seen] == [
+        ("DeliveryLagHigh", 100.0, 102.0, 105.0),
+        ("DeliveryTargetDown", 110.0, None, 111.0),
+        ("DeliveryLagHigh", 118.0, None, None),
+    ]
+    assert seen[0].labels == {"severity": "critical"}
+
+
+def test_the_alert_checker_fails_a_missing_late_or_unexpected_alert():
+    expect = AlertExpectation(fire={"DeliveryLagHigh": 120.0}, tolerate=frozenset({"Tolerated"}))
+    on_time = Episode("DeliveryLagHigh", {}, pending_at=1060.0, firing_at=1090.0)
+    tolerated = Episode("Tolerated", {}, pending_at=1100.0, firing_at=1200.0)
+    pending_only = Episode("DeliveryTargetDown", {}, pending_at=1010.0, resolved_at=1020.0)
+    assert judge([on_time, tolerated, pending_only], expect, anchor=1000.0, scale=1.0) == []
+    # The rules lost the alert (or it never fired): the run fails.
+    (missing,) = judge([tolerated], expect, anchor=1000.0, scale=1.0)
+    assert "DeliveryLagHigh did not fire within 120 s" in missing and "never fired" in missing
+    late = Episode("DeliveryLagHigh", {}, pending_at=1100.0, firing_at=1130.0)
+    (problem,) = judge([late], expect, anchor=1000.0, scale=1.0)
+    assert "fired at +130.0 s" in problem
+    # Scaled rules scale the bound too: 30 s after the fault at scale 0.25 is in time.
+    quick = Episode("DeliveryLagHigh", {}, pending_at=1020.0, firing_at=1029.0)
+    assert judge([quick], expect, anchor=1000.0, scale=0.25) == []
+    # Anything else that fired fails the run, whatever the scenario expected.
+    stray = Episode("DeliveryCircuitOpen", {"instance": "w1"}, pending_at=1.0, firing_at=2.0)
+    (unexpected,) = judge([on_time, stray], expect, anchor=1000.0, scale=1.0)
+    assert unexpected == "alert DeliveryCircuitOpen fired unexpectedly (instance=w1)"
+
+
+def test_scaled_rules_scale_every_for_and_the_lag_threshold_only():
+    text = ALERT_RULES.read_text()
+    scaled = scale_rules(text, 0.1)
+    assert scale_rules(text, 1.0) == text
+    assert "max(delivery_lag_seconds) > 4.5" in scaled
+    assert "for: 30s" in text and "for: 3000ms" in scaled and "for: 30000ms" in scaled  # 5m
+    assert re.findall(r"for: \S+", scaled) and not re.findall(r"for: \d+[smh]\b", scaled)
+    # Thresholds other than the lag's are counts and ratios: unchanged.
+    assert "max(delivery_outbox_oldest_age_seconds) > 60" in scaled
+
+
 # -- the fault proxy, on loopback -----------------------------------------------------------
 
 
@@ -367,6 +441,11 @@ async def test_scenario_short(name: str, chaos_servers: Servers, tmp_path: Path)
     from chaos.runner import run_scenario
 
     scenario = SCENARIOS[name]
+    if scenario.alerts is not None and find_binary() is None:
+        message = f"{name} checks its alerts: prometheus not found (apt-get install prometheus)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
     report = await run_scenario(
         scenario,
         events=SHORT_EVENTS,
@@ -374,6 +453,7 @@ async def test_scenario_short(name: str, chaos_servers: Servers, tmp_path: Path)
         out_dir=tmp_path,
         rate=SHORT_RATE,
         servers=chaos_servers,
+        alert_scale=SHORT_ALERT_SCALE if scenario.alerts and scenario.alerts.fire else 1.0,
     )
     v = report.verdict
     print(
@@ -391,6 +471,11 @@ async def test_scenario_short(name: str, chaos_servers: Servers, tmp_path: Path)
         # The deliberately broken build (ack before commit), with the redrive sweep on: the
         # checker must see the loss, or the redrives that healed it before the judgement.
         assert not v["valid"] and (v["lost"] > 0 or v["redrives_unexplained"] > 0)
+    if scenario.alerts is not None:
+        # Every expected alert fired in time, nothing else fired (report.passed says so), and
+        # the timeline the report shows came from Prometheus.
+        fired = {e["alert"] for e in report.alerts["episodes"] if e["firing_at"] is not None}
+        assert set(scenario.alerts.fire) <= fired, report.alerts
 
 
 @pytest.mark.integration

@@ -1,15 +1,21 @@
 """Smoke run of the side-by-side benchmark (bench/): a few hundred events through each system,
-both scenarios, no timing assertions. Celery and Dramatiq are optional bench extras
-(``pip install -e '.[bench]'``, part of the ``dev`` extra the test command installs): skipped
+both scenarios, no timing assertions. The FastStream, taskiq, Celery and Dramatiq peers are
+optional bench extras (``pip install -e '.[bench]'``, part of the ``dev`` extra the test command
+installs): skipped
 when not installed, except under CI=true, where a missing peer fails; ours and the asyncio peer
 need only the project's own dependencies."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 
+from bench.api_publish import MODES
 from bench.sessions import flat_out, paced
 from bench.systems import SYSTEMS
 from delivery.testing.env import IN_CI
@@ -20,11 +26,12 @@ pytestmark = pytest.mark.integration
 EVENTS = 200
 
 
-@pytest.mark.parametrize("name", ["ours", "asyncio", "dramatiq", "celery"])
+@pytest.mark.parametrize("name", list(SYSTEMS))
 async def test_each_system_delivers_every_event_signed_and_recorded(
     services: Services, name: str
 ) -> None:
-    if name in {"celery", "dramatiq"} and importlib.util.find_spec(name) is None:
+    requires = SYSTEMS[name].requires
+    if requires is not None and importlib.util.find_spec(requires) is None:
         if IN_CI:
             pytest.fail(f"{name} is not installed: the dev extra includes the bench peers")
         pytest.skip(f"{name} is an optional bench extra: pip install -e '.[bench]'")
@@ -47,3 +54,28 @@ async def test_each_system_delivers_every_event_signed_and_recorded(
     assert flat["deliveries"] == EVENTS
     assert flat["events_per_s"] > 0 and flat["cpu_ms_per_event"] > 0
     assert steady["p99_ms"] >= steady["p50_ms"] > 0
+
+
+def test_api_publish_bench_reports_what_it_published(services: Services) -> None:
+    # Given the HTTP publish benchmark, one short second per mode
+    env = {
+        **os.environ,
+        "DELIVERY_DATABASE_URL": services.database_url,
+        "DELIVERY_AMQP_URL": services.amqp_url,
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.api_publish", "--seconds", "1", "--concurrency", "2"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        check=False,
+    )
+    # Then it ran every mode, and the outbox held exactly the events it reported (it checks)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["mode"] for r in rows] == list(MODES)
+    for row in rows:
+        assert row["events"] > 0 and row["events_per_s"] > 0
+        batch = 100 if row["mode"].endswith("-100") else 1
+        assert row["requests_per_s"] * batch == pytest.approx(row["events_per_s"], rel=0.05)

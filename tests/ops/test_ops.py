@@ -364,6 +364,26 @@ def test_dashboard_is_a_provisionable_grafana_dashboard():
     assert len(ids) == len(set(ids)), "panel ids must be unique"
 
 
+def test_dashboard_slo_row_shows_the_slis_the_lag_and_the_burn_rates_the_alerts_use():
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = dashboard["panels"]
+    (row,) = [p for p in panels if p["type"] == "row" and p["title"].startswith("SLO")]
+    below = [p for p in panels if p["gridPos"]["y"] == row["gridPos"]["y"] + 1]
+    exprs = " ".join(t["expr"] for p in below for t in p.get("targets", []))
+    assert "[30d]" in exprs and "delivery_lag_seconds" in exprs
+    # The burn-rate thresholds drawn are the ones the two latency alerts fire at.
+    (burn,) = [p for p in below if "burn rate" in p["title"].lower()]
+    drawn = {s["value"] for s in burn["fieldConfig"]["defaults"]["thresholds"]["steps"]}
+    rules = dict(_alert_blocks())
+    for name, factor in (("DeliveryLatencySLOBurnFast", 14.4), ("DeliveryLatencySLOBurnSlow", 6)):
+        assert f"({factor} * 0.01)" in rules[name] and factor in drawn, name
+    # The lag panel's threshold line is the lag alert's.
+    (lag,) = [p for p in below if "lag" in p["title"].lower()]
+    (threshold,) = re.findall(r"max\(delivery_lag_seconds\) > (\d+)", rules["DeliveryLagHigh"])
+    steps = lag["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert int(threshold) in {s["value"] for s in steps}
+
+
 @contextlib.asynccontextmanager
 async def hook_receiver() -> AsyncIterator[tuple[str, list[str]]]:
     """A subscriber that answers 200 to every POST and records the webhook-ids."""

@@ -43,12 +43,17 @@ REPRODUCED_BY: dict[str, set[str]] = {
     },
     "subscriber-duplicates.md": {"kill-workers", "pg-cut"},
     "scaling-out.md": {"producer-spike"},
+    "delivery-lag.md": {"producer-spike", "burst"},
+    "slo.md": {"producer-spike"},
     "poison-message.md": {"flaps-while-db-stalled"},
     "rolling-upgrade.md": {"rolling-sigterm"},
 }
 # Operator procedures and failures no scenario causes: their section says so in one line.
 NOT_REPRODUCED = {
     "attempt-loop.md",
+    "broker-node-lost.md",
+    "broker-partition.md",
+    "database-failover.md",
     "dead-letters-growing.md",
     "subscriber-410.md",
     "subscriber-throttling.md",
