@@ -1,5 +1,5 @@
-"""``/v1/dead-letters``: the ``dlq`` commands over HTTP, scoped to the caller's tenant. Replay
-and purge take ``ids`` or a filter; the tenant's matching ids are resolved first, so another
+"""``/v1/dead-letters``: the ``dlq`` commands over HTTP, scoped to the caller's tenant. Replay,
+purge and skip take ``ids`` or a filter; the tenant's matching ids are resolved first, so another
 tenant's dead letters are never touched (and are not told apart from missing ones)."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from delivery.api.models import (
     DeadLetterSelection,
     DeadLettersPurged,
     DeadLettersReplayed,
+    DeadLettersSkipped,
 )
 from delivery.api.problems import ApiError
 from delivery.api.routing import Call, Reply
@@ -75,3 +76,11 @@ async def purge(call: Call) -> Reply:
         return Reply(200, DeadLettersPurged(purged=0))
     purged = await dead_letters.purge(call.pool, _selector(call, ids))
     return Reply(200, DeadLettersPurged(purged=purged))
+
+
+async def skip(call: Call) -> Reply:
+    ids = await _selected(call)
+    if not ids:
+        return Reply(200, DeadLettersSkipped(skipped=0))
+    skipped = await dead_letters.skip(call.pool, _selector(call, ids))
+    return Reply(200, DeadLettersSkipped(skipped=skipped))

@@ -292,3 +292,10 @@ class DeadLettersReplayed(_Model):
 
 class DeadLettersPurged(_Model):
     purged: int
+
+
+class DeadLettersSkipped(_Model):
+    skipped: int = Field(
+        description="dead letters kept as skipped, never sent; an ordered subscription's account"
+        " held behind one goes on with its next event"
+    )

@@ -38,7 +38,7 @@ def _out(sub: subs.Subscription, *, with_secret: bool = False) -> SubscriptionOu
         "retry_schedule": shown.get("retry_schedule"),
         "timeout_s": sub.timeout_s,
         "circuit_state": str(sub.circuit_state),
-        "ordered": False,
+        "ordered": sub.ordered,
         "signing": str(sub.signing),
         "public_key": sub.public_key,
         "created_at": sub.created_at,
@@ -71,8 +71,6 @@ async def _checked_url(url: str, settings: Settings) -> str:
 
 async def create(call: Call) -> Reply:
     body = call.body
-    if body.ordered:
-        raise ApiError("unprocessable", "ordered delivery is not available yet", field="ordered")
     url = await _checked_url(body.url, call.settings)
     schedule = _schedule(body.retry_schedule)
     async with call.pool.acquire() as conn, conn.transaction():
@@ -85,6 +83,7 @@ async def create(call: Call) -> Reply:
             retry_schedule_s=schedule,
             timeout_s=body.timeout_s,
             signing=Signing(body.signing),
+            ordered=body.ordered,
             tenant_id=call.caller.tenant_id,
             box=call.box,
         )

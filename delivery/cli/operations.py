@@ -121,6 +121,7 @@ async def _add_subscription(
             retry_schedule_s=schedule,
             timeout_s=args.timeout,
             signing=args.signing,
+            ordered=args.ordered,
             box=box,
         )
         answer = sub.public_dict(with_secret=True)
@@ -313,6 +314,8 @@ async def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
         if args.action == "replay":
             replayed, skipped = await dlq.replay(pool, selector, progress=_progress("replayed"))
             _emit({"replayed": replayed, "skipped_disabled_subscription": skipped})
+        elif args.action == "skip":
+            _emit({"skipped": await dlq.skip(pool, selector, progress=_progress("skipped"))})
         else:
             if not args.yes and not await _confirm_purge(await dlq.count(pool, selector)):
                 sys.stderr.write("delivery dlq purge: not confirmed; nothing was purged\n")
@@ -370,6 +373,19 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 f"{s['dead']:>6} {s['delivered']:>9}  {s['last_success'] or '-':<32}  "
                 f"{s['tenant_id']}\n"
             )
+        blocked = sum(s["blocked_accounts"] for s in report["subscriptions"])
+        if blocked:
+            # An ordered subscription's account waits behind a dead letter until on-call
+            # replays or skips it: name which, and how.
+            sys.stdout.write(
+                f"blocked accounts: {blocked} (ordered; `delivery dlq replay ID` or"
+                " `delivery dlq skip ID` releases one)\n"
+            )
+            for b in report["blocked_accounts"]:
+                sys.stdout.write(
+                    f"  {b['subscription_id']} account {b['account_id']}: held at sequence"
+                    f" {b['sequence']} by dead letter {b['dead_letter_id']} ({b['reason']})\n"
+                )
         return code
 
     return await _with_conn(settings, work)

@@ -125,7 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay = dlq_actions.add_parser("replay", help="send dead letters again (same webhook-id)")
     purge = dlq_actions.add_parser("purge", help="drop dead letters (asks first on a terminal)")
-    for p in (replay, purge):
+    skip = dlq_actions.add_parser(
+        "skip",
+        help="give up on dead letters, kept as skipped (releases an ordered subscription's"
+        " account held behind them)",
+    )
+    for p in (replay, purge, skip):
         _tenant_option(p)
         p.add_argument("ids", nargs="*", metavar="ID")
         p.add_argument("--subscription")
@@ -209,6 +214,11 @@ def _subscriptions_parsers(commands: argparse._SubParsersAction) -> None:  # typ
         default="hmac",
         help="hmac: Standard Webhooks v1 (whsec_ secret, the default); ed25519: v1a (the"
         " subscriber verifies with the whpk_ public key shown)",
+    )
+    add.add_argument(
+        "--ordered",
+        action="store_true",
+        help="per account, event N+1 waits until N was delivered, or its dead letter skipped",
     )
     add.add_argument("--retry-schedule", help="e.g. 5s,5m,30m (default: DELIVERY_RETRY_SCHEDULE)")
     add.add_argument(

@@ -104,6 +104,11 @@ THROTTLED = Counter(
     "delivery_throttled_total",
     "Attempts answered 429: the subscription is held back (Retry-After) and paced",
 )
+ORDERED_BLOCKED_ACCOUNTS = Gauge(
+    "delivery_ordered_blocked_accounts",
+    "Accounts of ordered subscriptions held by a dead letter until it is replayed or skipped"
+    " (refreshed by the scheduler)",
+)
 SUBSCRIPTIONS_PACED = Gauge(
     "delivery_subscriptions_paced",
     "Subscriptions held back by a 429's Retry-After now (refreshed by the scheduler)",

@@ -173,8 +173,9 @@ async def replay(
     pool: asyncpg.Pool, selector: Selector, *, progress: Callable[[int], None] | None = None
 ) -> tuple[int, int]:
     """Send the selected dead letters again (same event, same ``webhook-id``), with a fresh
-    retry schedule (a paused subscription's go out on resume). Returns (replayed, skipped
-    because the subscription is disabled)."""
+    retry schedule (a paused subscription's go out on resume). An ordered subscription's are
+    held, then released one per account in sequence order by migration 0022's trigger.
+    Returns (replayed, skipped because the subscription is disabled)."""
     where, args = selector.where()
     skipped: int = await pool.fetchval(
         f"""
@@ -189,7 +190,9 @@ async def replay(
         selector,
         """
         UPDATE delivery.deliveries d
-        SET state = 'pending', attempts = 0, next_attempt_at = clock_timestamp(),
+        SET state = 'pending', attempts = 0,
+            next_attempt_at = CASE WHEN d.account_id IS NULL THEN clock_timestamp()
+                                   ELSE 'infinity' END,
             lease_until = NULL, dead_at = NULL, dead_reason = NULL, unrecorded_handbacks = 0
         FROM delivery.subscriptions s
         WHERE d.id = ANY($1::bigint[]) AND s.id = d.subscription_id
@@ -198,6 +201,22 @@ async def replay(
         progress,
     )
     return replayed, skipped
+
+
+async def skip(
+    pool: asyncpg.Pool, selector: Selector, *, progress: Callable[[int], None] | None = None
+) -> int:
+    """Give up on the selected dead letters (``delivery dlq skip``, ``POST
+    /v1/dead-letters/skip``): kept, as ``skipped``, never sent. An ordered subscription's
+    account held behind one goes on with its next event (migration 0022's trigger releases
+    it in the same transaction). Returns how many."""
+    return await _batched(
+        pool,
+        selector,
+        "UPDATE delivery.deliveries SET state = 'skipped', lease_until = NULL"
+        " WHERE id = ANY($1::bigint[]) AND state = 'dead'",
+        progress,
+    )
 
 
 async def count(db: asyncpg.Pool | asyncpg.Connection, selector: Selector) -> int:

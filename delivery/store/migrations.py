@@ -7,8 +7,9 @@ Each applied file's SHA-256 is recorded; a file changed after it was applied sto
 before it applies anything (rows recorded by releases without checksums get the current file's
 checksum the first time they are seen). A file whose first line is ``-- delivery:no-transaction``
 runs outside a transaction, one statement at a time (a statement ends with a line ending in
-``;``), for ``CREATE INDEX CONCURRENTLY``; it is recorded only once every statement succeeded,
-so write it to be run again after a failure (``DROP INDEX CONCURRENTLY IF EXISTS`` first).
+``;`` outside a ``$$``-quoted function body), for ``CREATE INDEX CONCURRENTLY``; it is recorded
+only once every statement succeeded, so write it to be run again after a failure (``DROP INDEX
+CONCURRENTLY IF EXISTS`` first).
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ class Migration:
         """The file's statements, for a run outside a transaction (comment-only parts skipped)."""
         parts, start = [], 0
         for end in _STATEMENT_END.finditer(self.sql):
+            if self.sql.count("$$", start, end.start()) % 2:
+                continue  # inside a function body: its statements are the function's
             parts.append(self.sql[start : end.end()])
             start = end.end()
         parts.append(self.sql[start:])

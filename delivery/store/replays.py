@@ -30,15 +30,17 @@ MAX_REPLAY_DAYS = 31
 MAX_REPLAY_EVENTS = 100_000
 
 _SUBSCRIPTION = """
-SELECT state, event_patterns, account_id FROM delivery.subscriptions
+SELECT state, event_patterns, account_id, ordered FROM delivery.subscriptions
 WHERE id = $1 AND tenant_id = $2
 """
 # $1 tenant, $2 since, $3 until, $4 the event types the patterns match, $5 account or NULL,
-# $6 the subscription, $7 the most events a replay may send. One statement, so the bound holds
-# for exactly the events replayed: over it, `w` has one row more and nothing is written.
+# $6 the subscription, $7 the most events a replay may send, $8 whether it is ordered (its
+# deliveries, those with an account_id, are then held, and released one per account in
+# sequence by migration 0022's trigger). One statement, so the bound holds for exactly the
+# events replayed: over it, `w` has one row more and nothing is written.
 _REPLAY = """
 WITH w AS (
-    SELECT event_id FROM delivery.outbox
+    SELECT event_id, account_id, sequence FROM delivery.outbox
     WHERE tenant_id = $1 AND created_at >= $2 AND created_at < $3
       AND type = ANY($4::text[]) AND ($5::text IS NULL OR account_id = $5)
     LIMIT $7::int + 1
@@ -46,7 +48,9 @@ WITH w AS (
 go AS (SELECT count(*) <= $7::int AS ok FROM w),
 again AS (
     UPDATE delivery.deliveries d
-    SET state = 'pending', attempts = 0, next_attempt_at = clock_timestamp(), lease_until = NULL,
+    SET state = 'pending', attempts = 0, lease_until = NULL,
+        next_attempt_at = CASE WHEN d.account_id IS NULL THEN clock_timestamp()
+                               ELSE 'infinity' END,
         dead_at = NULL, dead_reason = NULL, unrecorded_handbacks = 0
     FROM w, go
     WHERE go.ok AND d.event_id = w.event_id AND d.subscription_id = $6
@@ -54,8 +58,11 @@ again AS (
       AND NOT (d.state = 'pending' AND d.lease_until > clock_timestamp())
 ),
 created AS (
-    INSERT INTO delivery.deliveries (event_id, subscription_id)
-    SELECT w.event_id, $6 FROM w, go
+    INSERT INTO delivery.deliveries (event_id, subscription_id, account_id, sequence,
+                                     next_attempt_at)
+    SELECT w.event_id, $6, CASE WHEN $8 THEN w.account_id END, CASE WHEN $8 THEN w.sequence END,
+           CASE WHEN $8 THEN 'infinity' ELSE clock_timestamp() END
+    FROM w, go
     WHERE go.ok AND NOT EXISTS (
         SELECT 1 FROM delivery.deliveries d
         WHERE d.event_id = w.event_id AND d.subscription_id = $6
@@ -118,7 +125,9 @@ async def replay_window(
     # deliveries are parked by the scheduler like any of a disabled subscription.
     types = matching_types(sub["event_patterns"])
     window = (tenant_id, since, until, types, sub["account_id"])
-    row = await conn.fetchrow(_REPLAY, *window, subscription_id, MAX_REPLAY_EVENTS)
+    row = await conn.fetchrow(
+        _REPLAY, *window, subscription_id, MAX_REPLAY_EVENTS, sub["ordered"]
+    )
     assert row is not None
     if not row["ok"]:
         raise InputError(

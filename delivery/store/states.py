@@ -1,5 +1,5 @@
 """The states a row can be in, as the tables' CHECK constraints spell them (migrations
-0002-0004, 0013, 0018).
+0002-0004, 0013, 0018, 0022).
 
 Python code that compares or writes a state uses these, so a typo is an attribute error that
 mypy sees; being ``str``s, they go to and come from PostgreSQL as the plain text they are. The
@@ -17,6 +17,7 @@ class DeliveryState(StrEnum):
     PENDING = "pending"  # to be attempted (now, or at next_attempt_at)
     DELIVERED = "delivered"
     DEAD = "dead"  # a dead letter: attempted again only when an operator replays it
+    SKIPPED = "skipped"  # a dead letter an operator gave up on (`dlq skip`): never sent
 
 
 class SubscriptionState(StrEnum):

@@ -23,18 +23,44 @@ FROM delivery.outbox WHERE published_at IS NULL
 """
 _PER_SUBSCRIPTION = """
 SELECT s.id, s.tenant_id, s.url, s.state, s.disabled_reason, s.event_patterns, s.account_id,
-       s.circuit_state, s.consecutive_failures, s.failing_since, s.paced_until,
+       s.ordered, s.circuit_state, s.consecutive_failures, s.failing_since, s.paced_until,
        count(*) FILTER (WHERE d.state = 'pending' AND d.attempts = 0) AS pending,
        count(*) FILTER (WHERE d.state = 'pending' AND d.attempts > 0) AS retrying,
        count(*) FILTER (WHERE d.state = 'dead') AS dead,
        count(*) FILTER (WHERE d.state = 'delivered') AS delivered,
        max(d.delivered_at) AS last_success,
-       min(d.next_attempt_at) FILTER (WHERE d.state = 'pending') AS next_attempt_at
+       -- An ordered subscription's held deliveries (never due until released) excluded.
+       min(d.next_attempt_at) FILTER (
+           WHERE d.state = 'pending' AND d.next_attempt_at <> 'infinity') AS next_attempt_at,
+       count(DISTINCT d.account_id) FILTER (
+           WHERE d.state = 'dead' AND d.account_id IS NOT NULL) AS blocked_accounts
 FROM delivery.subscriptions s
 LEFT JOIN delivery.deliveries d ON d.subscription_id = s.id
 WHERE s.state <> 'removed'
 GROUP BY s.id
 ORDER BY s.created_at, s.id
+"""
+# Ordered subscriptions' accounts held by a dead letter: each one's first dead letter (what
+# on-call replays or skips). Only ordered deliveries have an account_id (migration 0022), and
+# their partial index holds only the unfinished ones.
+BLOCKED_LIMIT = 100
+_BLOCKED = """
+SELECT DISTINCT ON (d.subscription_id, d.account_id)
+       d.subscription_id, s.tenant_id, d.account_id, d.sequence, d.id AS dead_letter_id,
+       d.dead_at, d.dead_reason
+FROM delivery.deliveries d
+JOIN delivery.subscriptions s ON s.id = d.subscription_id
+WHERE d.account_id IS NOT NULL AND d.state = 'dead' AND s.state <> 'removed'
+ORDER BY d.subscription_id, d.account_id, d.sequence
+LIMIT $1
+"""
+# A removed subscription's dead letters stay (its history) but hold nothing anyone waits for.
+BLOCKED_ACCOUNTS = """
+SELECT count(*) FROM (
+    SELECT DISTINCT d.subscription_id, d.account_id FROM delivery.deliveries d
+    JOIN delivery.subscriptions s ON s.id = d.subscription_id
+    WHERE d.account_id IS NOT NULL AND d.state = 'dead' AND s.state <> 'removed'
+) x
 """
 
 
@@ -73,6 +99,8 @@ async def collect(
                 "disabled_reason": row["disabled_reason"],
                 "events": list(row["event_patterns"]),
                 "account_id": row["account_id"],
+                "ordered": row["ordered"],
+                "blocked_accounts": row["blocked_accounts"],
                 "pending": row["pending"],
                 "retrying": row["retrying"],
                 "dead": row["dead"],
@@ -81,6 +109,18 @@ async def collect(
                 "next_attempt_at": _ts(row["next_attempt_at"]),
             }
         )
+    blocked = [
+        {
+            "subscription_id": r["subscription_id"],
+            "tenant_id": r["tenant_id"],
+            "account_id": r["account_id"],
+            "sequence": r["sequence"],
+            "dead_letter_id": r["dead_letter_id"],
+            "dead_at": _ts(r["dead_at"]),
+            "reason": r["dead_reason"],
+        }
+        for r in await conn.fetch(_BLOCKED, BLOCKED_LIMIT)
+    ]
     depths, queues_error = await queues()
     poison = await conn.fetchval("SELECT count(*) FROM delivery.poison_messages")
     return {
@@ -90,6 +130,8 @@ async def collect(
         "queues": depths,
         "queues_error": queues_error,
         "subscriptions": subs,
+        # At most BLOCKED_LIMIT; each subscription's blocked_accounts counts them all.
+        "blocked_accounts": blocked,
     }
 
 

@@ -43,6 +43,7 @@ FIELDS = (
     "previous_secret",
     "previous_secret_expires_at",
     "signing",
+    "ordered",
     "retry_schedule_s",
     "timeout_s",
     "circuit_state",
@@ -83,6 +84,8 @@ class Subscription:
     created_at: datetime
     updated_at: datetime
     signing: Signing = Signing.HMAC  # ed25519: secret is a whsk_ key (v1a signatures)
+    # Per account, event N+1 waits until N was delivered or skipped (migration 0022).
+    ordered: bool = False
 
     @classmethod
     def from_row(cls, row: Any, prefix: str = "", *, box: SecretBox = NO_KEYS) -> Subscription:
@@ -217,6 +220,7 @@ async def add(
     retry_schedule_s: tuple[float, ...] | None = None,
     timeout_s: float | None = None,
     signing: Signing = Signing.HMAC,
+    ordered: bool = False,
     box: SecretBox = NO_KEYS,
 ) -> Subscription:
     # Everything is checked before the row is written: a refusal writes nothing.
@@ -241,8 +245,8 @@ async def add(
             f"""
             INSERT INTO delivery.subscriptions
                 (id, tenant_id, url, event_patterns, account_id, secret, retry_schedule_s,
-                 timeout_s, signing)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                 timeout_s, signing, ordered)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
             RETURNING {_COLUMNS}
             """,
             new_subscription_id(),
@@ -254,6 +258,7 @@ async def add(
             list(retry_schedule_s) if retry_schedule_s else None,
             timeout_s,
             signing,
+            ordered,
         )
     return Subscription.from_row(row, box=box)
 

@@ -67,7 +67,9 @@ LEFT JOIN delivery.outbox o ON o.event_id = ANY($1::text[])
 # The inbox rows and the deliveries of the events that were new to it, in one statement (atomic
 # on its own: no BEGIN and COMMIT round trips). A redelivered event finds its inbox row, counts
 # the redelivery and creates nothing. $7: each event's further copies in this very batch (a
-# redriven copy next to its original), redeliveries as well.
+# redriven copy next to its original), redeliveries as well. $8, $9: the account and sequence of
+# an ordered subscription's delivery (NULL otherwise): it is created held (never due) and
+# migration 0022's trigger releases it when it is its account's head.
 _RECORD = """
 WITH inbox AS (
     INSERT INTO delivery.inbox (event_id, redeliveries)
@@ -78,13 +80,17 @@ WITH inbox AS (
 ),
 created AS (
     INSERT INTO delivery.deliveries
-        (event_id, subscription_id, state, lease_until, dead_at, dead_reason)
+        (event_id, subscription_id, state, lease_until, dead_at, dead_reason, next_attempt_at,
+         account_id, sequence)
     SELECT e, s, CASE WHEN dead THEN 'dead' ELSE 'pending' END,
            CASE WHEN leased THEN clock_timestamp() + make_interval(secs => lease_s) END,
            CASE WHEN dead THEN clock_timestamp() END,
-           CASE WHEN dead THEN 'subscription disabled' END
-    FROM unnest($2::text[], $3::text[], $4::bool[], $5::bool[], $6::float8[])
-         AS t(e, s, leased, dead, lease_s)
+           CASE WHEN dead THEN 'subscription disabled' END,
+           CASE WHEN account IS NOT NULL AND NOT dead THEN 'infinity' ELSE clock_timestamp() END,
+           account, seq
+    FROM unnest($2::text[], $3::text[], $4::bool[], $5::bool[], $6::float8[], $8::text[],
+                $9::bigint[])
+         AS t(e, s, leased, dead, lease_s, account, seq)
     JOIN inbox ON inbox.event_id = t.e AND inbox.fresh
     ON CONFLICT (event_id, subscription_id) DO NOTHING
     RETURNING id, event_id, subscription_id
@@ -328,7 +334,9 @@ class Dispatcher:
                 # a paused subscriber's (429) for the end of its pause, and an operator's
                 # paused subscription's for its resume.
                 paused = sub.paced(now) or self._deliverer.pacer.paused(sub.id)
-                attempt_now = active and not sub.circuit_open and not paused
+                # An ordered subscription's delivery is never attempted here: whether it is
+                # its account's head is for the trigger to say, in the commit.
+                attempt_now = active and not sub.circuit_open and not paused and not sub.ordered
                 reservation = held.reserve(sub.id) if attempt_now else None
                 dead = sub.state == SubscriptionState.DISABLED
                 pairs.append(_Pair(event, sub, reservation, dead=dead))
@@ -340,6 +348,9 @@ class Dispatcher:
             [p.dead for p in pairs],
             [lease_for(self._settings, p.subscription) for p in pairs],
             [copies[e.facts.id] - 1 for e in events],
+            [p.event.facts.account_id if p.subscription.ordered else None for p in pairs],
+            [stored[p.event.facts.id]["sequence"] if p.subscription.ordered else None
+             for p in pairs],
         )
         rows = await with_retries(
             self._pool,

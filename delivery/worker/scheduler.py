@@ -23,6 +23,7 @@ from delivery.settings import Settings
 from delivery.store.dead_letters import park
 from delivery.store.pool import is_connection_error, with_retries
 from delivery.store.states import SubscriptionState
+from delivery.store.status import BLOCKED_ACCOUNTS
 from delivery.store.subscriptions import Subscription, select_list
 from delivery.worker.deliverer import Deliverer
 from delivery.worker.jobs import Job, lease_per_timeout
@@ -107,7 +108,7 @@ SET circuit_retry_at = clock_timestamp() + make_interval(secs => $2)
 WHERE id = ANY($1::text[]) AND circuit_state = 'open' AND circuit_retry_at <= clock_timestamp()
 RETURNING id
 """
-_GAUGES = """
+_GAUGES = f"""
 SELECT
     (SELECT count(*) FROM delivery.subscriptions WHERE state = 'active') AS active,
     (SELECT count(*) FROM delivery.subscriptions WHERE state = 'disabled') AS disabled,
@@ -115,7 +116,8 @@ SELECT
     (SELECT count(*) FROM delivery.subscriptions WHERE circuit_state = 'open') AS circuits_open,
     (SELECT count(*) FROM delivery.subscriptions WHERE paced_until > clock_timestamp()) AS paced,
     (SELECT count(*) FROM delivery.deliveries WHERE state = 'pending' AND attempts = 0) AS fresh,
-    (SELECT count(*) FROM delivery.deliveries WHERE state = 'pending' AND attempts > 0) AS retrying
+    (SELECT count(*) FROM delivery.deliveries WHERE state = 'pending' AND attempts > 0) AS retrying,
+    ({BLOCKED_ACCOUNTS}) AS blocked_accounts
 """
 # Claims read a subscription's due rows in index order and stop at its free slots. With stale
 # statistics (a backlog that grew faster than autovacuum's analyze) the planner can take a
@@ -192,6 +194,7 @@ class Scheduler:
                 metrics.SUBSCRIPTIONS.labels("paused").set(row["paused"])
                 metrics.CIRCUITS_OPEN.set(row["circuits_open"])
                 metrics.SUBSCRIPTIONS_PACED.set(row["paced"])
+                metrics.ORDERED_BLOCKED_ACCOUNTS.set(row["blocked_accounts"])
                 metrics.DELIVERIES_PENDING.labels("first_attempt").set(row["fresh"])
                 metrics.DELIVERIES_PENDING.labels("retrying").set(row["retrying"])
             await wait_any(stop, timeout_s=_GAUGES_EVERY_S)

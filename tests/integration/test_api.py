@@ -170,9 +170,9 @@ async def test_subscription_create_read_change_rotate_pause_remove(settings):
         async with http.post(f"/v1/subscriptions/{sub}/resume") as answer:
             assert (await answer.json())["state"] == "active"
         async with http.post("/v1/subscriptions", json={**body, "ordered": True}) as answer:
-            assert answer.status == 422
-            error = (await answer.json())["error"]
-            assert error["field"] == "ordered" and "not available yet" in error["message"]
+            assert answer.status == 201
+            ordered = await answer.json()
+            assert ordered["ordered"] is True
         async with http.post("/v1/subscriptions", json={**body, "events": ["nothing.*"]}) as answer:
             assert answer.status == 422
             assert (await answer.json())["error"]["field"] == "events"
@@ -190,7 +190,7 @@ async def test_subscription_create_read_change_rotate_pause_remove(settings):
         async with http.get(f"/v1/subscriptions/{sub}") as answer:
             assert answer.status == 404
         async with http.get("/v1/subscriptions") as answer:
-            assert [s["id"] for s in (await answer.json())["items"]] == [ed["id"]]
+            assert [s["id"] for s in (await answer.json())["items"]] == [ordered["id"], ed["id"]]
     conn = await asyncpg.connect(settings.database_url)
     try:  # removed, not deleted: its history stays
         assert await conn.fetchval("SELECT state FROM delivery.subscriptions WHERE id=$1", sub) == (

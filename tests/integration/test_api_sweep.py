@@ -24,6 +24,7 @@ BODIES = {
     "replaySubscription": {"since": "2026-01-01T00:00:00Z", "until": "2026-01-02T00:00:00Z"},
     "replayDeadLetters": {"all": True},
     "purgeDeadLetters": {"all": True},
+    "skipDeadLetters": {"all": True},
 }
 
 

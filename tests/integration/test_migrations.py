@@ -178,3 +178,25 @@ async def test_status_lists_applied_pending_and_changed_files(empty_db, migratio
         later.name: "pending",
     }
     assert list(await recorded(empty_db)) == [p.name for p in files[:-1]]  # it only reads
+
+
+async def test_the_ordered_migration_runs_again_after_a_failure_part_way(empty_db, migrations):
+    # 0022 runs outside a transaction with plpgsql bodies (whose own `;` lines are no statement
+    # ends): after a failure part way, migrate runs the whole file again, so every statement
+    # must be rerunnable. Here: every statement already applied, the file not recorded.
+    await migrate(empty_db, migrations)
+    conn = await asyncpg.connect(empty_db)
+    try:
+        await conn.execute("DELETE FROM delivery.schema_migrations WHERE version = 22")
+        applied = await migrate(empty_db, migrations)
+        assert [m.name for m in applied] == ["ordered_subscriptions"]
+        triggers = await conn.fetchval(
+            "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'deliveries_ordered_%'"
+        )
+        valid = await conn.fetchval(
+            "SELECT indisvalid FROM pg_index"
+            " WHERE indexrelid = 'delivery.deliveries_ordered_unfinished'::regclass"
+        )
+    finally:
+        await conn.close()
+    assert (triggers, valid) == (3, True)

@@ -41,6 +41,10 @@ BOUNDS = "concurrency per subscriber and per process is bounded"
 PACING = "a 429 holds back and paces its subscription; it never opens the circuit"
 RECORDED = "every attempt ends in a recorded outcome; one bad row never fails its neighbours"
 TENANTS = "a tenant's events reach only its own subscriptions, and its ids are never another's"
+ORDERED = (
+    "an ordered subscription's first successful receipts come in sequence per account, and a"
+    " dead letter holds its account until replayed or skipped"
+)
 
 _MUTANTS: tuple[Mutant, ...] = (
     # -- dispatch ---------------------------------------------------------------------------
@@ -783,6 +787,46 @@ _MUTANTS: tuple[Mutant, ...] = (
         ),
         "a paused subscription's waiting deliveries are claimed (and parked as disabled)",
     ),
+    # -- ordered subscriptions ----------------------------------------------------------------
+    Mutant(
+        "ordered-attempted-at-dispatch",
+        "delivery/worker/dispatch.py",
+        (("and not paused and not sub.ordered", "and not paused"),),
+        "dispatch attempts an ordered subscription's event at once, ahead of its account's head",
+        guarantee=ORDERED,
+    ),
+    Mutant(
+        "ordered-dead-letter-does-not-hold",
+        "migrations/0022_ordered_subscriptions.sql",
+        (
+            (
+                "IF FOUND AND v_state NOT IN ('delivered', 'skipped') THEN",
+                "IF FOUND AND v_state NOT IN ('delivered', 'skipped', 'dead') THEN",
+            ),
+        ),
+        "an ordered account goes on past a dead letter nobody replayed or skipped",
+        guarantee=ORDERED,
+    ),
+    Mutant(
+        "ordered-passes-an-undispatched-event",
+        "migrations/0022_ordered_subscriptions.sql",
+        (("            EXIT WHEN NOT v_dispatched;\n", "            EXIT WHEN false;\n"),),
+        "an ordered account's next event goes before an earlier one of its own not dispatched yet",
+        guarantee=ORDERED,
+    ),
+    Mutant(
+        "ordered-replay-not-held",
+        "delivery/store/replays.py",
+        (
+            (
+                "next_attempt_at = CASE WHEN d.account_id IS NULL THEN clock_timestamp()\n"
+                "                               ELSE 'infinity' END,",
+                "next_attempt_at = clock_timestamp(),",
+            ),
+        ),
+        "a window replay makes every replayed delivery of an ordered subscription due at once",
+        guarantee=ORDERED,
+    ),
     Mutant(
         "replay-past-the-window",
         "delivery/store/replays.py",
@@ -810,6 +854,14 @@ _SSRF = (
 _PAUSED = (
     "tests/integration/test_pausing.py::"
     "test_a_paused_subscription_gets_nothing_until_resumed_then_everything_in_order"
+)
+_ORDERED_FAILING = (
+    "tests/integration/test_ordered.py::"
+    "test_a_failing_subscriber_still_sees_each_accounts_events_in_sequence"
+)
+_ORDERED_HELD = (
+    "tests/integration/test_ordered.py::"
+    "test_a_dead_letter_holds_its_account_only_until_skipped_or_replayed"
 )
 KILLS: dict[str, tuple[str, ...]] = {
     "dispatch-forged-acked": (
@@ -1040,6 +1092,13 @@ KILLS: dict[str, tuple[str, ...]] = {
         "test_a_running_worker_follows_create_edit_disable_pause_and_remove",
     ),
     "scheduler-claims-paused": (_PAUSED,),
+    "ordered-attempted-at-dispatch": (_ORDERED_FAILING, _ORDERED_HELD),
+    "ordered-dead-letter-does-not-hold": (_ORDERED_HELD,),
+    "ordered-replay-not-held": (_ORDERED_FAILING,),
+    "ordered-passes-an-undispatched-event": (
+        "tests/integration/test_ordered.py::"
+        "test_an_event_dispatched_before_the_one_ahead_of_it_waits_for_it",
+    ),
     "replay-past-the-window": (
         "tests/integration/test_replays.py::"
         "test_a_window_is_sent_again_with_the_same_ids_and_nothing_outside_it",

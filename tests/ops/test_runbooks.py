@@ -55,6 +55,7 @@ NOT_REPRODUCED = {
     "broker-partition.md",
     "database-failover.md",
     "dead-letters-growing.md",
+    "ordered-account-blocked.md",
     "subscriber-410.md",
     "subscriber-throttling.md",
     "leaked-signing-secret.md",
