@@ -153,6 +153,13 @@ class Settings(BaseSettings):
     api_host: str = Field(default="127.0.0.1", pattern=r"^[A-Za-z0-9_.:-]{1,253}$")
     api_port: int = Field(default=8080, ge=0, le=65535)
     api_max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # The live stream (`GET /v1/stream`): a heartbeat frame at least this often (the contract
+    # promises 15 s; tests set less), the frames one client may have waiting before it is
+    # closed with 4008 (memory per client is bounded by it), and the clients one tenant may
+    # hold open on one `delivery api` process.
+    stream_heartbeat_s: float = Field(default=15.0, ge=0.05, le=15.0)
+    stream_buffer_events: int = Field(default=1_000, ge=1, le=1_000_000)
+    stream_max_clients_per_tenant: int = Field(default=100, ge=1, le=100_000)
 
     db_pool_min: int = Field(default=1, ge=0, le=1_000)
     db_pool_max: int = Field(default=10, ge=1, le=1_000)

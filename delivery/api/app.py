@@ -19,10 +19,12 @@ from delivery.api.auth import caller_for
 from delivery.api.openapi import document
 from delivery.api.problems import ApiError, error_response, from_platform
 from delivery.api.routing import Call, Route
+from delivery.api.webpage import add_webpage
 from delivery.errors import DeliveryPlatformError
 from delivery.ops import metrics
 from delivery.secrets import SecretBox
 from delivery.settings import Settings
+from delivery.store.keys import Caller
 from delivery.store.pool import is_connection_error
 
 log = structlog.get_logger("delivery.api")
@@ -32,6 +34,8 @@ POOL = web.AppKey("pool", asyncpg.Pool)
 SETTINGS = web.AppKey("settings", Settings)
 BOX = web.AppKey("box", SecretBox)
 _CALLER = "delivery.caller"
+# What an anonymous route's handler gets as its caller: no tenant, no scope.
+NOBODY = Caller(key_id="", tenant_id="", scopes=frozenset())
 _UNMATCHED = "unmatched"
 # Methods we never serve are counted as one, so a client cannot add label values at will.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -85,7 +89,7 @@ def _adapter(route: Route) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         # Auth first: without a valid key nothing else about the request is answered.
         app = request.app
-        caller = await caller_for(app[POOL], request.headers.get("Authorization"), route.scope)
+        caller = NOBODY if route.anonymous else await caller_for(app[POOL], request, route.scope)
         request[_CALLER] = caller
         path = _validate(route.path_model, dict(request.match_info))
         query = _validate(route.query, dict(request.query))
@@ -101,6 +105,8 @@ def _adapter(route: Route) -> Handler:
             if mapped is None:
                 raise
             raise mapped from None
+        if reply.stream is not None:
+            return reply.stream
         payload = reply.body.model_dump_json().encode() if reply.body is not None else None
         return web.Response(
             status=reply.status,
@@ -156,8 +162,8 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
         route=route,
         status=response.status,
         duration_ms=round(duration_s * 1000, 2),
-        tenant_id=caller.tenant_id if caller else None,
-        key_id=caller.key_id if caller else None,
+        tenant_id=(caller.tenant_id or None) if caller else None,
+        key_id=(caller.key_id or None) if caller else None,
     )
     return response
 
@@ -175,6 +181,7 @@ def build_app(
         return web.Response(body=spec, content_type="application/json")
 
     app.router.add_get("/openapi.json", openapi, allow_head=False)
+    add_webpage(app)
     for route in routes:
         app.router.add_route(route.method, route.path, _adapter(route))
     return app

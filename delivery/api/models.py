@@ -299,3 +299,79 @@ class DeadLettersSkipped(_Model):
         description="dead letters kept as skipped, never sent; an ordered subscription's account"
         " held behind one goes on with its next event"
     )
+
+
+# The web page's session (``/v1/session``) and the health views (``/v1/subscription-health``,
+# ``/v1/ops/...``).
+
+
+class SignIn(_Model):
+    key: Annotated[str, StringConstraints(min_length=1, max_length=200)] = Field(
+        description="an API key (dk_...): it goes in the body, never in a URL"
+    )
+
+
+class SessionOut(_Model):
+    tenant_id: str
+    key_id: str
+    scopes: list[str]
+    csrf_token: str = Field(
+        description="send it as X-CSRF-Token on every change made with the session cookie"
+    )
+
+
+class SubscriptionHealth(_Model):
+    id: str
+    tenant_id: str
+    url: str
+    state: str
+    circuit: str
+    consecutive_failures: int
+    failing_since: datetime | None
+    paced_until: datetime | None
+    disabled_reason: str | None
+    events: list[str]
+    account_id: str | None
+    ordered: bool
+    blocked_accounts: int = Field(
+        description="ordered only: accounts held behind a dead letter until replayed or skipped"
+    )
+    pending: int = Field(description="deliveries not attempted yet")
+    retrying: int = Field(description="deliveries that failed and wait for their next attempt")
+    dead: int = Field(description="dead letters")
+    delivered: int
+    last_success: datetime | None
+    next_attempt_at: datetime | None
+
+
+class HealthList(_Model):
+    items: list[SubscriptionHealth]
+
+
+class Backlog(_Model):
+    pending: int = Field(description="events committed to the outbox and not yet published")
+    oldest_age_s: float
+
+
+class OpsOverview(_Model):
+    outbox: Backlog
+    queues: dict[str, int | None] = Field(description="messages ready, by queue name")
+    queues_error: str | None = Field(description="why the depths are unknown (null: known)")
+    poison_messages: int
+    unhealthy: list[SubscriptionHealth] = Field(
+        description="every tenant's unhealthy subscriptions, the most stuck work first"
+    )
+
+
+class PoisonOut(_Model):
+    id: int
+    received_at: datetime
+    message_id: str | None
+    routing_key: str | None
+    reason: str
+    death_count: int | None
+
+
+class PoisonPage(_Model):
+    items: list[PoisonOut]
+    total: int

@@ -17,6 +17,8 @@ from delivery.version import VERSION
 
 _REF = "#/components/schemas/{model}"
 _REASONS = {
+    101: "Switching to WebSocket: frames as the summary says; closed with 4008 when the client"
+    " falls behind (resume with after), 1013 at the tenant's client limit",
     200: "OK",
     201: "Created",
     202: "Accepted",
@@ -97,10 +99,13 @@ def _operation(route: Route, refs: Mapping[tuple[Any, JsonSchemaMode], Any]) -> 
         "operationId": route.operation,
         "summary": route.summary,
         "tags": [route.tag] if route.tag else [],
-        "x-scope": route.scope.value,
         "parameters": params,
         "responses": responses,
     }
+    if route.anonymous:
+        op["security"] = []
+    else:
+        op["x-scope"] = route.scope.value
     if route.body is not None:
         op["requestBody"] = {
             "required": True,

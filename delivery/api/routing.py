@@ -48,6 +48,8 @@ class Reply:
     status: int
     body: BaseModel | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+    # A response the handler already sent itself (the stream's WebSocket), returned as is.
+    stream: web.StreamResponse | None = None
 
 
 Handler = Callable[[Call], Awaitable[Reply]]
@@ -72,9 +74,12 @@ class Route:
     # OpenAPI links from the success answer: operationId -> the path's {id} as a runtime
     # expression ("$response.body#/id"), so clients and fuzzers can chain calls.
     links: Mapping[str, str] = field(default_factory=dict)
+    # No key asked for by the adapter: the handler authenticates by itself (the web page's
+    # session routes: sign-in takes the key in its body). ``scope`` is then unused.
+    anonymous: bool = False
 
     def error_statuses(self) -> tuple[int, ...]:
-        common = {400, 401, 403, 503}
+        common = {400, 503} if self.anonymous else {400, 401, 403, 503}
         if self.path_model is not None:
             common.add(404)
         if self.body is not None:

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from delivery.aio import backoff_s, wait_any
 from delivery.api.app import build_app
+from delivery.api.feed import FEED, Feed, running_feed
 from delivery.api.routes import ROUTES
 from delivery.errors import ConfigError, StoppedBeforeConnected
 from delivery.ops.admin import serve_admin
@@ -103,11 +104,25 @@ async def _serve(
     async with pool.acquire() as conn:
         # As a worker does: refuse to start when a stored secret cannot be opened.
         box = await open_box(conn, settings)
-    runner = web.AppRunner(
-        build_app(ROUTES, pool, settings, box),
-        access_log=None,
-        shutdown_timeout=settings.shutdown_timeout_s,
-    )
+    async with running_feed(settings, pool) as feed:
+        app = build_app(ROUTES, pool, settings, box)
+        app[FEED] = feed  # the live stream's one shared feed
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.shutdown_timeout_s)
+        await _run(
+            settings, pool, runner, health=health, stop=stop, admin_port=admin_port, feed=feed
+        )
+
+
+async def _run(
+    settings: Settings,
+    pool: asyncpg.Pool,
+    runner: web.AppRunner,
+    *,
+    health: Health,
+    stop: asyncio.Event,
+    admin_port: int,
+    feed: Feed,
+) -> None:
     await runner.setup()
     site = web.TCPSite(runner, settings.api_host, settings.api_port)
     try:
@@ -132,4 +147,5 @@ async def _serve(
         health.draining = True
     finally:
         health.set(_COMPONENT, False)
+        feed.closing.set()  # stream clients are closed (1001), so the drain need not wait on them
         await runner.cleanup()

@@ -178,7 +178,9 @@ def _tenants_parsers(commands: argparse._SubParsersAction) -> None:  # type: ign
     create = key_actions.add_parser("create", help="create a key (shown once)")
     create.add_argument("tenant_id", metavar="TENANT_ID")
     create.add_argument(
-        "--scopes", default="publish,manage,read", help="comma-separated: publish,manage,read"
+        "--scopes",
+        default="publish,manage,read",
+        help="comma-separated: publish,manage,read,operator (operator: on-call's view)",
     )
     key_actions.add_parser("list", help="list a tenant's keys").add_argument(
         "tenant_id", metavar="TENANT_ID"

@@ -217,3 +217,14 @@ def _initialise_label_values() -> None:
 
 
 _initialise_label_values()
+
+# The live stream (`GET /v1/stream`): no tenant label (tenants are many; the log names them).
+STREAM_CLIENTS = Gauge("delivery_stream_clients", "Live stream clients connected now")
+STREAM_CLIENTS_BEHIND = Counter(
+    "delivery_stream_clients_behind_total",
+    "Live stream clients closed with 4008 because their buffer was full",
+)
+STREAM_CLIENTS_REFUSED = Counter(
+    "delivery_stream_clients_refused_total",
+    "Live stream clients refused (1013) at the tenant's client limit",
+)

@@ -30,8 +30,11 @@ class Scope(StrEnum):
     PUBLISH = "publish"
     MANAGE = "manage"
     READ = "read"
+    # The platform's health across tenants (GET /v1/ops/...); never implied by the others.
+    OPERATOR = "operator"
 
 
+# What a key gets when none are named: a tenant's own work, not the operator's view.
 ALL_SCOPES = (Scope.PUBLISH, Scope.MANAGE, Scope.READ)
 
 
@@ -82,13 +85,15 @@ def parse_scopes(text: str | Iterable[str]) -> tuple[Scope, ...]:
     items = text.split(",") if isinstance(text, str) else list(text)
     names = [s.strip() for s in items if s.strip()]
     if not names:
-        raise InputError("scopes: give at least one of publish, manage, read")
+        raise InputError("scopes: give at least one of publish, manage, read, operator")
     scopes: list[Scope] = []
     for name in names:
         try:
             scope = Scope(name)
         except ValueError:
-            raise InputError(f"scopes: {name!r} is not one of publish, manage, read") from None
+            raise InputError(
+                f"scopes: {name!r} is not one of publish, manage, read, operator"
+            ) from None
         if scope not in scopes:
             scopes.append(scope)
     return tuple(scopes)

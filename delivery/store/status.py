@@ -36,7 +36,7 @@ SELECT s.id, s.tenant_id, s.url, s.state, s.disabled_reason, s.event_patterns, s
            WHERE d.state = 'dead' AND d.account_id IS NOT NULL) AS blocked_accounts
 FROM delivery.subscriptions s
 LEFT JOIN delivery.deliveries d ON d.subscription_id = s.id
-WHERE s.state <> 'removed'
+WHERE s.state <> 'removed' AND ($1::text IS NULL OR s.tenant_id = $1)
 GROUP BY s.id
 ORDER BY s.created_at, s.id
 """
@@ -84,31 +84,7 @@ async def collect(
     (``queue_report``). One shape whatever the broker says: ``ok`` is false, and
     ``queues_error`` says why, when the depths could not be read."""
     outbox = await outbox_backlog(conn)
-    subs = []
-    for row in await conn.fetch(_PER_SUBSCRIPTION):
-        subs.append(
-            {
-                "id": row["id"],
-                "tenant_id": row["tenant_id"],  # an operator's view: every tenant's
-                "url": mask_url(row["url"]),  # a row from before credentials were refused
-                "state": row["state"],
-                "circuit": row["circuit_state"],
-                "consecutive_failures": row["consecutive_failures"],
-                "failing_since": _ts(row["failing_since"]),
-                "paced_until": _ts(row["paced_until"]),
-                "disabled_reason": row["disabled_reason"],
-                "events": list(row["event_patterns"]),
-                "account_id": row["account_id"],
-                "ordered": row["ordered"],
-                "blocked_accounts": row["blocked_accounts"],
-                "pending": row["pending"],
-                "retrying": row["retrying"],
-                "dead": row["dead"],
-                "delivered": row["delivered"],
-                "last_success": _ts(row["last_success"]),
-                "next_attempt_at": _ts(row["next_attempt_at"]),
-            }
-        )
+    subs = await subscription_health(conn)
     blocked = [
         {
             "subscription_id": r["subscription_id"],
@@ -133,6 +109,39 @@ async def collect(
         # At most BLOCKED_LIMIT; each subscription's blocked_accounts counts them all.
         "blocked_accounts": blocked,
     }
+
+
+async def subscription_health(
+    db: asyncpg.Pool | asyncpg.Connection, tenant_id: str | None = None
+) -> list[dict[str, Any]]:
+    """Per subscription (not removed): state, circuit, counts by delivery state, last success;
+    one tenant's, or every tenant's (``None``: the operator's view)."""
+    subs = []
+    for row in await db.fetch(_PER_SUBSCRIPTION, tenant_id):
+        subs.append(
+            {
+                "id": row["id"],
+                "tenant_id": row["tenant_id"],  # an operator's view: every tenant's
+                "url": mask_url(row["url"]),  # a row from before credentials were refused
+                "state": row["state"],
+                "circuit": row["circuit_state"],
+                "consecutive_failures": row["consecutive_failures"],
+                "failing_since": _ts(row["failing_since"]),
+                "paced_until": _ts(row["paced_until"]),
+                "disabled_reason": row["disabled_reason"],
+                "events": list(row["event_patterns"]),
+                "account_id": row["account_id"],
+                "ordered": row["ordered"],
+                "blocked_accounts": row["blocked_accounts"],
+                "pending": row["pending"],
+                "retrying": row["retrying"],
+                "dead": row["dead"],
+                "delivered": row["delivered"],
+                "last_success": _ts(row["last_success"]),
+                "next_attempt_at": _ts(row["next_attempt_at"]),
+            }
+        )
+    return subs
 
 
 def _ts(value: Any) -> str | None:

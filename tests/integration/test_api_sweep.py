@@ -75,13 +75,23 @@ async def test_every_operation_refuses_missing_bad_revoked_keys_wrong_scope_and_
             async with http.post("/v1/subscriptions", json=sub_body) as answer:
                 assert answer.status == 201
                 sub_a = (await answer.json())["id"]
-        owned = {"/v1/events/{id}": "evt_sweep_a"}
+        # Per path parameter: tenant A's object, and an id that exists nowhere.
+        owned = {"/v1/events/{id}": ("evt_sweep_a", "evt_missing_1")}
+        account = ("acc_1", "acc_missing_1")  # trade() publishes for acc_1
 
         operations = _operations(spec)
-        assert len(operations) >= 15  # the contract's table, less balances and the stream
+        assert len(operations) >= 17  # the contract's table, balances and the stream included
         for method, template, op in operations:
-            object_id = owned.get(template, sub_a) if "{id}" in template else None
-            path = template.replace("{id}", object_id) if object_id else template
+            placeholder = next((p for p in ("{id}", "{account_id}") if p in template), None)
+            if placeholder == "{account_id}":
+                object_id, missing = account
+            elif placeholder == "{id}":
+                object_id, missing = owned.get(template, (sub_a, "sub_0000000000000000"))
+            else:
+                object_id = missing = None
+            path = (
+                template.replace(placeholder, object_id) if placeholder and object_id else template
+            )
             body = BODIES.get(op["operationId"]) if "requestBody" in op else None
             assert "requestBody" not in op or body is not None, f"no body for {op['operationId']}"
             what = f"{method} {template}"
@@ -101,10 +111,10 @@ async def test_every_operation_refuses_missing_bad_revoked_keys_wrong_scope_and_
 
             if object_id is None:
                 continue
+            assert placeholder is not None and missing is not None
             status, payload, _ = await _call(api, key_b, method, path, body)
-            missing = "evt_missing_1" if template == "/v1/events/{id}" else "sub_0000000000000000"
             gone_status, gone, _ = await _call(
-                api, key_b, method, template.replace("{id}", missing), body
+                api, key_b, method, template.replace(placeholder, missing), body
             )
             assert (status, gone_status) == (404, 404), (what, payload, gone)
             assert _is_error(payload, "not_found"), (what, payload)

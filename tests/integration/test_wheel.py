@@ -136,6 +136,8 @@ def test_sdist_and_wheel_carry_the_migrations_and_runbooks_but_no_dev_tooling(tm
     assert {t for t in tops if not t.endswith(".dist-info")} == {"delivery", "workers"}
     assert {f"delivery/_bundled/migrations/{m}" for m in migrations} <= set(names)
     assert {f"delivery/_bundled/runbooks/{r}" for r in runbooks} <= set(names)
+    # The web page's static files (served at /ui/), built from the sdist too.
+    assert {f"delivery/api/ui/{f}" for f in ("index.html", "app.js", "app.css")} <= set(names)
     metadata = zipfile.ZipFile(wheel).read(
         next(n for n in names if n.endswith(".dist-info/METADATA"))
     ).decode()

@@ -60,6 +60,7 @@ NOT_REPRODUCED = {
     "subscriber-throttling.md",
     "leaked-signing-secret.md",
     "replay-after-incident.md",
+    "stream-clients-behind.md",
 }
 
 _CHAOS_RUN = re.compile(r"\bpython3?\s+-m\s+chaos\s+run\b(.*)")
@@ -161,3 +162,18 @@ def test_every_runbook_says_what_reproduces_it(path: Path):
             assert "python -m chaos run " in line, (
                 f"{path.name}: each entry starts with its command: {line!r}"
             )
+
+
+_UI_LINK = re.compile(r"\*\*On the web page:\*\* \[[^\]]+\]\(http://delivery-api/ui/#/([a-z/-]+)\)")
+
+
+def test_every_runbook_links_the_part_of_the_web_page_that_shows_it():
+    """A link to a view the page has: its routes, and for on-call an anchor it renders."""
+    script = (ROOT / "delivery/api/ui/app.js").read_text()
+    for path in _runbooks():
+        found = _UI_LINK.search(path.read_text())
+        assert found, f"{path.name}: no **On the web page:** link"
+        view, _, section = found.group(1).partition("/")
+        assert view in {"ops", "subscriptions", "dead-letters"}, path.name
+        if section:
+            assert view == "ops" and f'id: "{section}"' in script, (path.name, section)

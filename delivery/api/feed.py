@@ -1,0 +1,180 @@
+"""One shared feed of newly committed outbox rows per ``delivery api`` process, fanned out to
+its stream clients.
+
+One connection LISTENs on ``delivery_outbox`` (the relay's wake-up, sent at commit) and one
+task reads the new rows (``store.stream_reads.read_new``: by writing transaction, so a row
+whose lower pk commits late is not skipped) and renders each once. Offering a frame to a
+client never waits: a client whose buffer is full is marked behind and closed by its own
+handler, so a slow client slows neither the others nor the webhook path (the feed only reads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import structlog
+from aiohttp import web
+
+from delivery.aio import wait_any
+from delivery.api.stream_protocol import Subscription
+from delivery.events import envelope_from_row, render_body
+from delivery.ops import metrics
+from delivery.settings import Settings
+from delivery.store import stream_reads
+
+log = structlog.get_logger("delivery.api.feed")
+
+NOTIFY_CHANNEL = "delivery_outbox"
+# Reads happen on every NOTIFY; this fallback catches a notification lost with the connection
+# and the rows of a transaction that was still running at the previous read.
+_POLL_FALLBACK_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    account_id: str
+    sequence: int
+    type: str
+    text: str  # the webhook body, rendered once for every client
+
+
+@dataclass(eq=False)
+class Client:
+    """One connection's bounded buffer of frames, filled by the feed."""
+
+    tenant_id: str
+    subscription: Subscription
+    limit: int
+    frames: deque[Frame] = field(default_factory=deque)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)  # frames are waiting
+    fell_behind: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def behind(self) -> bool:
+        return self.fell_behind.is_set()
+
+    def offer(self, frame: Frame) -> None:
+        if self.behind or not self.subscription.wants(frame.account_id, frame.type):
+            return
+        if len(self.frames) >= self.limit:
+            self.fell_behind.set()
+            self.frames.clear()  # its memory goes now; the client resumes with `after`
+            return
+        self.frames.append(frame)
+        self.ready.set()
+
+
+class Feed:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._clients: dict[str, set[Client]] = {}
+        self._wake = asyncio.Event()
+        # Set when the process stops: every stream handler closes its client (1001) and ends.
+        self.closing = asyncio.Event()
+
+    def count(self, tenant_id: str) -> int:
+        return len(self._clients.get(tenant_id, ()))
+
+    def admit(self, client: Client) -> bool:
+        """Register ``client`` unless its tenant is at its client limit."""
+        clients = self._clients.setdefault(client.tenant_id, set())
+        if len(clients) >= self._settings.stream_max_clients_per_tenant:
+            return False
+        clients.add(client)
+        metrics.STREAM_CLIENTS.inc()
+        return True
+
+    def leave(self, client: Client) -> None:
+        clients = self._clients.get(client.tenant_id)
+        if clients is not None and client in clients:
+            clients.discard(client)
+            metrics.STREAM_CLIENTS.dec()
+            if not clients:
+                del self._clients[client.tenant_id]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._listen(stop))
+            tasks.create_task(self._read(stop))
+
+    async def _read(self, stop: asyncio.Event) -> None:
+        horizon: int | None = None
+        passed: dict[int, int] = {}  # pk -> tx of rows already fanned out, tx >= horizon
+        while not stop.is_set():
+            try:
+                async with self._pool.acquire() as conn:
+                    if horizon is None:
+                        horizon = await stream_reads.horizon(conn)
+                    read = await stream_reads.read_new(conn, horizon)
+            except Exception as exc:  # the database is away: the next wake or poll tries again
+                log.warning("stream_feed_read_failed", error=repr(exc)[:300])
+                await wait_any(stop, timeout_s=_POLL_FALLBACK_S)
+                continue
+            for row in read.rows:
+                if row["pk"] in passed:
+                    continue
+                passed[row["pk"]] = int(row["tx"])
+                self._fan_out(row)
+            horizon = read.horizon
+            for pk in [pk for pk, tx in passed.items() if tx < horizon]:
+                del passed[pk]
+            await wait_any(stop, self._wake, timeout_s=_POLL_FALLBACK_S)
+            self._wake.clear()
+
+    def _fan_out(self, row: Any) -> None:
+        clients = self._clients.get(row["tenant_id"])
+        if not clients:
+            return
+        frame = Frame(
+            row["account_id"],
+            row["sequence"],
+            row["type"],
+            render_body(envelope_from_row(row)).decode(),
+        )
+        for client in clients:
+            client.offer(frame)
+
+    async def _listen(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            lost = asyncio.Event()
+            try:
+                conn = await asyncpg.connect(self._settings.database_url, timeout=10)
+            except Exception as exc:
+                log.warning("stream_listen_connect_failed", error=repr(exc)[:200])
+                await wait_any(stop, timeout_s=2.0)
+                continue
+            try:
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await conn.add_listener(NOTIFY_CHANNEL, lambda *_a: self._wake.set())
+                self._wake.set()  # rows committed while not listening
+                await wait_any(stop, lost, timeout_s=3600)
+            except Exception as exc:
+                log.warning("stream_listen_failed", error=repr(exc)[:200])
+                await wait_any(stop, timeout_s=1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), 5)
+
+
+FEED = web.AppKey("stream_feed", Feed)
+
+
+@contextlib.asynccontextmanager
+async def running_feed(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[Feed]:
+    """The feed, reading until the block ends."""
+    feed = Feed(settings, pool)
+    stop = asyncio.Event()
+    task = asyncio.create_task(feed.run(stop), name="stream-feed")
+    try:
+        yield feed
+    finally:
+        feed.closing.set()
+        stop.set()
+        await task
