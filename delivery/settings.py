@@ -119,6 +119,8 @@ class Settings(BaseSettings):
     per_subscription_max_queued: int = Field(default=48, ge=0, le=100_000)
     delivery_lease_s: float = Field(default=120.0, gt=0, le=_DAY_S)
     scheduler_poll_interval_s: float = Field(default=1.0, gt=0, le=300)
+    # A safety net beside LISTEN/NOTIFY: each worker reloads its subscription index this often.
+    subscription_resync_s: float = Field(default=60.0, ge=1, le=_DAY_S)
 
     # Circuit breaker: after this many consecutive retryable failures a subscription's deliveries
     # wait (without burning attempts) until a single probe succeeds, tried every cooldown.

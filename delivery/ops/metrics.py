@@ -133,6 +133,19 @@ SUBSCRIPTIONS_UNLOADABLE = Counter(
     "delivery_subscriptions_unloadable_total",
     "Subscription rows dispatch could not load and skipped (per dispatched batch)",
 )
+SUBSCRIPTION_INDEX_RELOADS = Counter(
+    "delivery_subscription_index_reloads_total",
+    "Full reloads of a worker's subscription index, by why (start, resync, reconnect, behind)",
+    ["reason"],
+)
+SUBSCRIPTION_INDEX_WAITS = Counter(
+    "delivery_subscription_index_waits_total",
+    "Batches dispatch held until its subscription index had the notifications of changes"
+    " committed before the batch's events",
+)
+SUBSCRIPTION_INDEX_SIZE = Gauge(
+    "delivery_subscription_index_size", "Subscriptions in this worker's in-memory index"
+)
 DATABASE_SERVER_CHANGES = Counter(
     "delivery_database_server_changes_total",
     "New database connections that landed on another server than the last one (a failover to"

@@ -9,11 +9,12 @@ back by the reservations' ``with`` block unless the deliverer took it over.
 
 The broker is a doorbell, not the truth: a message only says which events to dispatch. Each
 event's body, type, account, trace context and creation time are read from its outbox row
-(beside the subscriptions, on one pooled connection), so anyone able to publish on the events
-exchange cannot have a webhook signed. A message naming an event the outbox does not hold was
+(with the subscriptions' version, on one pooled connection), so anyone able to publish on the
+events exchange cannot have a webhook signed. A message naming an event the outbox does not hold was
 not sent by a relay: it is rejected as poison, and the dead-letter consumer records it with
 that reason. The outbox row also says whose event it is: it is matched only to subscriptions
-of its own tenant.
+of its own tenant, from this process's in-memory index (``delivery.worker.feed``), brought up
+to date with every subscription change committed before the outbox rows were read.
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ from delivery.errors import PoisonMessageError
 from delivery.events import RoutingFacts, envelope_from_row, render_body
 from delivery.ops import metrics
 from delivery.ops.health import Health
-from delivery.secrets import SecretBox
 from delivery.settings import Settings, node_urls
 from delivery.store.pool import is_connection_error, with_retries
 from delivery.store.states import SubscriptionState
-from delivery.store.subscriptions import Subscription, select_list
+from delivery.store.subscriptions import Subscription
 from delivery.worker.capacity import Reservation, Reservations
 from delivery.worker.deliverer import Deliverer
+from delivery.worker.feed import SubscriptionFeed
+from delivery.worker.index import SubscriptionIndex
 from delivery.worker.jobs import Job, lease_for
 from delivery.worker.scheduler import Scheduler
 
@@ -53,16 +55,14 @@ log = structlog.get_logger("delivery.dispatch")
 _DB_RETRY_DEADLINE_S = 30.0
 _DB_PAUSE_S = 2.0
 
-_SUBSCRIPTIONS = (
-    f"SELECT {select_list('s', '')} FROM delivery.subscriptions s WHERE s.state <> 'removed'"
-)
-_SUBSCRIPTION_IDS = "SELECT id FROM delivery.subscriptions WHERE state <> 'removed'"
-_SUBSCRIPTION = f"{_SUBSCRIPTIONS} AND s.id = $1"
-# The events a batch names, as the outbox holds them: what dispatch delivers.
+# The events a batch names, as the outbox holds them (what dispatch delivers), and the version of
+# the subscriptions as of this read: the index is brought to it before matching (see feed.py).
 _OUTBOX_ROWS = """
-SELECT event_id, tenant_id, type, account_id, sequence, occurred_at, data::text AS data,
-       traceparent, extract(epoch FROM created_at)::float8 AS created_at_s
-FROM delivery.outbox WHERE event_id = ANY($1::text[])
+SELECT v.version AS subscriptions_version, o.event_id, o.tenant_id, o.type, o.account_id,
+       o.sequence, o.occurred_at, o.data::text AS data, o.traceparent,
+       extract(epoch FROM o.created_at)::float8 AS created_at_s
+FROM delivery.subscriptions_version v
+LEFT JOIN delivery.outbox o ON o.event_id = ANY($1::text[])
 """
 # The inbox rows and the deliveries of the events that were new to it, in one statement (atomic
 # on its own: no BEGIN and COMMIT round trips). A redelivered event finds its inbox row, counts
@@ -108,31 +108,6 @@ def _from_outbox(row: Any) -> WireEvent:
     return WireEvent(facts, body, row["created_at_s"], row["traceparent"])
 
 
-async def _load_subscriptions(conn: asyncpg.Connection, box: SecretBox) -> list[Subscription]:
-    """Every subscription; one whose row cannot be loaded (a value Python cannot hold, like a
-    year-33715 expiry) is skipped, logged and counted instead of failing every batch."""
-    try:
-        return [Subscription.from_row(r, box=box) for r in await conn.fetch(_SUBSCRIPTIONS)]
-    except Exception as exc:
-        if is_connection_error(exc):
-            raise
-    # One at a time, to find the bad rows (rare: only after a failure like the above).
-    loaded = []
-    for subscription_id in [r["id"] for r in await conn.fetch(_SUBSCRIPTION_IDS)]:
-        try:
-            row = await conn.fetchrow(_SUBSCRIPTION, subscription_id)
-            if row is not None:
-                loaded.append(Subscription.from_row(row, box=box))
-        except Exception as exc:
-            if is_connection_error(exc):
-                raise
-            metrics.SUBSCRIPTIONS_UNLOADABLE.inc()
-            log.warning(
-                "subscription_unloadable", subscription_id=subscription_id, error=repr(exc)[:200]
-            )
-    return loaded
-
-
 @dataclass(frozen=True, slots=True)
 class _Pair:
     event: WireEvent
@@ -171,6 +146,9 @@ class Dispatcher:
         self._arrived = asyncio.Event()
         self._connection: AbstractRobustConnection | None = None
         self._queue: AbstractQueue | None = None
+        self._feed = SubscriptionFeed(
+            settings.database_url, deliverer.box, resync_s=settings.subscription_resync_s
+        )
         health.register("dispatch")
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -201,9 +179,11 @@ class Dispatcher:
                 watch = tg.create_task(
                     watch_node(self._connection, url, name="delivery-worker", stop=stop)
                 )
+                listen = tg.create_task(self._feed.listen(stop))
                 await self._loop(stop)
                 depths.cancel()
                 watch.cancel()
+                listen.cancel()
             # Drain: stop taking work, hand back what we hold but have not dispatched.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(topology.dispatch.cancel(tag), 5)
@@ -323,11 +303,13 @@ class Dispatcher:
         before create nothing; a message naming an event the outbox lacks dispatches nothing."""
         ids = sorted({i for message in named for i in message})
 
-        async def read(conn: asyncpg.Connection) -> tuple[list[Any], list[Subscription]]:
+        async def read(conn: asyncpg.Connection) -> tuple[list[Any], SubscriptionIndex]:
             rows = await conn.fetch(_OUTBOX_ROWS, ids)
-            return rows, await _load_subscriptions(conn, self._deliverer.box)
+            version = rows[0]["subscriptions_version"]
+            known = await self._feed.current(conn, version)
+            return [r for r in rows if r["event_id"] is not None], known
 
-        outbox_rows, subscriptions = await with_retries(
+        outbox_rows, known = await with_retries(
             self._pool, read, what="dispatch", deadline_s=_DB_RETRY_DEADLINE_S, transaction=False
         )
         now = datetime.now(UTC)
@@ -341,16 +323,12 @@ class Dispatcher:
             for event_id in message:
                 copies[event_id] = copies.get(event_id, 0) + 1
         events = [_from_outbox(stored[i]) for i in copies]
-        by_tenant: dict[str, list[Subscription]] = {}
-        for sub in subscriptions:
-            by_tenant.setdefault(sub.tenant_id, []).append(sub)
         pairs: list[_Pair] = []
         for event in events:
             facts = event.facts
             # Tenant isolation: only the event's own tenant's subscriptions are candidates.
-            for sub in by_tenant.get(stored[facts.id]["tenant_id"], ()):
-                if not sub.matches(facts.type, facts.account_id):
-                    continue
+            tenant_id = stored[facts.id]["tenant_id"]
+            for sub in known.match(tenant_id, facts.type, facts.account_id):
                 active = sub.state == SubscriptionState.ACTIVE
                 # An open circuit's deliveries wait in PostgreSQL for the scheduler's probe,
                 # a paused subscriber's (429) for the end of its pause, and an operator's

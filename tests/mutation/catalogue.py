@@ -249,11 +249,11 @@ _MUTANTS: tuple[Mutant, ...] = (
     # -- tenants ------------------------------------------------------------------------------
     Mutant(
         "dispatch-ignores-tenant",
-        "delivery/worker/dispatch.py",
+        "delivery/worker/index.py",
         (
             (
-                '            for sub in by_tenant.get(stored[facts.id]["tenant_id"], ()):\n',
-                "            for sub in subscriptions:\n",
+                "        for key in ((tenant_id, account_id), (tenant_id, None)):",
+                "        for key in [k for k in self._groups if k[1] in (account_id, None)]:",
             ),
         ),
         "an event is matched to every tenant's subscriptions",
@@ -465,7 +465,7 @@ _MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "dispatch-fails-on-unloadable-subscription",
-        "delivery/worker/dispatch.py",
+        "delivery/worker/feed.py",
         (
             (
                 "    except Exception as exc:\n"
@@ -758,6 +758,19 @@ _MUTANTS: tuple[Mutant, ...] = (
             ),
         ),
         "a tenant over its ingest rate is let through",
+    ),
+    Mutant(
+        "index-ignores-version",
+        "delivery/worker/feed.py",
+        (("if self._reload is None and self.version < version:", "if False:"),),
+        "dispatch matches an event against subscriptions older than its publish when the "
+        "change's notification is late",
+    ),
+    Mutant(
+        "index-keeps-removed",
+        "delivery/worker/index.py",
+        (("        if sub.state == SubscriptionState.REMOVED:\n", "        if False:\n"),),
+        "a removed subscription stays in the index and keeps getting events",
     ),
     Mutant(
         "dispatch-paused-dead",
@@ -1069,6 +1082,15 @@ KILLS: dict[str, tuple[str, ...]] = {
         "test_a_burst_goes_then_the_tenant_waits_and_a_refusal_takes_nothing",
     ),
     "dispatch-paused-dead": (_PAUSED,),
+    "index-ignores-version": (
+        "tests/integration/test_subscription_index.py::"
+        "test_the_index_reaches_the_version_read_with_the_outbox_without_notifications",
+    ),
+    "index-keeps-removed": (
+        "tests/unit/test_subscription_index.py::test_changes_apply_at_once_even_after_a_type_was_looked_up",
+        "tests/integration/test_subscription_index.py::"
+        "test_a_running_worker_follows_create_edit_disable_pause_and_remove",
+    ),
     "scheduler-claims-paused": (_PAUSED,),
     "ordered-attempted-at-dispatch": (_ORDERED_FAILING, _ORDERED_HELD),
     "ordered-dead-letter-does-not-hold": (_ORDERED_HELD,),
