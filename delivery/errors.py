@@ -15,6 +15,7 @@ Hierarchy::
     ├── SignatureError ............. reject the webhook (a receiver's answer, 401)
     ├── QueueMissingError .......... start the consumer again; it declares its queue anew
     ├── BrokerNodeLostError ........ start the component again: it connects to another node
+    ├── StreamRefusedError ......... fix the stream client's key, scope or accounts
     └── StoppedBeforeConnected ..... nothing: shutdown began before the broker or database answered
 
 Raised where: ``ConfigError`` by settings, migrations, tracing and the admin server
@@ -27,7 +28,8 @@ and again when the worker connects (``delivery.worker.resolver``);
 ``SignatureError`` by ``delivery.signing.verify``; ``QueueMissingError`` by the queue-depth
 watcher (``delivery.broker.depths``) that dispatch runs;
 ``BrokerNodeLostError`` by ``delivery.broker.connection.watch_node``, which each broker
-component runs; ``StoppedBeforeConnected`` by ``delivery.broker.connection.connect`` and
+component runs; ``StreamRefusedError`` by the reference stream client (``delivery.stream``);
+``StoppedBeforeConnected`` by ``delivery.broker.connection.connect`` and
 the process's first database connect (``workers.process``).
 
 Two kinds of error live elsewhere, on purpose. The dev tooling's ``ProvisionError`` (a
@@ -112,6 +114,11 @@ class BrokerNodeLostError(DeliveryPlatformError):
     """The RabbitMQ node a component was connected to stayed unreachable while other nodes of
     its cluster are listed: start the component again (its supervisor does), and it connects to
     the next node that answers."""
+
+
+class StreamRefusedError(DeliveryPlatformError):
+    """The API refused the live stream for good (401, 403, or 4400 for the subscribe message):
+    fix the key, its scope or the accounts; reconnecting would be refused the same way."""
 
 
 class StoppedBeforeConnected(DeliveryPlatformError):
