@@ -75,10 +75,13 @@ async def _ready(api: ApiProcess, deadline_s: float) -> None:
 
 
 @contextlib.asynccontextmanager
-async def api_process(env: Mapping[str, str], *args: str) -> AsyncIterator[ApiProcess]:
-    """``python -m delivery api`` on free ports with ``env``, ready (``/readyz`` 200) when the
-    block starts; stopped with SIGTERM (then killed, if it does not drain) when it ends."""
-    port, admin_port = free_port(), free_port()
+async def api_process(
+    env: Mapping[str, str], *args: str, port: int | None = None
+) -> AsyncIterator[ApiProcess]:
+    """``python -m delivery api`` on free ports with ``env`` (on ``port`` when given: a restart
+    its clients reconnect to), ready (``/readyz`` 200) when the block starts; stopped with
+    SIGTERM (then killed, if it does not drain) when it ends."""
+    port, admin_port = port or free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="delivery-api-") as tmp:
         log_path = Path(tmp) / "api.log"
         with log_path.open("wb") as log_file:
