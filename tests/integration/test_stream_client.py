@@ -127,11 +127,17 @@ async def test_reference_client_rebuilds_balances_across_an_api_restart_while_pu
             async for event in events:
                 received[event["account_id"]].append(event["sequence"])
 
+        rounds = 0
+        enough = asyncio.Event()
+
         async def producers() -> None:
-            for i in range(5, 65):
+            nonlocal rounds
+            while not enough.is_set():
+                i = 5 + rounds
                 round_ = [_balance_event(a, i) for a in accounts]
                 round_.append(trade(i, accounts[i % 3], id=f"evt_c{next(_ids)}"))
                 await _publish(settings, tenant, round_)
+                rounds += 1
 
         async with asyncio.TaskGroup() as tasks:
             draining = tasks.create_task(drain())
@@ -143,7 +149,16 @@ async def test_reference_client_rebuilds_balances_across_an_api_restart_while_pu
             await wait_until(
                 lambda: 1001 in stream.close_codes, timeout_s=10, what="the 1001 close"
             )
+            at_cut = {a: stream.last_sequence(a) for a in accounts}
+            # Events committed while no server is up reach the client only by the resume.
+            rounds_at_cut = rounds
+            await wait_until(
+                lambda: rounds >= rounds_at_cut + 5, timeout_s=30, what="publishing while down"
+            )
             async with api_process(env, port=first.port) as second, second.client(key) as http:
+                await stream.caught_up({a: n + 10 for a, n in at_cut.items()}, timeout_s=30)
+                assert stream.connections >= 2
+                enough.set()
                 await publishing
                 # The snapshot taken afterwards equals what the client rebuilt.
                 final = {a: await _balances(http, a) for a in accounts}
@@ -162,5 +177,4 @@ async def test_reference_client_rebuilds_balances_across_an_api_restart_while_pu
                 )
                 for a in accounts:
                     assert received[a] == list(range(6, int(final[a]["sequence"]) + 1)), a
-                assert stream.connections >= 2
             draining.cancel()
