@@ -217,6 +217,9 @@ class BalanceStream:
                 await asyncio.sleep(delay_s)
         except StreamRefusedError as exc:
             self._failure = exc
+        except Exception as exc:  # a frame we cannot read: end the waits, not hang them
+            log.exception("stream.failed")
+            self._failure = exc
         finally:
             async with self._changed:
                 self._changed.notify_all()
