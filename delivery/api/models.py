@@ -348,6 +348,22 @@ class HealthList(_Model):
     items: list[SubscriptionHealth]
 
 
+class BlockedAccount(_Model):
+    account_id: str
+    sequence: int = Field(description="the account's sequence held: later ones wait behind it")
+    dead_letter_id: int = Field(description="the dead letter holding it: replay or skip it")
+    event_id: str
+    dead_at: datetime | None
+    reason: str | None
+    last_status: int | None
+
+
+class BlockedAccounts(_Model):
+    items: list[BlockedAccount] = Field(
+        description="by account_id, at most 100; empty unless the subscription is ordered"
+    )
+
+
 class Backlog(_Model):
     pending: int = Field(description="events committed to the outbox and not yet published")
     oldest_age_s: float
