@@ -54,6 +54,7 @@ NOT_REPRODUCED = {
     "broker-node-lost.md",
     "broker-partition.md",
     "database-failover.md",
+    "tenant-over-quota.md",
     "dead-letters-growing.md",
     "ordered-account-blocked.md",
     "subscriber-410.md",
