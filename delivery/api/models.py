@@ -8,10 +8,11 @@ windows (``since``/``until``) of every listing and replay filter on it.
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     BeforeValidator,
@@ -38,7 +39,17 @@ def _rfc3339(value: object) -> object:
     return value
 
 
-Moment = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
+def _in_utc_range(value: datetime) -> datetime:
+    # 0001-01-01T00:00:00+01:00 is before year 1 in UTC, where the database compares it:
+    # refused here (400) rather than overflowing in the driver (500).
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("must lie within years 1 to 9999 in UTC") from None
+    return value
+
+
+Moment = Annotated[AwareDatetime, BeforeValidator(_rfc3339), AfterValidator(_in_utc_range)]
 SubscriptionId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 Cursor = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,512}$")]
 Limit = Annotated[int, Field(ge=1, le=MAX_PAGE)]
@@ -346,6 +357,22 @@ class SubscriptionHealth(_Model):
 
 class HealthList(_Model):
     items: list[SubscriptionHealth]
+
+
+class BlockedAccount(_Model):
+    account_id: str
+    sequence: int = Field(description="the account's sequence held: later ones wait behind it")
+    dead_letter_id: int = Field(description="the dead letter holding it: replay or skip it")
+    event_id: str
+    dead_at: datetime | None
+    reason: str | None
+    last_status: int | None
+
+
+class BlockedAccounts(_Model):
+    items: list[BlockedAccount] = Field(
+        description="by account_id, at most 100; empty unless the subscription is ordered"
+    )
 
 
 class Backlog(_Model):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from delivery.api import balances, dead_letters, events, ops, session, stream, subscriptions
 from delivery.api.balances import AccountBalances, AccountPath
 from delivery.api.models import (
+    BlockedAccounts,
     DeadLetterPage,
     DeadLetterSelection,
     DeadLettersPurged,
@@ -47,6 +48,7 @@ _ON_A_SUBSCRIPTION = (
     "resumeSubscription",
     "replaySubscription",
     "listSubscriptionDeliveries",
+    "listBlockedAccounts",
     "removeSubscription",
 )
 
@@ -211,6 +213,18 @@ ROUTES: tuple[Route, ...] = (
         {200: DeliveryPage},
         path_model=SubscriptionPath,
         query=DeliveriesQuery,
+        tag="subscriptions",
+    ),
+    Route(
+        "GET",
+        _SUB + "/blocked-accounts",
+        "listBlockedAccounts",
+        "An ordered subscription's accounts held behind a dead letter: the sequence held and"
+        " the dead letter holding it (replay or skip it to release the account)",
+        Scope.READ,
+        subscriptions.blocked_accounts,
+        {200: BlockedAccounts},
+        path_model=SubscriptionPath,
         tag="subscriptions",
     ),
     Route(

@@ -1,5 +1,6 @@
 """``/v1/subscriptions``: create, list, get, change, remove (history kept), rotate the
-secret, pause, resume, replay a time window, and the deliveries with their attempts."""
+secret, pause, resume, replay a time window, the deliveries with their attempts, and an
+ordered subscription's blocked accounts."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from datetime import datetime
 
 from delivery.api import pagination
 from delivery.api.models import (
+    BlockedAccount,
+    BlockedAccounts,
     DeliveryOut,
     DeliveryPage,
     Replayed,
@@ -22,6 +25,7 @@ from delivery.settings import Settings
 from delivery.signing import Signing
 from delivery.store import pages, pausing, replays
 from delivery.store import subscriptions as subs
+from delivery.store.status import blocked_accounts_of
 from delivery.store.subscription_changes import update
 from delivery.targets import check_target
 
@@ -163,6 +167,13 @@ async def deliveries(call: Call) -> Reply:
     cursor = pagination.encode(shown[-1]["id"]) if more else None
     items = [DeliveryOut.model_validate(r) for r in shown]
     return Reply(200, DeliveryPage(items=items, next_cursor=cursor))
+
+
+async def blocked_accounts(call: Call) -> Reply:
+    async with call.pool.acquire() as conn:
+        await subs.get(conn, call.path.id, tenant_id=call.caller.tenant_id)  # 404 unless its
+        rows = await blocked_accounts_of(conn, call.path.id)
+    return Reply(200, BlockedAccounts(items=[BlockedAccount(**r) for r in rows]))
 
 
 async def pause(call: Call) -> Reply:

@@ -54,6 +54,16 @@ WHERE d.account_id IS NOT NULL AND d.state = 'dead' AND s.state <> 'removed'
 ORDER BY d.subscription_id, d.account_id, d.sequence
 LIMIT $1
 """
+# One subscription's held accounts, for the web page (the caller has checked its tenant).
+_BLOCKED_OF = """
+SELECT DISTINCT ON (d.account_id)
+       d.account_id, d.sequence, d.id AS dead_letter_id, d.event_id, d.dead_at, d.dead_reason,
+       d.last_status
+FROM delivery.deliveries d
+WHERE d.subscription_id = $1 AND d.account_id IS NOT NULL AND d.state = 'dead'
+ORDER BY d.account_id, d.sequence
+LIMIT $2
+"""
 # A removed subscription's dead letters stay (its history) but hold nothing anyone waits for.
 BLOCKED_ACCOUNTS = """
 SELECT count(*) FROM (
@@ -109,6 +119,25 @@ async def collect(
         # At most BLOCKED_LIMIT; each subscription's blocked_accounts counts them all.
         "blocked_accounts": blocked,
     }
+
+
+async def blocked_accounts_of(
+    db: asyncpg.Pool | asyncpg.Connection, subscription_id: str, limit: int = BLOCKED_LIMIT
+) -> list[dict[str, Any]]:
+    """An ordered subscription's accounts held by a dead letter, by account: the sequence held
+    and the dead letter holding it (its first), which a replay or skip releases."""
+    return [
+        {
+            "account_id": r["account_id"],
+            "sequence": r["sequence"],
+            "dead_letter_id": r["dead_letter_id"],
+            "event_id": r["event_id"],
+            "dead_at": r["dead_at"],
+            "reason": r["dead_reason"],
+            "last_status": r["last_status"],
+        }
+        for r in await db.fetch(_BLOCKED_OF, subscription_id, limit)
+    ]
 
 
 async def subscription_health(

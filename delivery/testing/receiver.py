@@ -26,12 +26,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 
+import orjson
 from aiohttp import web
 
 from delivery.errors import SignatureError
 from delivery.signing import validate_verifying_key, verify
 
-__all__ = ["Arrival", "Behaviour", "Receiver", "scripted_subscriber"]
+__all__ = ["Arrival", "Behaviour", "Receiver", "RefusingSubscriber", "scripted_subscriber"]
 
 _ALL = ""  # index key for "every path" (real request paths always start with "/")
 
@@ -284,3 +285,24 @@ async def scripted_subscriber(
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+class RefusingSubscriber:
+    """An ``answer`` for ``scripted_subscriber``: 400 (a dead letter at once) to the events
+    named in ``refused`` by (account, sequence), 200 otherwise; keeps what it answered 200, in
+    order (what an ordered subscription's tests read)."""
+
+    def __init__(self, refused: set[tuple[str, int]]) -> None:
+        self.refused = refused
+        self.delivered: list[tuple[str, int]] = []
+
+    async def answer(self, request: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        key = (body["account_id"], body["sequence"])
+        if key in self.refused:
+            return web.Response(status=400, text="refused")
+        self.delivered.append(key)
+        return web.Response(text="ok")
+
+    def of(self, account: str) -> list[int]:
+        return [seq for acc, seq in self.delivered if acc == account]

@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import orjson
 import pytest
-from aiohttp import web
 
 from delivery import publish_many
 from delivery.store import dead_letters, pausing, replays, subscriptions
@@ -18,7 +17,13 @@ from delivery.store.pool import create_pool
 from delivery.store.status import BLOCKED_ACCOUNTS, collect
 from delivery.testing.api import api_process
 from delivery.testing.factories import add_subscription, trade
-from delivery.testing.receiver import Arrival, Behaviour, Receiver, scripted_subscriber
+from delivery.testing.receiver import (
+    Arrival,
+    Behaviour,
+    Receiver,
+    RefusingSubscriber,
+    scripted_subscriber,
+)
 from delivery.testing.waits import wait_until
 from tests.support import (
     cli,
@@ -121,30 +126,10 @@ async def test_order_holds_across_a_worker_killed_with_sigkill(settings):
     await conn.close()
 
 
-class _Subscriber:
-    """Answers 400 (a dead letter at once) to the events named in ``refused``, 200 otherwise,
-    and keeps what it answered 200, in order."""
-
-    def __init__(self, refused: set[tuple[str, int]]) -> None:
-        self.refused = refused
-        self.delivered: list[tuple[str, int]] = []
-
-    async def answer(self, request: web.Request) -> web.StreamResponse:
-        body = orjson.loads(await request.read())
-        key = (body["account_id"], body["sequence"])
-        if key in self.refused:
-            return web.Response(status=400, text="refused")
-        self.delivered.append(key)
-        return web.Response(text="ok")
-
-    def of(self, account: str) -> list[int]:
-        return [seq for acc, seq in self.delivered if acc == account]
-
-
 async def test_a_dead_letter_holds_its_account_only_until_skipped_or_replayed(settings):
     conn = await asyncpg.connect(settings.database_url)
     pool = await create_pool(settings.database_url, min_size=1, max_size=2)
-    subscriber = _Subscriber(refused={("acc_skip", 2), ("acc_replay", 3)})
+    subscriber = RefusingSubscriber(refused={("acc_skip", 2), ("acc_replay", 3)})
     async with scripted_subscriber(subscriber.answer) as base:
         # Given an ordered subscription whose subscriber refuses one event of two accounts
         sub = await subscriptions.add(conn, url=f"{base}/hook", patterns="*", ordered=True)
@@ -226,7 +211,7 @@ async def test_a_paused_ordered_subscription_resumes_in_order_per_account(settin
 
 async def test_the_cli_adds_an_ordered_subscription_shows_a_blocked_account_and_skips(settings):
     conn = await asyncpg.connect(settings.database_url)
-    subscriber = _Subscriber(refused={("acc_1", 1)})
+    subscriber = RefusingSubscriber(refused={("acc_1", 1)})
     async with scripted_subscriber(subscriber.answer) as base:
         added = cli(settings, "subscriptions", "add", f"{base}/h", "--events", "*", "--ordered")
         assert added.returncode == 0, added.stderr
@@ -304,7 +289,7 @@ async def test_an_event_dispatched_before_the_one_ahead_of_it_waits_for_it(setti
 
 async def test_over_http_an_ordered_subscription_is_created_and_a_dead_letter_skipped(settings):
     _, key = await tenant_with_key(settings, "orderly")
-    subscriber = _Subscriber(refused={("acc_1", 1)})
+    subscriber = RefusingSubscriber(refused={("acc_1", 1)})
     async with (
         scripted_subscriber(subscriber.answer) as base,
         api_process(settings_env(settings)) as api,
@@ -333,8 +318,17 @@ async def test_over_http_an_ordered_subscription_is_created_and_a_dead_letter_sk
         await wait_until(one_dead, timeout_s=30, what="the refused event dead-lettered")
         assert subscriber.delivered == []  # 2 and 3 are held behind it
         [letter] = await dead()
+        blocked_path = f"/v1/subscriptions/{sub['id']}/blocked-accounts"
+        [held] = (await call("GET", blocked_path, 200))["items"]
+        assert (held["account_id"], held["sequence"], held["dead_letter_id"]) == (
+            "acc_1",
+            1,
+            letter["id"],
+        )
+        assert held["event_id"] == letter["event_id"] and held["last_status"] == 400
         skipped = await call("POST", "/v1/dead-letters/skip", 200, {"ids": [letter["id"]]})
         assert skipped == {"skipped": 1}
+        assert (await call("GET", blocked_path, 200))["items"] == []
         await wait_until(
             lambda: subscriber.of("acc_1") == [2, 3], timeout_s=30, what="2 and 3 delivered"
         )

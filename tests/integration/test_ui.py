@@ -1,7 +1,8 @@
 """The web page (``/ui/``) in a real browser: Debian's headless Chromium driven by Playwright,
 on a real ``delivery api`` and pipeline. A subscriber signs in, subscribes a failing endpoint,
 reads why its deliveries failed, fixes it, bulk-replays and sees them delivered, pauses,
-resumes, sends a test event, rotates the secret and signs out; another tenant sees none of
+resumes, sends a test event, rotates the secret and signs out; an ordered subscription shows
+the account a dead letter holds, and Skip releases it; another tenant sees none of
 it; a change with the session cookie but without the CSRF token is refused, and revoking the
 key ends its session; the page fits a 390 px phone and works from the keyboard; on-call's page
 shows the platform's health.
@@ -22,7 +23,7 @@ from delivery.store import keys
 from delivery.testing.api import ApiProcess, api_process
 from delivery.testing.env import IN_CI
 from delivery.testing.factories import trade
-from delivery.testing.receiver import Behaviour, Receiver
+from delivery.testing.receiver import Behaviour, Receiver, RefusingSubscriber, scripted_subscriber
 from delivery.testing.waits import wait_until
 from tests.support import key_for, running, settings_env, tenant_with_key
 
@@ -193,6 +194,77 @@ async def test_a_subscriber_fixes_a_failing_endpoint_and_replays_from_the_page(
         await context.close()
 
 
+async def test_an_ordered_subscriptions_blocked_account_is_shown_and_skipped(
+    settings, browser: Browser, tmp_path: Path
+):
+    _, key = await tenant_with_key(settings, "orderly")
+    subscriber = RefusingSubscriber(refused={("acc_ui", 2)})
+    async with (
+        scripted_subscriber(subscriber.answer) as base,
+        api_process(settings_env(settings)) as api,
+        api.client(key) as http,
+        running(settings),
+    ):
+        context = await browser.new_context(viewport={"width": 1280, "height": 900})
+        page = await context.new_page()
+        await _sign_in(page, api, key)
+        # Create it from the form, with the Ordered box ticked.
+        await page.get_by_label("Endpoint URL").fill(f"{base}/ordered")
+        await page.get_by_label("Event types").fill("trade.*")
+        await page.get_by_label("Ordered").check()
+        await page.get_by_role("button", name="Create subscription").click()
+        await expect(page.locator("#shown-secret")).to_be_visible(timeout=WAIT_MS)
+        link = page.locator("a[href^='#/subscriptions/sub_']")
+        sub_id = (await link.inner_text()).strip()
+        async with http.get(f"/v1/subscriptions/{sub_id}") as answer:
+            assert (await answer.json())["ordered"] is True
+
+        events = {"events": [trade(i, account="acc_ui", id=f"evt_ord{i}") for i in range(1, 4)]}
+        async with http.post("/v1/events", json=events) as answer:
+            assert answer.status == 202
+
+        async def blocked() -> bool:
+            async with http.get(f"/v1/subscriptions/{sub_id}/blocked-accounts") as answer:
+                return len((await answer.json())["items"]) == 1
+
+        await wait_until(blocked, timeout_s=30, what="acc_ui held behind its dead letter")
+        assert subscriber.of("acc_ui") == [1]  # 3 waits behind the refused 2
+        await page.reload()
+        await expect(page.get_by_text("ordered · 1 blocked account")).to_be_visible(
+            timeout=WAIT_MS
+        )
+        await link.click()
+        row = page.locator("#blocked tbody tr")
+        await expect(row).to_have_count(1, timeout=WAIT_MS)
+        await expect(row.locator("td[data-label='Account']")).to_have_text("acc_ui")
+        await expect(row.locator("td[data-label='Sequence held']")).to_have_text("2")
+        await expect(row.locator("td[data-label='Dead letter']")).to_contain_text("evt_ord2")
+        await expect(row.locator("td[data-label='Reason']")).to_contain_text("400")
+        await page.screenshot(path=str(tmp_path / "blocked-1280.png"), full_page=True)
+
+        # Skip, confirmed: the account is released and the later event arrives.
+        dialogs: list[str] = []
+
+        async def accept(dialog) -> None:  # type: ignore[no-untyped-def]
+            dialogs.append(dialog.message)
+            await dialog.accept()
+
+        page.once("dialog", accept)
+        await page.get_by_role("button", name="Skip evt_ord2 of account acc_ui").click()
+        await expect(page.locator("#blocked-result")).to_contain_text(
+            "Skipped evt_ord2", timeout=WAIT_MS
+        )
+        assert dialogs and "evt_ord2" in dialogs[0]
+        await expect(page.get_by_text("No account is blocked")).to_be_visible(timeout=WAIT_MS)
+        await wait_until(
+            lambda: subscriber.of("acc_ui") == [1, 3], timeout_s=30, what="3 after the skip"
+        )
+        async with http.get(f"/v1/subscriptions/{sub_id}/deliveries") as answer:
+            states = {d["event_id"]: d["state"] for d in (await answer.json())["items"]}
+        assert states["evt_ord2"] == "skipped"  # kept, never sent
+        await context.close()
+
+
 def receiver_secret_pattern():  # a whsec_ secret, as the contract spells it
     import re
 
@@ -252,7 +324,7 @@ async def test_tenants_csrf_phone_width_keyboard_and_on_call(
         # Keyboard: Tab reaches the form, typing fills it, Enter creates the subscription.
         await page.get_by_label("Endpoint URL").focus()
         await page.keyboard.type("http://127.0.0.1:9/b")
-        for _ in range(3):  # events, account, then the button
+        for _ in range(4):  # events, account, ordered, then the button
             await page.keyboard.press("Tab")
         await expect(page.get_by_role("button", name="Create subscription")).to_be_focused()
         await page.keyboard.press("Enter")

@@ -6,10 +6,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from pydantic import ValidationError
 
 from delivery.api import pagination
 from delivery.api.app import where
 from delivery.api.events import parse_body
+from delivery.api.models import EventsQuery
 from delivery.api.problems import ApiError, field_of
 from delivery.testing.factories import trade
 
@@ -69,3 +71,14 @@ def test_fields_are_written_as_a_client_reads_them():
     assert where(["events", 3, "data", "price"]) == "events[3].data.price"
     assert field_of("data.price: must be a decimal string") == "data.price"
     assert field_of("an event must be a JSON object") is None
+
+
+@pytest.mark.parametrize(
+    "moment", ["0001-01-01T18:32:55.0491+20:07", "9999-12-31T23:00:00-05:00"]
+)
+def test_a_time_window_outside_years_1_to_9999_in_utc_is_bad_input_not_an_overflow(moment):
+    # Given an RFC 3339 time whose UTC value falls outside what datetime (and the database) holds
+    # When it is a listing's since/until, Then it is refused as input (400), naming the range.
+    with pytest.raises(ValidationError, match="within years 1 to 9999 in UTC"):
+        EventsQuery.model_validate({"until": moment})
+    assert EventsQuery.model_validate({"until": "0001-01-02T00:00:00+20:00"}).until is not None

@@ -148,7 +148,8 @@ async function viewSubscriptions() {
   ]);
   const byId = new Map(page.items.map((s) => [s.id, s]));
   const rows = health.items.map((h) => el("tr", {},
-    td("Subscription", el("a", { href: `#/subscriptions/${h.id}` }, h.id), el("div", { class: "mono" }, h.url)),
+    td("Subscription", el("a", { href: `#/subscriptions/${h.id}` }, h.id), el("div", { class: "mono" }, h.url),
+      h.ordered ? el("div", { class: "legend" }, `ordered · ${h.blocked_accounts} blocked account${h.blocked_accounts === 1 ? "" : "s"}`) : ""),
     stateCell(h.state, "State"),
     stateCell(h.circuit, "Circuit"),
     el("td", { class: "num", "data-label": "Pending" }, h.pending),
@@ -159,11 +160,13 @@ async function viewSubscriptions() {
   const url = el("input", { id: "new-url", name: "url", type: "url", required: true, placeholder: "https://example.com/webhooks" });
   const events = el("input", { id: "new-events", name: "events", required: true, value: "*" });
   const account = el("input", { id: "new-account", name: "account", placeholder: "all accounts" });
+  const ordered = el("input", { id: "new-ordered", name: "ordered", type: "checkbox" });
   const created = el("div", {});
   const form = el("form", { class: "row", onsubmit: async (ev) => {
     ev.preventDefault(); clearError();
     const body = { url: url.value, events: events.value.split(",").map((s) => s.trim()).filter(Boolean) };
     if (account.value.trim()) body.account_id = account.value.trim();
+    if (ordered.checked) body.ordered = true;
     try {
       const sub = await api("POST", "/v1/subscriptions", body);
       await viewSubscriptions();
@@ -173,6 +176,7 @@ async function viewSubscriptions() {
   el("label", { for: "new-url" }, "Endpoint URL", url),
   el("label", { for: "new-events" }, "Event types (comma-separated globs)", events),
   el("label", { for: "new-account" }, "Account (optional)", account),
+  el("label", { for: "new-ordered", class: "inline", title: "Per account, each event waits until the one before it succeeded or was dead-lettered" }, ordered, "Ordered"),
   el("button", { type: "submit" }, "Create subscription"));
   render(el("h1", {}, "Subscriptions"), created,
     table(["Subscription", "State", "Circuit", "Pending", "Retrying", "Dead", "Last success", "Events"], rows,
@@ -250,8 +254,10 @@ async function viewSubscription(id, params) {
       card("State", sub.state, "state-" + sub.state), card("Circuit", sub.circuit_state, "state-" + sub.circuit_state),
       card("Pending", h.pending ?? "?"), card("Retrying", h.retrying ?? "?"), card("Dead", h.dead ?? "?"),
       el("div", { class: "card" }, el("div", {}, "Last success"), when(h.last_success))),
-    el("p", { class: "mono" }, sub.url, " · ", sub.events.join(", "), sub.account_id ? ` · account ${sub.account_id}` : ""),
+    el("p", { class: "mono" }, sub.url, " · ", sub.events.join(", "), sub.account_id ? ` · account ${sub.account_id}` : "",
+      sub.ordered ? " · ordered" : ""),
     actions, notice,
+    sub.ordered ? await blockedSection(id) : "",
     el("h2", {}, "Attempts over time"), chart(page.items),
     el("h2", {}, "Deliveries"), filterForm,
     table(["Event", "State", "Attempts", "Last attempt", "Reason", "Attempts log"], rows,
@@ -284,6 +290,40 @@ const SAMPLES = {
 function globMatch(pattern, type) {
   const re = new RegExp("^" + pattern.split("*").map((p) => p.replace(/[.+?^${}()|[\]\\]/g, "\\$&")).join(".*") + "$");
   return re.test(type);
+}
+
+// An ordered subscription's accounts held behind a dead letter, each with a Skip action;
+// it reloads itself after a skip, so the result message stays in view.
+async function blockedSection(id) {
+  const result = el("div", { id: "blocked-result" });
+  const body = el("div", {});
+  const load = async () => {
+    const blocked = await api("GET", `/v1/subscriptions/${encodeURIComponent(id)}/blocked-accounts`);
+    const rows = blocked.items.map((b) => el("tr", {},
+      td("Account", el("span", { class: "mono" }, b.account_id)),
+      el("td", { class: "num", "data-label": "Sequence held" }, b.sequence),
+      td("Dead letter", el("span", { class: "mono" }, b.event_id), ` (#${b.dead_letter_id})`),
+      td("Reason", b.reason || (b.last_status ? `HTTP ${b.last_status}` : "")),
+      td("Dead since", when(b.dead_at)),
+      td("Action", el("button", { type: "button", class: "secondary", "aria-label": `Skip ${b.event_id} of account ${b.account_id}`, onclick: async () => {
+        clearError();
+        if (!confirm(`Skip event ${b.event_id} (sequence ${b.sequence} of account ${b.account_id})? It is never sent; the account's later events go on.`)) return;
+        try {
+          const r = await api("POST", "/v1/dead-letters/skip", { ids: [b.dead_letter_id] });
+          result.replaceChildren(el("p", { class: "note", role: "status" }, r.skipped
+            ? `Skipped ${b.event_id}: account ${b.account_id} is released, its later events are sent in order.`
+            : `Nothing skipped: ${b.event_id} is no longer a dead letter (replayed or skipped already).`));
+          await load();
+        } catch (err) { showError(err); }
+      } }, "Skip"))));
+    body.replaceChildren(table(["Account", "Sequence held", "Dead letter", "Reason", "Dead since", ""], rows,
+      "No account is blocked: every account's deliveries go on in order."));
+  };
+  await load();
+  return el("section", { id: "blocked", "aria-labelledby": "h-blocked" },
+    el("h2", { id: "h-blocked" }, "Blocked accounts"),
+    el("p", { class: "legend" }, "Ordered: an account's later events wait behind its dead letter until it is replayed (Dead letters) or skipped here."),
+    result, body);
 }
 
 function testEvent(sub) {
