@@ -86,9 +86,11 @@ def snapshot(roots: Iterable[int]) -> TreeSnapshot:
 
 def cpu_between(before: TreeSnapshot, after: TreeSnapshot) -> float:
     """CPU seconds the tree used between two snapshots. A process that exited and was reaped
-    in between is in its parent's cutime/cstime; one that appeared started from zero."""
-    return sum(after.cpu_s.values()) - sum(
-        v for pid, v in before.cpu_s.items() if pid in after.cpu_s
+    in between is in its parent's cutime/cstime; one that appeared started from zero. A
+    process never counts less than nothing: one caught exiting reads as 0 (its /proc entry
+    gone), which would otherwise subtract its whole past from the total."""
+    return sum(
+        max(used - before.cpu_s.get(pid, 0.0), 0.0) for pid, used in after.cpu_s.items()
     )
 
 
