@@ -143,7 +143,9 @@ async def _list_subscriptions(
     for s in items:
         events = ",".join(s.event_patterns)
         account = s.account_id or "*"
-        sys.stdout.write(f"{s.id:<21} {s.state:<9} {events:<30} {account:<12} {mask_url(s.url)}\n")
+        sys.stdout.write(
+            f"{s.id:<21} {s.state:<9} {events:<30} {account:<12} {mask_url(s.url)}\n"
+        )
     return EXIT_OK
 
 
