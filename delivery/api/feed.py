@@ -42,6 +42,7 @@ class Frame:
     sequence: int
     type: str
     text: str  # the webhook body, rendered once for every client
+    created_at_s: float  # the outbox commit (created_at), for delivery_stream_frame_lag_seconds
 
 
 @dataclass(eq=False)
@@ -137,6 +138,7 @@ class Feed:
             row["sequence"],
             row["type"],
             render_body(envelope_from_row(row)).decode(),
+            row["created_at_s"],
         )
         for client in clients:
             client.offer(frame)

@@ -380,6 +380,15 @@ class Backlog(_Model):
     oldest_age_s: float
 
 
+class UnhealthySince(_Model):
+    kind: str = Field(description="e.g. circuit_open, account_blocked, outbox_backlog")
+    subject: str = Field(description="what is unhealthy, e.g. `subscription sub_... (tenant t)`")
+    since: datetime = Field(description="when it went unhealthy (PostgreSQL's clock)")
+    age_s: float
+    alert: str | None = Field(description="the alert rule that covers it (null: none does)")
+    detail: str
+
+
 class OpsOverview(_Model):
     outbox: Backlog
     queues: dict[str, int | None] = Field(description="messages ready, by queue name")
@@ -387,6 +396,10 @@ class OpsOverview(_Model):
     poison_messages: int
     unhealthy: list[SubscriptionHealth] = Field(
         description="every tenant's unhealthy subscriptions, the most stuck work first"
+    )
+    unhealthy_since: list[UnhealthySince] = Field(
+        description="each unhealthy thing, since when and the alert that covers it, the"
+        " longest first (`delivery status`'s `unhealthy`)"
     )
 
 

@@ -12,11 +12,13 @@ from delivery.api.models import (
     PoisonOut,
     PoisonPage,
     SubscriptionHealth,
+    UnhealthySince,
 )
 from delivery.api.routing import Call, Reply
 from delivery.broker.depths import queue_report
 from delivery.broker.topology import Names
 from delivery.store.status import outbox_backlog, subscription_health
+from delivery.store.unhealthy import unhealthy
 
 _POISON_SHOWN = 100
 
@@ -62,6 +64,9 @@ async def overview(call: Call) -> Reply:
             queues_error=queues_error,
             poison_messages=poison,
             unhealthy=[SubscriptionHealth(**s) for s in by_impact(subs)],
+            unhealthy_since=[
+                UnhealthySince(**u) for u in await unhealthy(call.pool, queues_error=queues_error)
+            ],
         ),
     )
 

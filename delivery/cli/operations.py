@@ -346,6 +346,7 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from delivery.broker.depths import queue_report
     from delivery.broker.topology import Names
     from delivery.store.status import collect
+    from delivery.store.unhealthy import format_age
 
     async def work(conn: Any) -> int:
         names = Names(settings.amqp_prefix)
@@ -386,6 +387,15 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                     f"  {b['subscription_id']} account {b['account_id']}: held at sequence"
                     f" {b['sequence']} by dead letter {b['dead_letter_id']} ({b['reason']})\n"
                 )
+        # Since when, and which alert covers it: what on-call needs to match a page to a cause.
+        if report["unhealthy"]:
+            sys.stdout.write(f"unhealthy: {len(report['unhealthy'])}\n")
+        for u in report["unhealthy"]:
+            alert = u["alert"] or "none"
+            sys.stdout.write(
+                f"  {u['kind']} {u['subject']}: {u['detail']}; since {u['since']}"
+                f" ({format_age(u['age_s'])}); alert: {alert}\n"
+            )
         return code
 
     return await _with_conn(settings, work)

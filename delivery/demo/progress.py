@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from delivery.testing.receiver import Receiver
@@ -40,6 +41,8 @@ class _Progress:
     total_deliveries: int
     published: int = 0
     tty: bool = field(default_factory=sys.stderr.isatty)
+    # What the live stream says, shown after the counts (a live balance); None: nothing.
+    live: Callable[[], str] | None = None
 
     def line(self, columns: int) -> str:
         delivered = self.receiver.delivered_count()
@@ -49,12 +52,17 @@ class _Progress:
         )
         # The last column stays free: a line that fills it wraps on some terminals.
         room = columns - 1 - len("  ") - len(_GAP) - sum(len(c) for c in counts)
+        live = self.live() if self.live is not None else ""
+        tail = f"{_GAP}{live}" if live else ""
+        if len(tail) > room:
+            tail = ""  # no room for it beside the counts: the counts matter more
+        room -= len(tail)
         width = min(_MAX_BAR, room // 2 - len("[] "))
         if width < _MIN_BAR:
-            return "  " + _GAP.join(counts)
+            return "  " + _GAP.join(counts) + tail
         return (
             f"  {_bar(self.published, self.total_events, width)}{counts[0]}"
-            f"{_GAP}{_bar(delivered, self.total_deliveries, width)}{counts[1]}"
+            f"{_GAP}{_bar(delivered, self.total_deliveries, width)}{counts[1]}{tail}"
         )
 
     def draw(self) -> None:

@@ -11,6 +11,9 @@ from typing import Any
 
 ACCOUNTS = tuple(f"acc_{n:03d}" for n in range(1, 21))
 WATCHED_ACCOUNT = ACCOUNTS[0]
+# Followed live through `delivery api`'s stream (delivery.stream.BalanceStream); the first one's
+# balance is shown beside the progress.
+STREAMED_ACCOUNTS = ACCOUNTS[:3]
 BATCH_SIZE = 200  # events per publishing transaction
 PUBLISH_RATE_PER_S = 1_000  # a steady producer, so deliveries arrive while it publishes
 READY_TIMEOUT_S = 20.0  # for the relay and workers to connect

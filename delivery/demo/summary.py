@@ -7,7 +7,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from delivery.demo.scenario import ACCOUNTS, STALL_TIMEOUT_S, _Route
 from delivery.store.subscriptions import Subscription
@@ -17,12 +17,22 @@ OK_LINE = "OK: every event delivered, every signature verified"
 
 
 @dataclass(frozen=True)
+class _BalanceCheck:
+    """The live stream's rebuilt balances against the API's snapshot: lines to show, and
+    what does not match."""
+
+    lines: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class _RunTimes:
     commit_at: dict[str, float]  # event id -> time.time() just after its transaction committed
     first_publish_at: float
     published_in_s: float
     transactions: int
     stalled: bool
+    balances: _BalanceCheck = field(default_factory=_BalanceCheck)
 
 
 def _describe(sub: Subscription) -> str:
@@ -59,6 +69,7 @@ def _summary(
     rows, failures = _check(receiver, subs, expected)
     if run.stalled:
         failures.append(f"nothing arrived for {STALL_TIMEOUT_S:.0f} s; gave up waiting")
+    failures += run.balances.failures
     out("")
     out(
         f"published {len(run.commit_at):,} events for {len(ACCOUNTS)} accounts in "
@@ -69,6 +80,8 @@ def _summary(
         out(line)
     out("")
     for line in _timings(receiver, run):
+        out(line)
+    for line in run.balances.lines:
         out(line)
     out(f"wall time   {time.time() - began:.1f} s for the whole demo so far")
     out("FAILED: " + "; ".join(failures) if failures else OK_LINE)

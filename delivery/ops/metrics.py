@@ -228,3 +228,13 @@ STREAM_CLIENTS_REFUSED = Counter(
     "delivery_stream_clients_refused_total",
     "Live stream clients refused (1013) at the tenant's client limit",
 )
+# Stream freshness (runbooks/slo.md): from the event's outbox commit (created_at) to the write
+# of its frame to a live client, history excluded. Observed once per batch of up to 64 frames a
+# client's sender writes without waiting, with the batch's oldest (worst) frame: see
+# delivery/api/stream.py for why not once per frame per client.
+STREAM_FRAME_LAG = Histogram(
+    "delivery_stream_frame_lag_seconds",
+    "From an event's outbox commit to its live stream frame written to a client (per batch of"
+    " up to 64 frames, its oldest)",
+    buckets=_LATENCY_BUCKETS_S,
+)

@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 
 from delivery.events import format_timestamp
+from delivery.store.unhealthy import unhealthy
 from delivery.targets import mask_url
 
 # How far behind the relay is: read by ``delivery status`` and by the relay for its gauges.
@@ -118,6 +119,8 @@ async def collect(
         "subscriptions": subs,
         # At most BLOCKED_LIMIT; each subscription's blocked_accounts counts them all.
         "blocked_accounts": blocked,
+        # Each unhealthy thing, since when, and the alert that covers it (the longest first).
+        "unhealthy": await unhealthy(conn, queues_error=queues_error),
     }
 
 

@@ -26,7 +26,8 @@ LIMIT $5
 """
 _HORIZON = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text"
 _NEW_ROWS = f"""
-SELECT {_COLUMNS}, tx::text AS tx FROM delivery.outbox
+SELECT {_COLUMNS}, tx::text AS tx, extract(epoch FROM created_at)::float8 AS created_at_s
+FROM delivery.outbox
 WHERE tx >= $1::xid8
 ORDER BY pk
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,13 @@ from decimal import Decimal
 
 import pytest
 
-from delivery.demo.scenario import ACCOUNTS, ROUTES, realistic_events
+from delivery.demo.scenario import (
+    ACCOUNTS,
+    ROUTES,
+    STREAMED_ACCOUNTS,
+    WATCHED_ACCOUNT,
+    realistic_events,
+)
 from delivery.demo.summary import OK_LINE
 from delivery.outbox import validate_all
 from delivery.store.migrations import DEFAULT_MIGRATIONS_DIR
@@ -50,9 +57,17 @@ def test_demo_delivers_every_event_with_verified_signatures(services):
     for route in ROUTES:
         assert route.name in result.stdout
     assert "published 300 events" in result.stdout
-    progress = [line for line in result.stderr.splitlines() if line.endswith(" delivered")]
+    progress = [line for line in result.stderr.splitlines() if " delivered" in line]
     assert progress, result.stderr
     assert all(len(line) < 80 for line in progress), progress
+    # The watched account's live balance (from the stream) beside the counts, by the end
+    assert re.search(rf"{WATCHED_ACCOUNT} balance [\d,]+\.\d\d USD$", progress[-1]), progress
+    # and every followed account's rebuilt balances checked against the API's snapshot
+    out = result.stdout.splitlines()
+    start = out.index("live balances (rebuilt from the stream) = the API's snapshot:")
+    checked = out[start + 1 : start + 1 + len(STREAMED_ACCOUNTS)]
+    assert [line.split()[0] for line in checked] == list(STREAMED_ACCOUNTS), out
+    assert all(re.fullmatch(r"\S+  [\d,]+\.\d\d USD at sequence \d+", s.strip()) for s in checked)
 
 
 @pytest.mark.integration

@@ -351,7 +351,12 @@ async def test_tenants_csrf_phone_width_keyboard_and_on_call(
         page = await desk.new_page()
         await _sign_in(page, api, operator)
         await page.get_by_role("link", name="On-call").click()
-        for heading in ("Outbox backlog", "Queue depths", "Unhealthy subscriptions, by impact"):
+        for heading in (
+            "Outbox backlog",
+            "Queue depths",
+            "Unhealthy since",
+            "Unhealthy subscriptions, by impact",
+        ):
             await expect(page.get_by_role("heading", name=heading)).to_be_visible()
         await page.goto(f"{api.url}/ui/#/ops/queues")
         await expect(page.get_by_role("heading", name="Queue depths")).to_be_focused()

@@ -42,3 +42,16 @@ def test_bars_grow_with_the_terminal_up_to_a_limit():
     assert narrow.count("[") == wide.count("[") == 2
     assert len(narrow) < len(wide) < 120
     assert "." * 12 in wide and "#" * 12 in wide  # 24 wide, half done for the deliveries
+
+
+def test_the_live_balance_shows_beside_the_counts_while_it_fits():
+    progress = _Progress(_Delivered(450), total_events=300, total_deliveries=900, tty=True)  # type: ignore[arg-type]
+    progress.live = lambda: "acc_001 balance 10,070.37 USD"
+    line = progress.line(80)
+    assert len(line) < 80 and line.endswith("   acc_001 balance 10,070.37 USD"), line
+    assert "450/900 delivered" in line
+    # Where the counts leave no room, the balance goes and the counts stay.
+    huge = _Progress(_Delivered(0), total_events=30_000_000, total_deliveries=90_000_000, tty=True)  # type: ignore[arg-type]
+    huge.live = progress.live
+    assert "balance" not in huge.line(80) and len(huge.line(80)) < 80
+    assert "balance" in huge.line(120)

@@ -455,6 +455,10 @@ async function viewOps(section) {
     el("td", { class: "num", "data-label": "Dead" }, s.dead), el("td", { class: "num", "data-label": "Retrying" }, s.retrying),
     el("td", { class: "num", "data-label": "Pending" }, s.pending),
     td("Failing since", when(s.failing_since)), td("Last success", when(s.last_success))));
+  // What `delivery status` prints: each unhealthy thing, since when, and the alert covering it.
+  const since = o.unhealthy_since.map((u) => el("tr", {},
+    td("Since", when(u.since)), td("What", u.kind.replaceAll("_", " ")), td("Subject", el("span", { class: "mono" }, u.subject)),
+    td("Detail", u.detail), td("Alert", u.alert ? el("span", { class: "mono" }, u.alert) : "none")));
   const poisonRows = poison.items.map((p) => el("tr", {},
     td("Received", when(p.received_at)), td("Message", el("span", { class: "mono" }, p.message_id || "?")),
     td("Routing key", p.routing_key || ""), td("Reason", p.reason), el("td", { class: "num", "data-label": "Deaths" }, p.death_count ?? "")));
@@ -465,6 +469,8 @@ async function viewOps(section) {
     el("section", { id: "queues", "aria-labelledby": "h-queues" }, el("h2", { id: "h-queues" }, "Queue depths"),
       o.queues_error ? el("p", { class: "alert" }, `Queue depths unknown: ${o.queues_error}. Check RabbitMQ (runbooks/broker-down.md).`) : "",
       table(["Queue", "Ready"], queues, "No queues yet: start a worker.")),
+    el("section", { id: "since", "aria-labelledby": "h-since" }, el("h2", { id: "h-since" }, "Unhealthy since"),
+      table(["Since", "What", "Subject", "Detail", "Alert"], since, "Nothing is unhealthy.")),
     el("section", { id: "unhealthy", "aria-labelledby": "h-unhealthy" }, el("h2", { id: "h-unhealthy" }, "Unhealthy subscriptions, by impact"),
       table(["Tenant", "Subscription", "State", "Circuit", "Dead", "Retrying", "Pending", "Failing since", "Last success"], unhealthy,
         "Every subscription is healthy.")),
