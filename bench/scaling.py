@@ -229,6 +229,44 @@ def table(out: dict[str, Any]) -> list[str]:
     return lines
 
 
+def ceilings_table(out: dict[str, Any]) -> list[str]:
+    """The ceilings (``bench.ceilings``) as a markdown table."""
+    if not out.get("ceilings"):
+        return []
+    lines = [
+        "| ceiling | per s | client CPU ms/item | server CPU ms/item |",
+        "|---|---|---|---|",
+    ]
+    for c in out["ceilings"]:
+        where = f" ({c['broker']})" if "broker" in c else ""
+        lines.append(
+            f"| {c['what']}{where} | {c['per_s']:,.0f} | {c['client_cpu_ms_per_item']:.3f}"
+            f" | {c['server_cpu_ms_per_item']:.3f} |"
+        )
+    return lines
+
+
+def report(results: dict[str, Any]) -> list[str]:
+    """The section of ``bench/RESULTS.md`` that ``python -m bench run --only scaling`` fills."""
+    out = results.get("scaling")
+    if not out:
+        return []
+    load0, load1 = (", ".join(f"{x:.2f}" for x in out[k]) for k in ("load_at_start", "load_at_end"))
+    return [
+        "## Ours: scaling with worker processes on a three-node cluster",
+        "",
+        f"`{out['command']}` (`bench/scaling.py`): {out['events']:,} events staged in the outbox,"
+        f" drained flat out by {out['relays']} relay and N worker processes; medians, CPU in ms"
+        " per event and (in brackets) mean cores busy, per kind of process; code"
+        f" `{out['code'].get('commit', '?')}`; load average {load0} at start, {load1} at end.",
+        "",
+        *table(out),
+        "",
+        *ceilings_table(out),
+        "",
+    ]
+
+
 # -- servers --------------------------------------------------------------------------------
 
 
@@ -404,7 +442,7 @@ def main() -> None:
     if args.out is not None:
         args.out.write_text(text + "\n")
     print(text)
-    print("\n".join(table(out)))
+    print("\n".join([*table(out), "", *ceilings_table(out)]))
 
 
 if __name__ == "__main__":
