@@ -210,7 +210,7 @@ def table(out: dict[str, Any]) -> list[str]:
     """The medians as a markdown table: events/s and CPU ms per event per kind."""
     head = " | ".join(f"{k} ms/ev (cores)" for k in KINDS)
     lines = [
-        f"| broker | workers | runs | events/s (min\u2013max) | {head} | ours ms/ev | machine cores"
+        f"| broker | workers | runs | events/s (min\u2013max) | {head} | sum ms/ev | machine cores"
         " (others) |",
         "|" + "---|" * (len(KINDS) + 6),
     ]
@@ -258,7 +258,9 @@ def report(results: dict[str, Any]) -> list[str]:
         f"`{out['command']}` (`bench/scaling.py`): {out['events']:,} events staged in the outbox,"
         f" drained flat out by {out['relays']} relay and N worker processes; medians, CPU in ms"
         " per event and (in brackets) mean cores busy, per kind of process; code"
-        f" `{out['code'].get('commit', '?')}`; load average {load0} at start, {load1} at end.",
+        f" `{out['code'].get('commit', '?')}`; load average {load0} at start, {load1} at end;"
+        f" its own PostgreSQL {out['servers'].get('postgresql settings', '?')}, RabbitMQ"
+        f" {out['servers'].get('rabbitmq', '?')}.",
         "",
         *table(out),
         "",
@@ -351,7 +353,8 @@ async def ceilings(
     return found
 
 
-async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+async def main_async(args: argparse.Namespace, command: str | None = None) -> dict[str, Any]:
+    """Every session of ``args``; ``command`` is what to report as having run them."""
     load_at_start = loadavg()
     with contextlib.ExitStack() as stack:
         if args.database_url:
@@ -385,7 +388,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         )
         runs = await measure(servers, args)
     out: dict[str, Any] = {
-        "command": " ".join(["python -m bench.scaling", *sys.argv[1:]]),
+        "command": command or " ".join(["python -m bench.scaling", *sys.argv[1:]]),
         "code": code_under_test(),
         "servers": facts,
         "relays": args.relays,

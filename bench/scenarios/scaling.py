@@ -6,6 +6,8 @@ server's CPU can only be read whole from processes that are the bench's own."""
 
 from __future__ import annotations
 
+import sys
+
 from bench import scaling as bench_scaling
 from bench.sessions import Run
 
@@ -24,5 +26,6 @@ async def scaling(run: Run) -> None:
             f"--ceiling-rows={2000 if a.quick else 20_000}",
         ]
     )
-    run.results["scaling"] = await bench_scaling.main_async(args)
+    command = " ".join(["python -m bench", *sys.argv[1:]])
+    run.results["scaling"] = await bench_scaling.main_async(args, command)
     run.save()
