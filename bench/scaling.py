@@ -62,6 +62,8 @@ CLUSTER_SIZE = 3
 
 # A server's processes to measure, given the session's database name.
 PidSource = Callable[[str], Awaitable[set[int]]]
+# The next transaction id to be assigned; reading it assigns none.
+_NEXT_XID = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
 
 
 @dataclass
@@ -129,7 +131,7 @@ async def session(servers: Servers, broker: str, workers: int, args: argparse.Na
     """One flat-out drain of ``args.events`` with ``workers`` worker processes."""
 
     async def body(system: System) -> dict[str, Any]:
-        assert isinstance(system, Scaling)
+        assert isinstance(system, Scaling) and system.conn is not None
         n = args.events
         events = make_workload(n, f"{system.tag}s")
         await system.receiver.reset()
@@ -137,6 +139,7 @@ async def session(servers: Servers, broker: str, workers: int, args: argparse.Na
         system.pause()
         await system.publish(events, rate=0)
         load = loadavg()
+        xid0 = await system.conn.fetchval(_NEXT_XID)
         before = _snapshots(await _kinds(system, servers))
         busy0, total0 = machine_cpu_ticks()
         started = time.time()
@@ -146,6 +149,7 @@ async def session(servers: Servers, broker: str, workers: int, args: argparse.Na
         # Backends (and broker helpers) started during the run count from zero.
         after = _snapshots(await _kinds(system, servers))
         busy1, total1 = machine_cpu_ticks()
+        xid1 = await system.conn.fetchval(_NEXT_XID)
         cpu_wall_s = time.time() - started
         wall_s = stats["last_at"] - started
         cpu_s: dict[str, float | None] = {}
@@ -169,6 +173,9 @@ async def session(servers: Servers, broker: str, workers: int, args: argparse.Na
             "cores": {
                 k: round(v / cpu_wall_s, 3) if v is not None else None for k, v in cpu_s.items()
             },
+            # Transaction ids handed out meanwhile: every transaction that wrote, on the whole
+            # server (exact on our own; others' writes too on a shared one).
+            "write_transactions_per_event": round((xid1 - xid0) / n, 4),
             "machine_cores": round(machine_cores, 3),
             "others_cores": round(machine_cores - ours_s / cpu_wall_s, 3),
             "recorded": recorded,
@@ -197,6 +204,7 @@ def medians(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         ],
         "cpu_ms_per_event": {k: med(r["cpu_ms_per_event"][k] for r in runs) for k in KINDS},
         "cores": {k: med(r["cores"][k] for r in runs) for k in KINDS},
+        "write_transactions_per_event": med(r.get("write_transactions_per_event") for r in runs),
         "machine_cores": med(r["machine_cores"] for r in runs),
         "others_cores": med(r["others_cores"] for r in runs),
     }
@@ -210,9 +218,9 @@ def table(out: dict[str, Any]) -> list[str]:
     """The medians as a markdown table: events/s and CPU ms per event per kind."""
     head = " | ".join(f"{k} ms/ev (cores)" for k in KINDS)
     lines = [
-        f"| broker | workers | runs | events/s (min\u2013max) | {head} | sum ms/ev | machine cores"
-        " (others) |",
-        "|" + "---|" * (len(KINDS) + 6),
+        f"| broker | workers | runs | events/s (min\u2013max) | {head} | sum ms/ev | write xacts/ev"
+        " | machine cores (others) |",
+        "|" + "---|" * (len(KINDS) + 7),
     ]
     for key, m in out["medians"].items():
         broker, workers = key.split("/")
@@ -224,6 +232,7 @@ def table(out: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {broker} | {workers} | {m['runs']} | {m['events_per_s']:,.0f}"
             f" ({low:,.0f}\u2013{high:,.0f}) | {cells} | {total:.3f}"
+            f" | {_fmt(m.get('write_transactions_per_event'), '.3f')}"
             f" | {_fmt(m['machine_cores'], '.2f')} ({_fmt(m['others_cores'], '.2f')}) |"
         )
     return lines

@@ -102,6 +102,8 @@ async def test_scaling_session_reports_cpu_per_kind_of_process(services: Service
     assert set(cpu) == set(scaling.KINDS) and cpu["rabbitmq"] is None
     assert cpu["workers"] > 0 and cpu["postgresql"] > 0 and cpu["receiver"] > 0
     assert cpu["relay"] >= 0  # 300 rows are a few ms of one relay: a tick or none
+    # and the writing transactions counted (server-wide here: the shared server's others too)
+    assert result["write_transactions_per_event"] > 0
     # and what our processes kept busy fits in what the whole machine was busy with
     ours = sum(v for v in result["cores"].values() if v is not None)
     assert 0 < result["machine_cores"] <= (os.cpu_count() or 1) + 0.05
