@@ -10,8 +10,9 @@ Scenarios (``bench/scenarios/``, listed with ``--help``): ``flat`` and ``paced``
 system; ``live`` (ours with the producer publishing while it runs); ``tuned`` (one setting
 changed); ``processes`` and ``fanout`` (ours scaling); ``relay`` (relay drain rate); ``backlog``
 (a large backlog drained, memory sampled every second); ``profile`` (py-spy on our worker during
-a flat-out run); opt-in: ``e2e`` (a live producer in batches, at a chosen rate) and ``failures``
-(a failing and a hanging subscriber).
+a flat-out run); opt-in: ``e2e`` (a live producer in batches, at a chosen rate), ``failures``
+(a failing and a hanging subscriber) and ``scaling`` (1 relay and N workers on a throwaway
+three-node RabbitMQ cluster and one node, CPU per kind of process; ``bench.scaling``).
 
 Services: DELIVERY_DATABASE_URL / DELIVERY_AMQP_URL when set (each system in its own database
 and queue names, all removed afterwards), otherwise throwaway local servers.
@@ -124,7 +125,7 @@ def parser() -> argparse.ArgumentParser:
         "--events",
         type=int,
         default=10_000,
-        help="events per session of flat, live, tuned, processes, profile and e2e",
+        help="events per session of flat, live, tuned, processes, profile, e2e and scaling",
     )
     add("--rate", type=float, default=500.0, help="events/s of a paced run")
     add("--paced-s", type=float, default=10.0, help="seconds of a paced run")
@@ -145,7 +146,8 @@ def parser() -> argparse.ArgumentParser:
         "--process-counts",
         type=_csv(int),
         default=[1, 2, 4],
-        help="comma-separated numbers of 'delivery run' processes for 'processes'",
+        help="comma-separated numbers of 'delivery run' processes for 'processes' (of 'delivery "
+        "worker' processes, beside one relay, for 'scaling')",
     )
     add(
         "--fanouts",

@@ -12,6 +12,7 @@ from bench.report.headline import stages, summary, targets
 from bench.report.method import load, machine, method
 from bench.report.ours import e2e, failures, fanout, live, processes, relay, tuned
 from bench.report.profile import profile
+from bench.scaling import report as scaling
 
 # A person's summary of the figures, shown after the targets.
 NOTES = Path(__file__).resolve().parent.parent / "notes.md"
@@ -73,5 +74,6 @@ def render(results: dict[str, Any]) -> str:
     out += failures(results)
     out += backlog(results)
     out += profile(results)
+    out += scaling(results)
     out += machine(meta, compare)
     return "\n".join(out) + "\n"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from bench.scenarios import backlog, compare, e2e, failures, profile, relay
+from bench.scenarios import backlog, compare, e2e, failures, profile, relay, scaling
 from bench.sessions import Run
 
 Scenario = Callable[[Run], Awaitable[None]]
@@ -26,6 +26,7 @@ CATALOGUE: dict[str, tuple[str, Scenario, bool]] = {
     "backlog": ("ours draining --backlog events already in the outbox", backlog.backlog, True),
     "e2e": ("opt-in: ours with a live producer in batches of 100, see --e2e-*", e2e.e2e, False),
     "failures": ("opt-in: a 50%-failing and a hanging subscriber (minutes)", failures.failures, False),
+    "scaling": ("opt-in: 1 relay + N workers (--process-counts) on a 3-node cluster and 1 node, CPU per kind", scaling.scaling, False),
 }
 # fmt: on
 

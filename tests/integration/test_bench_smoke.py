@@ -79,3 +79,37 @@ def test_api_publish_bench_reports_what_it_published(services: Services) -> None
         assert row["events"] > 0 and row["events_per_s"] > 0
         batch = 100 if row["mode"].endswith("-100") else 1
         assert row["requests_per_s"] * batch == pytest.approx(row["events_per_s"], rel=0.05)
+
+
+async def test_scaling_session_reports_cpu_per_kind_of_process(services: Services) -> None:
+    # Given the scaling bench on the shared servers: one relay and one worker, a small backlog;
+    # PostgreSQL's CPU is the session database's backends, the shared broker is not measured
+    from bench import scaling
+
+    args = scaling.parser().parse_args(["--events", "300", "--workers", "1"])
+    servers = scaling.Servers(
+        services.database_url,
+        services.amqp_url,
+        lambda name: scaling.database_backends(services.database_url, name),
+        None,
+    )
+    # When it drains the backlog flat out
+    result = await scaling.session(servers, "given", 1, args)
+    # Then every event arrived signed and recorded, with CPU per event for each kind it owns
+    assert result["bad_signatures"] == 0 and result["recorded"] >= 300
+    assert result["events_per_s"] > 0 and result["wall_s"] > 0
+    cpu = result["cpu_ms_per_event"]
+    assert set(cpu) == set(scaling.KINDS) and cpu["rabbitmq"] is None
+    assert cpu["workers"] > 0 and cpu["postgresql"] > 0 and cpu["receiver"] > 0
+    assert cpu["relay"] >= 0  # 300 rows are a few ms of one relay: a tick or none
+    # and the writing transactions counted (server-wide here: the shared server's others too)
+    assert result["write_transactions_per_event"] > 0
+    # and what our processes kept busy fits in what the whole machine was busy with
+    ours = sum(v for v in result["cores"].values() if v is not None)
+    assert 0 < result["machine_cores"] <= (os.cpu_count() or 1) + 0.05
+    assert ours <= result["machine_cores"] + 0.25  # /proc tick granularity over about a second
+    # and the medians and the table are made of it
+    summary = scaling.medians([result])
+    assert summary["events_per_s"] == result["events_per_s"]
+    out = {"medians": {"given/1": summary}}
+    assert scaling.table(out)[-1].startswith("| given | 1 | 1 |")
