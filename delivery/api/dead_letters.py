@@ -20,7 +20,7 @@ from delivery.store import dead_letters, pages
 
 async def list_dead_letters(call: Call) -> Reply:
     q = call.query
-    after = pagination.decode(q.cursor, int)[0] if q.cursor else None
+    after = pagination.after_id(q.cursor)
     async with call.pool.acquire() as conn:
         rows = await pages.dead_letters(
             conn,
@@ -31,8 +31,7 @@ async def list_dead_letters(call: Call) -> Reply:
             since=q.since,
             until=q.until,
         )
-    shown, more = pagination.page(rows, q.limit)
-    cursor = pagination.encode(shown[-1]["id"]) if more else None
+    shown, cursor = pagination.next_page(rows, q.limit, lambda r: (r["id"],))
     items = [DeadLetterOut.model_validate(r) for r in shown]
     return Reply(200, DeadLetterPage(items=items, next_cursor=cursor))
 

@@ -134,7 +134,7 @@ async def get_event(call: Call) -> Reply:
 
 async def list_events(call: Call) -> Reply:
     q = call.query
-    after = pagination.decode(q.cursor, int)[0] if q.cursor else None
+    after = pagination.after_id(q.cursor)
     async with call.pool.acquire() as conn:
         rows = await pages.events(
             conn,
@@ -146,7 +146,6 @@ async def list_events(call: Call) -> Reply:
             since=q.since,
             until=q.until,
         )
-    shown, more = pagination.page(rows, q.limit)
-    cursor = pagination.encode(shown[-1]["pk"]) if more else None
+    shown, cursor = pagination.next_page(rows, q.limit, lambda r: (r["pk"],))
     items = [EventOut.model_validate({k: v for k, v in r.items() if k != "pk"}) for r in shown]
     return Reply(200, EventPage(items=items, next_cursor=cursor))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -60,3 +60,18 @@ def decode(cursor: str, *kinds: type) -> tuple[Any, ...]:
 def page(rows: Sequence[T], limit: int) -> tuple[Sequence[T], bool]:
     """Rows fetched with ``LIMIT limit + 1``: the page, and whether another follows."""
     return rows[:limit], len(rows) > limit
+
+
+def after_id(cursor: str | None) -> int | None:
+    """The id a page's cursor continues after (``None``: the first page), for the listings
+    keyed by one integer."""
+    return decode(cursor, int)[0] if cursor else None
+
+
+def next_page(
+    rows: Sequence[T], limit: int, key: Callable[[T], tuple[int | str | datetime, ...]]
+) -> tuple[Sequence[T], str | None]:
+    """Rows fetched with ``LIMIT limit + 1``: the page, and the cursor of the next one (the
+    ``key`` of this page's last row), ``None`` when this is the last."""
+    shown, more = page(rows, limit)
+    return shown, encode(*key(shown[-1])) if more else None

@@ -100,8 +100,7 @@ async def list_subscriptions(call: Call) -> Reply:
     async with call.pool.acquire() as conn:
         rows = await pages.subscriptions(conn, call.caller.tenant_id, limit=q.limit, after=after)
     loaded = [subs.Subscription.from_row(r, box=call.box) for r in rows]
-    shown, more = pagination.page(loaded, q.limit)
-    cursor = pagination.encode(shown[-1].created_at, shown[-1].id) if more else None
+    shown, cursor = pagination.next_page(loaded, q.limit, lambda s: (s.created_at, s.id))
     return Reply(200, SubscriptionPage(items=[_out(s) for s in shown], next_cursor=cursor))
 
 
@@ -151,7 +150,7 @@ async def rotate_secret(call: Call) -> Reply:
 
 async def deliveries(call: Call) -> Reply:
     q = call.query
-    after = pagination.decode(q.cursor, int)[0] if q.cursor else None
+    after = pagination.after_id(q.cursor)
     async with call.pool.acquire() as conn:
         await subs.get(conn, call.path.id, tenant_id=call.caller.tenant_id)  # 404 unless its
         rows = await pages.subscription_deliveries(
@@ -163,8 +162,7 @@ async def deliveries(call: Call) -> Reply:
             since=q.since,
             until=q.until,
         )
-    shown, more = pagination.page(rows, q.limit)
-    cursor = pagination.encode(shown[-1]["id"]) if more else None
+    shown, cursor = pagination.next_page(rows, q.limit, lambda r: (r["id"],))
     items = [DeliveryOut.model_validate(r) for r in shown]
     return Reply(200, DeliveryPage(items=items, next_cursor=cursor))
 
