@@ -4,6 +4,10 @@ tenant's dead letters are never touched (and are not told apart from missing one
 
 from __future__ import annotations
 
+from typing import Any
+
+import asyncpg
+
 from delivery.api import pagination
 from delivery.api.models import (
     DeadLetterOut,
@@ -20,9 +24,9 @@ from delivery.store import dead_letters, pages
 
 async def list_dead_letters(call: Call) -> Reply:
     q = call.query
-    after = pagination.after_id(q.cursor)
-    async with call.pool.acquire() as conn:
-        rows = await pages.dead_letters(
+
+    async def fetch(conn: asyncpg.Connection, after: int | None) -> list[dict[str, Any]]:
+        return await pages.dead_letters(
             conn,
             call.caller.tenant_id,
             limit=q.limit,
@@ -31,9 +35,15 @@ async def list_dead_letters(call: Call) -> Reply:
             since=q.since,
             until=q.until,
         )
-    shown, cursor = pagination.next_page(rows, q.limit, lambda r: (r["id"],))
-    items = [DeadLetterOut.model_validate(r) for r in shown]
-    return Reply(200, DeadLetterPage(items=items, next_cursor=cursor))
+
+    return await pagination.listing(
+        call,
+        fetch,
+        key=lambda r: (r["id"],),
+        answer=lambda shown, cursor: DeadLetterPage(
+            items=[DeadLetterOut.model_validate(r) for r in shown], next_cursor=cursor
+        ),
+    )
 
 
 async def _selected(call: Call) -> list[int]:
