@@ -25,6 +25,7 @@ from delivery.settings import Settings
 from delivery.store.migrations import migrate
 from delivery.testing.env import IN_CI
 from delivery.testing.services import Services, create_database, drop_database, provision_services
+from tests.schedule import longest_first
 
 # Components run in the test process log through structlog's default configuration, whose
 # console renderer formats an exception with `rich` when it is installed (a test tool pulls it
@@ -96,6 +97,14 @@ async def delete_broker_objects(amqp_url: str, names: Names) -> None:
         connection = await aio_pika.connect(amqp_url, timeout=5)
         async with connection:
             await delete(connection, names)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Longest files first, so that the two xdist workers finish together (tests/schedule.py).
+    # Only in an xdist worker: a serial run (the mutation check's kill tests, listed fastest
+    # first for -x) keeps the order it was given.
+    if hasattr(config, "workerinput"):
+        items[:] = longest_first(items)
 
 
 # The mutation check's score, when an xdist worker ran it (tests/mutation/conftest.py).

@@ -11,7 +11,6 @@ Burst mode (``until_idle``) ends the same way once no work is left: ``delivery.w
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -22,12 +21,12 @@ from delivery.aio import backoff_s, wait_any
 from delivery.broker.nodes import watch_nodes
 from delivery.broker.relay import Relay
 from delivery.errors import BrokerNodeLostError, StoppedBeforeConnected
+from delivery.lifecycle import install_signals, open_pool
 from delivery.ops import tracing
 from delivery.ops.admin import serve_admin
 from delivery.ops.health import Health
 from delivery.secrets import NO_KEYS, SecretBox
 from delivery.settings import Settings
-from delivery.store.pool import create_pool, is_connection_error
 from delivery.store.secret_keys import open_box
 from delivery.worker.burst import stop_when_idle
 from delivery.worker.deliverer import Deliverer
@@ -78,60 +77,12 @@ def _failing_over(exc: BaseException) -> bool:
     return isinstance(exc, BrokerNodeLostError)
 
 
-async def _open_pool(settings: Settings, stop: asyncio.Event) -> asyncpg.Pool:
-    """The pool, once the database answers. A process started while PostgreSQL is down or its
-    link is cut waits for it with backoff, as it does for the broker, instead of exiting; a
-    refusal that no retry can fix (bad password, no such database) still ends it at once.
-    ``StoppedBeforeConnected`` when ``stop`` is set first."""
-    failures = 0
-    while True:
-        try:
-            return await create_pool(
-                settings.database_url,
-                min_size=settings.db_pool_min,
-                max_size=settings.db_pool_max,
-            )
-        except Exception as exc:
-            if not is_connection_error(exc):
-                raise
-            failures += 1
-            delay = backoff_s(failures, base_s=0.5, max_s=_RESTART_BACKOFF_MAX_S)
-            log.warning("database_unreachable", error=repr(exc)[:300], retry_in_s=delay)
-            await wait_any(stop, timeout_s=delay)
-            if stop.is_set():
-                raise StoppedBeforeConnected("postgresql") from exc
-
-
-def _install_signals(
-    stop: asyncio.Event, force: asyncio.Event, health: Health
-) -> Callable[[], None]:
-    loop = asyncio.get_running_loop()
-
-    def on_signal(signame: str) -> None:
-        if not stop.is_set():
-            log.info("shutdown_started", signal=signame)
-            health.draining = True
-            stop.set()
-        else:
-            log.warning("shutdown_forced", signal=signame)
-            force.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig.name)
-
-    def remove() -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-
-    return remove
-
-
 async def _open_database(
     settings: Settings, stop: asyncio.Event, *, worker: bool
 ) -> tuple[asyncpg.Pool, SecretBox]:
     """The pool and, for a worker (it signs), the box that opens every stored secret: a worker
     that could not open one refuses to start (``ConfigError``, exit 2), its pool closed."""
-    pool = await _open_pool(settings, stop)
+    pool = await open_pool(settings, stop)
     if not worker:
         return pool, NO_KEYS
     try:
@@ -177,7 +128,7 @@ async def run_process(
     stop = stop or asyncio.Event()
     force = asyncio.Event()
     health = Health()
-    remove_signals = _install_signals(stop, force, health) if handle_signals else (lambda: None)
+    remove_signals = install_signals(stop, force, health) if handle_signals else (lambda: None)
     role = "run" if relay and worker else ("relay" if relay else "worker")
     try:
         pool, box = await _open_database(settings, stop, worker=worker)

@@ -4,6 +4,10 @@ tenant's dead letters are never touched (and are not told apart from missing one
 
 from __future__ import annotations
 
+from typing import Any
+
+import asyncpg
+
 from delivery.api import pagination
 from delivery.api.models import (
     DeadLetterOut,
@@ -20,9 +24,9 @@ from delivery.store import dead_letters, pages
 
 async def list_dead_letters(call: Call) -> Reply:
     q = call.query
-    after = pagination.decode(q.cursor, int)[0] if q.cursor else None
-    async with call.pool.acquire() as conn:
-        rows = await pages.dead_letters(
+
+    async def fetch(conn: asyncpg.Connection, after: int | None) -> list[dict[str, Any]]:
+        return await pages.dead_letters(
             conn,
             call.caller.tenant_id,
             limit=q.limit,
@@ -31,10 +35,15 @@ async def list_dead_letters(call: Call) -> Reply:
             since=q.since,
             until=q.until,
         )
-    shown, more = pagination.page(rows, q.limit)
-    cursor = pagination.encode(shown[-1]["id"]) if more else None
-    items = [DeadLetterOut.model_validate(r) for r in shown]
-    return Reply(200, DeadLetterPage(items=items, next_cursor=cursor))
+
+    return await pagination.listing(
+        call,
+        fetch,
+        key=lambda r: (r["id"],),
+        answer=lambda shown, cursor: DeadLetterPage(
+            items=[DeadLetterOut.model_validate(r) for r in shown], next_cursor=cursor
+        ),
+    )
 
 
 async def _selected(call: Call) -> list[int]:

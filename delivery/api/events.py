@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import asyncpg
+
 from delivery.api import pagination
 from delivery.api.models import (
     MAX_BATCH,
@@ -134,9 +136,9 @@ async def get_event(call: Call) -> Reply:
 
 async def list_events(call: Call) -> Reply:
     q = call.query
-    after = pagination.decode(q.cursor, int)[0] if q.cursor else None
-    async with call.pool.acquire() as conn:
-        rows = await pages.events(
+
+    async def fetch(conn: asyncpg.Connection, after: int | None) -> list[dict[str, Any]]:
+        return await pages.events(
             conn,
             call.caller.tenant_id,
             limit=q.limit,
@@ -146,7 +148,15 @@ async def list_events(call: Call) -> Reply:
             since=q.since,
             until=q.until,
         )
-    shown, more = pagination.page(rows, q.limit)
-    cursor = pagination.encode(shown[-1]["pk"]) if more else None
-    items = [EventOut.model_validate({k: v for k, v in r.items() if k != "pk"}) for r in shown]
-    return Reply(200, EventPage(items=items, next_cursor=cursor))
+
+    return await pagination.listing(
+        call,
+        fetch,
+        key=lambda r: (r["pk"],),
+        answer=lambda shown, cursor: EventPage(
+            items=[
+                EventOut.model_validate({k: v for k, v in r.items() if k != "pk"}) for r in shown
+            ],
+            next_cursor=cursor,
+        ),
+    )

@@ -27,6 +27,7 @@ from delivery.events import envelope_from_row, render_body
 from delivery.ops import metrics
 from delivery.settings import Settings
 from delivery.store import stream_reads
+from delivery.store.listen import Listener
 
 log = structlog.get_logger("delivery.api.feed")
 
@@ -102,7 +103,13 @@ class Feed:
 
     async def run(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._listen(stop))
+            listener = Listener(
+                self._settings.database_url,
+                {NOTIFY_CHANNEL: lambda _payload: self._wake.set()},
+                resync=lambda _reason: self._wake.set(),  # rows committed while not listening
+                name="stream_feed",
+            )
+            tasks.create_task(listener.run(stop))
             tasks.create_task(self._read(stop))
 
     async def _read(self, stop: asyncio.Event) -> None:
@@ -142,27 +149,6 @@ class Feed:
         )
         for client in clients:
             client.offer(frame)
-
-    async def _listen(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            lost = asyncio.Event()
-            try:
-                conn = await asyncpg.connect(self._settings.database_url, timeout=10)
-            except Exception as exc:
-                log.warning("stream_listen_connect_failed", error=repr(exc)[:200])
-                await wait_any(stop, timeout_s=2.0)
-                continue
-            try:
-                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(NOTIFY_CHANNEL, lambda *_a: self._wake.set())
-                self._wake.set()  # rows committed while not listening
-                await wait_any(stop, lost, timeout_s=3600)
-            except Exception as exc:
-                log.warning("stream_listen_failed", error=repr(exc)[:200])
-                await wait_any(stop, timeout_s=1.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(conn.close(), 5)
 
 
 FEED = web.AppKey("stream_feed", Feed)

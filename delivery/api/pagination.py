@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
+import asyncpg
 import orjson
+from pydantic import BaseModel
 
 from delivery.api.problems import ApiError
+from delivery.api.routing import Call, Reply
 
 T = TypeVar("T")
+Key = tuple[int | str | datetime, ...]
 
 
 def encode(*key: int | str | datetime) -> str:
@@ -60,3 +64,35 @@ def decode(cursor: str, *kinds: type) -> tuple[Any, ...]:
 def page(rows: Sequence[T], limit: int) -> tuple[Sequence[T], bool]:
     """Rows fetched with ``LIMIT limit + 1``: the page, and whether another follows."""
     return rows[:limit], len(rows) > limit
+
+
+def next_page(
+    rows: Sequence[T], limit: int, key: Callable[[T], Key]
+) -> tuple[Sequence[T], str | None]:
+    """Rows fetched with ``LIMIT limit + 1``: the page, and the cursor of the next one (the
+    ``key`` of this page's last row), ``None`` when this is the last."""
+    shown, more = page(rows, limit)
+    return shown, encode(*key(shown[-1])) if more else None
+
+
+async def listing(
+    call: Call,
+    fetch: Callable[[asyncpg.Connection, Any], Awaitable[Sequence[T]]],
+    *,
+    key: Callable[[T], Key],
+    answer: Callable[[Sequence[T], str | None], BaseModel],
+    kinds: tuple[type, ...] = (int,),
+) -> Reply:
+    """One page of a listing, the shape every list handler shares: the query's ``cursor``
+    decoded as ``kinds`` (the one value when there is one kind, else the tuple; ``None`` on the
+    first page), ``fetch(conn, after)`` for at most ``limit + 1`` rows, then ``answer(page,
+    next_cursor)`` with 200; the next cursor is ``key`` of the page's last row."""
+    q = call.query
+    after: Any = None
+    if q.cursor:
+        values = decode(q.cursor, *kinds)
+        after = values[0] if len(kinds) == 1 else values
+    async with call.pool.acquire() as conn:
+        rows = await fetch(conn, after)
+    shown, cursor = next_page(rows, q.limit, key)
+    return Reply(200, answer(shown, cursor))

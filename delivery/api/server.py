@@ -4,70 +4,32 @@
 Start: the admin server (/metrics, /healthz, /readyz), then the database pool (waited for with
 backoff, as the workers wait), then the API socket; ready once the pool answers. The first
 SIGTERM/SIGINT marks the process not-ready and stops accepting; requests in flight get
-``DELIVERY_SHUTDOWN_TIMEOUT_S`` to finish; then the pool closes and the process exits 0.
+``DELIVERY_SHUTDOWN_TIMEOUT_S`` to finish; then the pool closes and the process exits 0. A
+second signal skips the rest of that wait: requests still in flight are cut off, their
+connections closed (``delivery.lifecycle``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import signal
-from collections.abc import Callable
 
 import asyncpg
 import structlog
 from aiohttp import web
 
-from delivery.aio import backoff_s, wait_any
 from delivery.api.app import build_app
 from delivery.api.feed import FEED, Feed, running_feed
 from delivery.api.routes import ROUTES
 from delivery.errors import ConfigError, StoppedBeforeConnected
+from delivery.lifecycle import install_signals, open_pool, unless_forced
 from delivery.ops.admin import serve_admin
 from delivery.ops.health import Health
 from delivery.settings import Settings
-from delivery.store.pool import create_pool, is_connection_error
 from delivery.store.secret_keys import open_box
 
 log = structlog.get_logger("delivery.api.server")
 
 _COMPONENT = "api"
-_BACKOFF_MAX_S = 10.0
-
-
-async def _open_pool(settings: Settings, stop: asyncio.Event) -> asyncpg.Pool:
-    failures = 0
-    while True:
-        try:
-            return await create_pool(
-                settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
-            )
-        except Exception as exc:
-            if not is_connection_error(exc):
-                raise
-            failures += 1
-            delay = backoff_s(failures, base_s=0.5, max_s=_BACKOFF_MAX_S)
-            log.warning("database_unreachable", error=repr(exc)[:300], retry_in_s=delay)
-            await wait_any(stop, timeout_s=delay)
-            if stop.is_set():
-                raise StoppedBeforeConnected("postgresql") from exc
-
-
-def _install_signals(stop: asyncio.Event, health: Health) -> Callable[[], None]:
-    loop = asyncio.get_running_loop()
-
-    def on_signal(signame: str) -> None:
-        log.info("shutdown_started", signal=signame)
-        health.draining = True
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig.name)
-
-    def remove() -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-
-    return remove
 
 
 async def serve_api(
@@ -78,27 +40,39 @@ async def serve_api(
 ) -> None:
     """Serve until a signal (or ``stop``), then drain and return."""
     stop = stop or asyncio.Event()
+    force = asyncio.Event()
     health = Health()
     health.register(_COMPONENT)
-    remove_signals = _install_signals(stop, health) if handle_signals else (lambda: None)
+    remove_signals = install_signals(stop, force, health) if handle_signals else (lambda: None)
     try:
         async with serve_admin(health, settings.admin_port, settings.admin_host) as admin_port:
             try:
-                pool = await _open_pool(settings, stop)
+                pool = await open_pool(settings, stop)
             except StoppedBeforeConnected:
                 log.info("stopped", role="api")
                 return
             try:
-                await _serve(settings, pool, health, stop, admin_port)
+                await _serve(settings, pool, health, stop=stop, force=force, admin_port=admin_port)
             finally:
-                await pool.close()
+                if force.is_set():
+                    # Requests cut short by the forced stop may still hold connections, and
+                    # close() would wait for them: close them under their feet instead.
+                    pool.terminate()
+                else:
+                    await pool.close()
     finally:
         remove_signals()
     log.info("stopped", role="api")
 
 
 async def _serve(
-    settings: Settings, pool: asyncpg.Pool, health: Health, stop: asyncio.Event, admin_port: int
+    settings: Settings,
+    pool: asyncpg.Pool,
+    health: Health,
+    *,
+    stop: asyncio.Event,
+    force: asyncio.Event,
+    admin_port: int,
 ) -> None:
     # aiohttp's drain: stop listening, then wait up to shutdown_timeout for requests in flight.
     async with pool.acquire() as conn:
@@ -109,7 +83,14 @@ async def _serve(
         app[FEED] = feed  # the live stream's one shared feed
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.shutdown_timeout_s)
         await _run(
-            settings, pool, runner, health=health, stop=stop, admin_port=admin_port, feed=feed
+            settings,
+            pool,
+            runner,
+            health=health,
+            stop=stop,
+            force=force,
+            admin_port=admin_port,
+            feed=feed,
         )
 
 
@@ -120,6 +101,7 @@ async def _run(
     *,
     health: Health,
     stop: asyncio.Event,
+    force: asyncio.Event,
     admin_port: int,
     feed: Feed,
 ) -> None:
@@ -148,4 +130,5 @@ async def _run(
     finally:
         health.set(_COMPONENT, False)
         feed.closing.set()  # stream clients are closed (1001), so the drain need not wait on them
-        await runner.cleanup()
+        if not await unless_forced(runner.cleanup(), force):
+            log.warning("drain_skipped", role="api")

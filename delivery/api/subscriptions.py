@@ -5,6 +5,9 @@ ordered subscription's blocked accounts."""
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
+
+import asyncpg
 
 from delivery.api import pagination
 from delivery.api.models import (
@@ -96,13 +99,22 @@ async def create(call: Call) -> Reply:
 
 async def list_subscriptions(call: Call) -> Reply:
     q = call.query
-    after = pagination.decode(q.cursor, datetime, str) if q.cursor else None
-    async with call.pool.acquire() as conn:
+
+    async def fetch(
+        conn: asyncpg.Connection, after: tuple[datetime, str] | None
+    ) -> list[subs.Subscription]:
         rows = await pages.subscriptions(conn, call.caller.tenant_id, limit=q.limit, after=after)
-    loaded = [subs.Subscription.from_row(r, box=call.box) for r in rows]
-    shown, more = pagination.page(loaded, q.limit)
-    cursor = pagination.encode(shown[-1].created_at, shown[-1].id) if more else None
-    return Reply(200, SubscriptionPage(items=[_out(s) for s in shown], next_cursor=cursor))
+        return [subs.Subscription.from_row(r, box=call.box) for r in rows]
+
+    return await pagination.listing(
+        call,
+        fetch,
+        kinds=(datetime, str),
+        key=lambda s: (s.created_at, s.id),
+        answer=lambda shown, cursor: SubscriptionPage(
+            items=[_out(s) for s in shown], next_cursor=cursor
+        ),
+    )
 
 
 async def get(call: Call) -> Reply:
@@ -151,10 +163,10 @@ async def rotate_secret(call: Call) -> Reply:
 
 async def deliveries(call: Call) -> Reply:
     q = call.query
-    after = pagination.decode(q.cursor, int)[0] if q.cursor else None
-    async with call.pool.acquire() as conn:
+
+    async def fetch(conn: asyncpg.Connection, after: int | None) -> list[dict[str, Any]]:
         await subs.get(conn, call.path.id, tenant_id=call.caller.tenant_id)  # 404 unless its
-        rows = await pages.subscription_deliveries(
+        return await pages.subscription_deliveries(
             conn,
             call.path.id,
             limit=q.limit,
@@ -163,10 +175,15 @@ async def deliveries(call: Call) -> Reply:
             since=q.since,
             until=q.until,
         )
-    shown, more = pagination.page(rows, q.limit)
-    cursor = pagination.encode(shown[-1]["id"]) if more else None
-    items = [DeliveryOut.model_validate(r) for r in shown]
-    return Reply(200, DeliveryPage(items=items, next_cursor=cursor))
+
+    return await pagination.listing(
+        call,
+        fetch,
+        key=lambda r: (r["id"],),
+        answer=lambda shown, cursor: DeliveryPage(
+            items=[DeliveryOut.model_validate(r) for r in shown], next_cursor=cursor
+        ),
+    )
 
 
 async def blocked_accounts(call: Call) -> Reply:

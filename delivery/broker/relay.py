@@ -31,6 +31,7 @@ from delivery.ops import metrics
 from delivery.ops.health import Health
 from delivery.settings import Settings, node_urls
 from delivery.store.lag import DispatchFrontier, read_lag
+from delivery.store.listen import Listener
 from delivery.store.pool import is_connection_error
 from delivery.store.status import outbox_backlog
 
@@ -94,7 +95,15 @@ class Relay:
                 self._channel = channel
                 await self._declare()
             async with asyncio.TaskGroup() as tg:
-                listener = tg.create_task(self._listen(stop))
+                # Wakes a loop at each commit; each (re)connection wakes one too, for what was
+                # committed while none listened.
+                listen = Listener(
+                    self._settings.database_url,
+                    {NOTIFY_CHANNEL: lambda _payload: self._wake.set()},
+                    resync=lambda _reason: self._wake.set(),
+                    name="relay",
+                )
+                listener = tg.create_task(listen.run(stop))
                 # Raises when the node is lost and others are listed: the supervisor then
                 # starts the relay again on another node (a batch in flight is cancelled, its
                 # rows stay unpublished and go out again).
@@ -289,29 +298,6 @@ class Relay:
         for stage, age_s in lag.by_stage().items():
             if age_s is not None:  # unknown: the walk goes on at the next read
                 metrics.LAG.labels(stage).set(round(age_s, 3))
-
-    async def _listen(self, stop: asyncio.Event) -> None:
-        """Keep one dedicated LISTEN connection (pooled ones run ``UNLISTEN *`` on release)."""
-        while not stop.is_set():
-            lost = asyncio.Event()
-            try:
-                conn = await asyncpg.connect(self._settings.database_url, timeout=10)
-            except Exception as exc:
-                log.warning("relay_listen_connect_failed", error=repr(exc)[:200])
-                await wait_any(stop, timeout_s=2.0)
-                continue
-            try:
-                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(NOTIFY_CHANNEL, lambda *_a: self._wake.set())
-                # Anything committed while we were not listening is found by this first wake.
-                self._wake.set()
-                await wait_any(stop, lost, timeout_s=3600)
-            except Exception as exc:  # the link was cut while setting up: listen again
-                log.warning("relay_listen_failed", error=repr(exc)[:200])
-                await wait_any(stop, timeout_s=1.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(conn.close(), 5)
 
 
 def _failure_reason(result: object) -> str:

@@ -22,7 +22,6 @@ memoises each sealed value: a reload does not decrypt them again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 import asyncpg
@@ -31,6 +30,7 @@ import structlog
 from delivery.aio import wait_any
 from delivery.ops import metrics
 from delivery.secrets import SecretBox
+from delivery.store.listen import Listener
 from delivery.store.pool import is_connection_error
 from delivery.store.subscriptions import Subscription, select_list
 from delivery.worker.index import SubscriptionIndex
@@ -76,7 +76,6 @@ async def _load(
 
 class SubscriptionFeed:
     def __init__(self, database_url: str, box: SecretBox, *, resync_s: float) -> None:
-        self._database_url = database_url
         self._box = box
         self._resync_s = resync_s
         self.index = SubscriptionIndex()
@@ -85,47 +84,33 @@ class SubscriptionFeed:
         self._changed: set[str] = set()  # ids notified and not re-read yet
         self._reload: str | None = "start"  # why the next ``current`` reloads everything
         self._next_resync_s = 0.0
-        self._listening = False
         self._notified = asyncio.Event()
+        self._listener = Listener(
+            database_url,
+            {CHANNEL: self._on_notification},
+            resync=self._on_resync,
+            name="subscription_feed",
+        )
 
-    def _on_notification(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+    def _on_notification(self, payload: str) -> None:
         version, _, subscription_id = payload.partition(" ")
         self._notified_version = max(self._notified_version, int(version))
         self._changed.add(subscription_id)
         self._notified.set()
 
+    def _on_resync(self, reason: str) -> None:
+        # Whatever changed before this LISTEN took effect was not notified.
+        self._reload = reason
+
     async def listen(self, stop: asyncio.Event) -> None:
-        """Keep one dedicated LISTEN connection (pooled ones run ``UNLISTEN *`` on release);
-        each new one is followed by a full reload, for what changed while none listened."""
-        first = True
-        while not stop.is_set():
-            lost = asyncio.Event()
-            try:
-                conn = await asyncpg.connect(self._database_url, timeout=10)
-            except Exception as exc:
-                log.warning("feed_listen_connect_failed", error=repr(exc)[:200])
-                await wait_any(stop, timeout_s=2.0)
-                continue
-            try:
-                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(CHANNEL, self._on_notification)
-                self._listening = True
-                # Whatever changed before this LISTEN took effect was not notified.
-                self._reload = "start" if first else "reconnect"
-                first = False
-                await wait_any(stop, lost, timeout_s=3600)
-            except Exception as exc:  # the link was cut while setting up: listen again
-                log.warning("feed_listen_failed", error=repr(exc)[:200])
-                await wait_any(stop, timeout_s=1.0)
-            finally:
-                self._listening = False
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(conn.close(), 5)
+        """Keep the LISTEN connection; each new one is followed by a full reload, for what
+        changed while none listened."""
+        await self._listener.run(stop)
 
     async def current(self, conn: asyncpg.Connection, version: int) -> SubscriptionIndex:
         """The index with every subscription change up to ``version`` applied."""
         self.version = max(self.version, self._notified_version)
-        if self._reload is None and self.version < version and self._listening:
+        if self._reload is None and self.version < version and self._listener.listening:
             metrics.SUBSCRIPTION_INDEX_WAITS.inc()
             deadline = time.monotonic() + CATCH_UP_S
             while self._notified_version < version and time.monotonic() < deadline:

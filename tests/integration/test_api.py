@@ -5,11 +5,15 @@ revocation, metrics and the access log, the SIGTERM drain."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import socket
 import sys
 
+import aiohttp
 import asyncpg
 import pytest
+from asyncpg.transaction import Transaction
 
 from delivery.store import keys
 from delivery.testing.api import api_process
@@ -268,19 +272,7 @@ async def test_sigterm_finishes_the_request_in_flight_and_exits_0(settings):
     conn = await asyncpg.connect(settings.database_url)
     try:
         async with api_process(settings_env(settings)) as api, api.client(key) as http:
-            # Hold the account's sequence row: the publish below waits for it, in flight.
-            await conn.execute(
-                "INSERT INTO delivery.account_sequences (tenant_id, account_id, last_sequence)"
-                " VALUES ($1, 'acc_1', 0)",
-                tenant,
-            )
-            tx = conn.transaction()
-            await tx.start()
-            await conn.execute(
-                "SELECT 1 FROM delivery.account_sequences"
-                " WHERE tenant_id = $1 AND account_id = 'acc_1' FOR UPDATE",
-                tenant,
-            )
+            tx = await _hold_sequence_row(conn, tenant)
             request = asyncio.create_task(http.post("/v1/events", json=trade(1)))
             await _wait_for_lock_waiter(settings)
             stopping = asyncio.create_task(api.stop())
@@ -292,6 +284,49 @@ async def test_sigterm_finishes_the_request_in_flight_and_exits_0(settings):
             assert await stopping == 0
     finally:
         await conn.close()
+
+
+async def test_a_second_sigterm_cuts_the_drain_short_and_exits_0(settings):
+    # A 60 s drain deadline the second signal must not wait for.
+    settings = settings.model_copy(update={"shutdown_timeout_s": 60.0})
+    tenant, key = await tenant_with_key(settings, "forced")
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        async with api_process(settings_env(settings)) as api, api.client(key) as http:
+            tx = await _hold_sequence_row(conn, tenant)
+            request = asyncio.create_task(http.post("/v1/events", json=trade(1)))
+            await _wait_for_lock_waiter(settings)
+            # Given a drain waiting on a request that will not finish by itself
+            stopping = asyncio.create_task(api.stop(timeout_s=90))
+            await _wait_until_unready(api)
+            # When a second SIGTERM arrives
+            api.proc.send_signal(signal.SIGTERM)
+            # Then the process ends far sooner than the drain deadline, and cleanly
+            assert await asyncio.wait_for(stopping, 20) == 0
+            assert "shutdown_forced" in api.log()
+            with contextlib.suppress(aiohttp.ClientError):
+                (await request).release()  # cut off: the answer, if any, does not matter
+            await tx.rollback()
+    finally:
+        await conn.close()
+
+
+async def _hold_sequence_row(conn: asyncpg.Connection, tenant: str) -> Transaction:
+    """Lock the account's sequence row in an open transaction: a publish to ``acc_1`` waits for
+    it, in flight, until the transaction ends."""
+    await conn.execute(
+        "INSERT INTO delivery.account_sequences (tenant_id, account_id, last_sequence)"
+        " VALUES ($1, 'acc_1', 0)",
+        tenant,
+    )
+    tx = conn.transaction()
+    await tx.start()
+    await conn.execute(
+        "SELECT 1 FROM delivery.account_sequences"
+        " WHERE tenant_id = $1 AND account_id = 'acc_1' FOR UPDATE",
+        tenant,
+    )
+    return tx
 
 
 async def _wait_for_lock_waiter(settings) -> None:

@@ -67,6 +67,13 @@ def test_a_page_knows_whether_another_follows():
     assert pagination.page([1, 2], 2) == ([1, 2], False)
 
 
+def test_the_next_cursor_continues_after_the_last_row_shown():
+    shown, cursor = pagination.next_page([{"id": 7}, {"id": 5}, {"id": 3}], 2, lambda r: (r["id"],))
+    assert shown == [{"id": 7}, {"id": 5}]
+    assert cursor is not None and pagination.decode(cursor, int) == (5,)
+    assert pagination.next_page([{"id": 7}], 2, lambda r: (r["id"],)) == ([{"id": 7}], None)
+
+
 def test_fields_are_written_as_a_client_reads_them():
     assert where(["events", 3, "data", "price"]) == "events[3].data.price"
     assert field_of("data.price: must be a decimal string") == "data.price"

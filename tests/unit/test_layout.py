@@ -6,7 +6,7 @@ Layers, lowest first (a module may import its own layer and those below it):
 core (errors, settings, durations, events, signing, secrets, aio, targets, text, version,
 bundled) <- ops <-
 store (and outbox, the producer's half of the store) <- broker <- worker <- cli, demo, runner,
-workers/ (the top);
+lifecycle, workers/ (the top);
 ``delivery.testing`` may import anything. Production = delivery/ except testing/ and demo/,
 plus workers/. Nothing in delivery/ imports workers/, not even lazily: ``delivery run`` finds
 the process through its entry point (``delivery.runner``).
