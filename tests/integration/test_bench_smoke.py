@@ -115,6 +115,7 @@ def test_ordered_bench_compares_both_modes_and_checks_the_order(services: Servic
         assert run["arrived"] == run["recorded"] == 200
         assert run["duplicates"] == 0 and run["bad_signatures"] == 0
         assert run["events_per_s"] > 0 and run["cpu_ms_per_event"] > 0
+        assert run["db_cpu_ms_per_event"] > 0
         assert run["stages_ms"]["attempt_p50_ms"] > 0
     assert report["runs"]["ordered"][0]["accounts_out_of_order"] == 0
     assert report["runs"]["ordered"][0]["stages_ms"]["handoff_p50_ms"] > 0
