@@ -19,8 +19,9 @@ every client gets rate / 1,000 events/s); ``all``: every client subscribes to ev
 the tenant (each event goes to every client: frames/s = rate x clients).
 
 The clients run in ``--client-processes`` separate processes (aiohttp's WebSocket client), so
-the API process's CPU is measured alone; the producer (``PACED_PRODUCERS`` connections sharing
-the schedule, one event per transaction) runs in this process.
+the API process's CPU is measured alone; the producer (``--producers`` connections sharing the
+schedule, one event per transaction) runs in this process. Check ``achieved_rate``: when commits
+are slow (a loaded machine) the producers fall short of ``--rate``.
 
     python -m bench.stream_clients                              # 1,000 clients, 500 ev/s, 3 runs
     python -m bench.stream_clients --clients 20 --rate 50 --seconds 2 --runs 1   # a smoke
@@ -235,15 +236,17 @@ async def _wait_gauge(api: ApiProcess, target: int, timeout_s: float) -> None:
 async def _produce(
     db_url: str, tenant: str, run: str, args: argparse.Namespace
 ) -> dict[str, float]:
-    """``--rate`` events/s for ``--seconds``, one per transaction, from several connections
-    sharing the schedule (event i is due at i / rate); the time each publish returned."""
+    """``--rate`` events/s for ``--seconds``, one per transaction, from ``--producers``
+    connections sharing the schedule (event i is due at i / rate); the time each publish
+    returned."""
     n = int(args.rate * args.seconds)
-    conns = [await asyncpg.connect(db_url) for _ in range(PACED_PRODUCERS)]
+    producers = args.producers
+    conns = [await asyncpg.connect(db_url) for _ in range(producers)]
     committed: dict[str, float] = {}
     started = time.time() + 0.05
 
     async def producer(k: int) -> None:
-        for i in range(k, n, PACED_PRODUCERS):
+        for i in range(k, n, producers):
             delay = started + i / args.rate - time.time()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -253,7 +256,7 @@ async def _produce(
 
     try:
         async with asyncio.TaskGroup() as tg:
-            for k in range(PACED_PRODUCERS):
+            for k in range(producers):
                 tg.create_task(producer(k))
     finally:
         for c in conns:
@@ -443,6 +446,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", choices=SHAPES, default="one")
     p.add_argument("--rate", type=float, default=500.0, help="events/s the producer commits")
     p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument(
+        "--producers",
+        type=int,
+        default=PACED_PRODUCERS,
+        help="connections committing the events (one per transaction); on a loaded machine a "
+        "commit's latency caps each at 1 / latency events/s",
+    )
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--client-processes", type=int, default=4)
     p.add_argument("--out", type=Path)
