@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -113,3 +114,62 @@ async def test_scaling_session_reports_cpu_per_kind_of_process(services: Service
     assert summary["events_per_s"] == result["events_per_s"]
     out = {"medians": {"given/1": summary}}
     assert scaling.table(out)[-1].startswith("| given | 1 | 1 |")
+
+
+def _bench_module(services: Services, *args: str) -> dict[str, Any]:
+    """``python -m bench.<module> ARGS`` on the test's services; its JSON report."""
+    env = {
+        **os.environ,
+        "DELIVERY_DATABASE_URL": services.database_url,
+        "DELIVERY_AMQP_URL": services.amqp_url,
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
+def test_ordered_bench_compares_both_modes_and_checks_the_order(services: Services) -> None:
+    # Given the ordered-versus-unordered benchmark, one tiny run of each mode
+    report = _bench_module(
+        services,
+        "bench.ordered",
+        *("--events", "200", "--accounts", "20", "--runs", "1", "--max-busy", "1"),
+    )
+    # Then both modes delivered every event once, signed, and the ordered one in order
+    for mode in ("unordered", "ordered"):
+        (run,) = report["runs"][mode]
+        assert run["arrived"] == run["recorded"] == 200
+        assert run["duplicates"] == 0 and run["bad_signatures"] == 0
+        assert run["events_per_s"] > 0 and run["cpu_ms_per_event"] > 0
+        assert run["db_cpu_ms_per_event"] > 0
+        assert run["stages_ms"]["attempt_p50_ms"] > 0
+    assert report["runs"]["ordered"][0]["accounts_out_of_order"] == 0
+    assert report["runs"]["ordered"][0]["stages_ms"]["handoff_p50_ms"] > 0
+    assert report["ratio_ordered_to_unordered"] > 0
+
+
+def test_stream_clients_bench_reports_latency_memory_and_cpu(services: Services) -> None:
+    # Given the stream benchmark, 20 clients on 10 accounts, 50 events/s for a second
+    report = _bench_module(
+        services,
+        "bench.stream_clients",
+        *("--clients", "20", "--accounts", "10", "--rate", "50", "--seconds", "1"),
+        *("--runs", "1", "--client-processes", "1"),
+    )
+    # Then every client got exactly its account's events, and the figures are there
+    (run,) = report["runs"]
+    assert run["events"] == 50 and run["frames_expected"] == 100
+    assert run["frames"] == run["frames_expected"]
+    assert run["missing"] == run["duplicates"] == run["unexpected"] == 0
+    assert run["still_connected"] == 20
+    assert run["p99_ms"] >= run["p50_ms"] > 0
+    assert run["rss_connected_mb"] > 0 and run["api_cpu_s"] >= 0
+    assert isinstance(run["kb_per_client"], float)
