@@ -35,6 +35,7 @@ def _row(tenant: str, account: str, sequence: int, type_: str) -> dict[str, obje
         "event_id": f"evt_{tenant}_{account}_{sequence}",
         "occurred_at": datetime(2026, 12, 8, tzinfo=UTC),
         "data": '{"asset": "USD", "balance": "1"}',
+        "created_at_s": 1_796_688_000.0,  # the outbox commit, which the feed reads for the SLI
     }
 
 
