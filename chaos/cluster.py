@@ -2,7 +2,8 @@
 platform's own processes pointed at the proxies.
 
 Links are named ``<service>.<client>``: ``pg.producer``, ``pg.relay``, ``pg.worker``,
-``amqp.relay``, ``amqp.worker`` (and ``pg.run`` / ``amqp.run`` for single-node processes).
+``amqp.relay``, ``amqp.worker`` (and ``pg.run`` / ``amqp.run`` for single-node processes,
+``pg.api`` / ``amqp.api`` for `delivery api`, which only the scenarios that need it run).
 A fault picks its links with a selector: ``"pg"`` (all PostgreSQL links), ``"amqp.worker"``,
 ``"*"``. The chaos runner itself (checker, settle probes) talks to the servers directly.
 """
@@ -107,11 +108,13 @@ class Servers:
 
 @dataclass(frozen=True)
 class Layout:
-    """How many of each process a scenario runs."""
+    """How many of each process a scenario runs (``apis``: `delivery api` processes, for the
+    scenarios that publish over HTTP or hold live-stream clients)."""
 
     relays: int = 2
     workers: int = 2
     runs: int = 0
+    apis: int = 0
 
     def slots(self) -> list[tuple[str, Role]]:
         names: list[tuple[str, Role]] = []
@@ -119,6 +122,7 @@ class Layout:
             ("relay", self.relays),
             ("worker", self.workers),
             ("run", self.runs),
+            ("api", self.apis),
         )
         for role, count in roles:
             names += [(f"{role}-{i}", role) for i in range(1, count + 1)]
@@ -137,6 +141,8 @@ class Cluster:
     database: str = ""
     proxies: dict[str, FaultProxy] = field(default_factory=dict)
     processes: list[ManagedProcess] = field(default_factory=list)
+    # `delivery api` processes' HTTP ports, by process name.
+    api_ports: dict[str, int] = field(default_factory=dict)
 
     # -- addresses --------------------------------------------------------------------------
 
@@ -152,6 +158,10 @@ class Cluster:
     @property
     def names(self) -> Names:
         return Names(self.prefix)
+
+    def api_url(self, name: str = "api-1") -> str:
+        """Where the `delivery api` process ``name`` answers HTTP (its port survives restarts)."""
+        return f"http://{HOST}:{self.api_ports[name]}"
 
     def link_db_url(self, client: str) -> str:
         return self._pg_url(self.proxies[f"pg.{client}"].port)
@@ -179,6 +189,9 @@ class Cluster:
         for name, role in self.layout.slots():
             port = free_port()
             env = self._process_env(role, admin_port=port)
+            if role == "api":
+                self.api_ports[name] = free_port()
+                env["DELIVERY_API_PORT"] = str(self.api_ports[name])
             self.processes.append(ManagedProcess(name, role, env, port, logs / f"{name}.log"))
 
     async def _start_proxies(self) -> None:
