@@ -230,28 +230,36 @@ async def slow_stream_clients(
     stall_s: float,
     until_firing: frozenset[str],
     cap_s: float,
+    parallel: int = 3,
 ) -> dict[str, int]:
-    """One live-stream client of the default tenant after another, each one stalling (not
-    reading) for ``stall_s`` from the first event of ``accounts``, while the producers run,
-    until the alerts ``until_firing`` fire, ``cap_s`` passed or production ended. Returns the
-    close codes seen."""
+    """``parallel`` live-stream clients of the default tenant, each one connection after
+    another, each stalling (not reading) for ``stall_s`` from the first event of ``accounts``,
+    while the producers run, until the alerts ``until_firing`` fire, ``cap_s`` passed or
+    production ended. Returns the close codes seen."""
     _tenant, key = await _tenant_key(ctx, "default", [keys.Scope.READ], max_events_per_s=None)
     codes: dict[str, int] = {}
     stop = asyncio.Event()
 
+    async def client(http: aiohttp.ClientSession) -> None:
+        while not stop.is_set() and ctx.producing:
+            try:
+                code: object = await _one_slow_client(http, accounts, stall_s)
+            except (aiohttp.ClientError, OSError) as exc:
+                code = type(exc).__name__
+            codes[str(code)] = codes.get(str(code), 0) + 1
+
     async def clients() -> None:
         connector = aiohttp.TCPConnector(socket_factory=_small_receive_buffer)
-        async with aiohttp.ClientSession(
-            base_url=ctx.cluster.api_url(),
-            headers={"Authorization": f"Bearer {key}"},
-            connector=connector,
-        ) as http:
-            while not stop.is_set() and ctx.producing:
-                try:
-                    code: object = await _one_slow_client(http, accounts, stall_s)
-                except (aiohttp.ClientError, OSError) as exc:
-                    code = type(exc).__name__
-                codes[str(code)] = codes.get(str(code), 0) + 1
+        async with (
+            aiohttp.ClientSession(
+                base_url=ctx.cluster.api_url(),
+                headers={"Authorization": f"Bearer {key}"},
+                connector=connector,
+            ) as http,
+            asyncio.TaskGroup() as group,
+        ):
+            for _ in range(parallel):
+                group.create_task(client(http))
 
     async with (
         ctx.faults.window("stream-clients-stalling", "delivery api /v1/stream"),
