@@ -476,7 +476,9 @@ async def test_scenario_short(name: str, chaos_servers: Servers, tmp_path: Path)
         out_dir=tmp_path,
         rate=SHORT_RATE,
         servers=chaos_servers,
-        alert_scale=scenario.alerts.short_scale if scenario.alerts and scenario.alerts.fire else 1.0,
+        alert_scale=scenario.alerts.short_scale
+        if scenario.alerts and scenario.alerts.fire
+        else 1.0,
     )
     v = report.verdict
     print(
