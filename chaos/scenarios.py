@@ -438,20 +438,22 @@ _FLAP_ALERTS = AlertExpectation()
 # The loop breaker: PostgreSQL refuses the outcomes of /one-account's attempts until two of its
 # deliveries went to the dead letters ("unrecorded"); DeliveryAttemptLoopBroken must fire
 # (`for: 1m` after the first). Getting there does not shrink with the clock (three hand-backs
-# each; 20 s at load 36): 30 s of slack. The same dead letters raise
-# DeliveryDeadLettersGrowing after 5 minutes, and deliveries handed back and then replayed
-# reach the subscriber late (the latency SLO's burn rates): tolerated. Short runs: a tenth
-# (6 s of `for:`).
+# each; 20-35 s at load 30-36): 60 s of slack. The same dead letters raise
+# DeliveryDeadLettersGrowing after 5 minutes; a delivery whose outcome is refused stays "not
+# delivered" until the loop breaker gives up on it (a minute at load 20: the lag alert), and
+# those handed back and then replayed are recorded late (the SLO burn rates): tolerated.
+# Short runs: a tenth (6 s of `for:`).
 _LOOP_ALERTS = AlertExpectation(
     fire={"DeliveryAttemptLoopBroken": 90.0},
     tolerate=frozenset(
         {
             "DeliveryDeadLettersGrowing",
+            "DeliveryLagHigh",
             "DeliveryLatencySLOBurnFast",
             "DeliveryLatencySLOBurnSlow",
         }
     ),
-    slack_s=30.0,
+    slack_s=60.0,
     short_scale=0.1,
 )
 # A tenant publishing over HTTP at 5x its quota of 20 events/s until the quota alert fires
@@ -724,6 +726,10 @@ SCENARIOS: dict[str, Scenario] = {
             "its alert fires, on-call replays",
             _attempt_loop,
             min_production_s=5,
+            # Its short run at load 30 had 33 spare copies: outcome batches that fail and are
+            # written again row by row, and deliveries handed back, keep the workers' database
+            # busy, so dispatch can hold a message past DELIVERY_REDRIVE_AFTER_S.
+            redrives=_SPARE,
             alerts=_LOOP_ALERTS,
         ),
         Scenario(
@@ -743,6 +749,9 @@ SCENARIOS: dict[str, Scenario] = {
             layout=Layout(apis=1),
             env=_STREAM_ENV,
             min_production_s=12,
+            # A client's socket and the server's write buffer hold a few hundred frames: with
+            # the short runs' 300 events nobody fell behind (6 clients closed 1006, none 4008).
+            min_events=1200,
             alerts=_STREAM_ALERTS,
         ),
         Scenario(
