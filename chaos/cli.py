@@ -30,8 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--alert-scale",
         type=float,
         default=1.0,
-        help="scenarios that check alerts: scale the rules' for: durations, the lag threshold "
-        "and the bounds by this (1: the rules as shipped; the short CI runs use 0.25)",
+        help="scenarios that check alerts: scale the for: durations (and the lag threshold) of "
+        "the alerts they expect to fire, and their bounds, by this; every other rule keeps its "
+        "real clock (1: the rules as shipped; the short CI runs use each scenario's "
+        "short_scale, 0.25 unless it says otherwise)",
     )
     run.add_argument(
         "--rules",

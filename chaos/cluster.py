@@ -2,7 +2,8 @@
 platform's own processes pointed at the proxies.
 
 Links are named ``<service>.<client>``: ``pg.producer``, ``pg.relay``, ``pg.worker``,
-``amqp.relay``, ``amqp.worker`` (and ``pg.run`` / ``amqp.run`` for single-node processes).
+``amqp.relay``, ``amqp.worker`` (and ``pg.run`` / ``amqp.run`` for single-node processes,
+``pg.api`` / ``amqp.api`` for `delivery api`, which only the scenarios that need it run).
 A fault picks its links with a selector: ``"pg"`` (all PostgreSQL links), ``"amqp.worker"``,
 ``"*"``. The chaos runner itself (checker, settle probes) talks to the servers directly.
 """
@@ -53,7 +54,9 @@ PLATFORM_ENV: dict[str, str] = {
     "DELIVERY_ALLOW_PRIVATE_TARGETS": "true",
     "DELIVERY_LOG_LEVEL": "info",
 }
-_READY_TIMEOUT_S = 90.0
+# A process starts in seconds; at load 50 (seven sessions running chaos at once) a relay was
+# not ready after 90 s.
+_READY_TIMEOUT_S = 240.0
 # A free-disk limit no machine meets trips the disk alarm at once; 50MB is RabbitMQ's default.
 _DISK_LIMIT_ALARM = "1000000GB"
 _DISK_LIMIT_NORMAL = "50MB"
@@ -107,11 +110,13 @@ class Servers:
 
 @dataclass(frozen=True)
 class Layout:
-    """How many of each process a scenario runs."""
+    """How many of each process a scenario runs (``apis``: `delivery api` processes, for the
+    scenarios that publish over HTTP or hold live-stream clients)."""
 
     relays: int = 2
     workers: int = 2
     runs: int = 0
+    apis: int = 0
 
     def slots(self) -> list[tuple[str, Role]]:
         names: list[tuple[str, Role]] = []
@@ -119,6 +124,7 @@ class Layout:
             ("relay", self.relays),
             ("worker", self.workers),
             ("run", self.runs),
+            ("api", self.apis),
         )
         for role, count in roles:
             names += [(f"{role}-{i}", role) for i in range(1, count + 1)]
@@ -137,6 +143,8 @@ class Cluster:
     database: str = ""
     proxies: dict[str, FaultProxy] = field(default_factory=dict)
     processes: list[ManagedProcess] = field(default_factory=list)
+    # `delivery api` processes' HTTP ports, by process name.
+    api_ports: dict[str, int] = field(default_factory=dict)
 
     # -- addresses --------------------------------------------------------------------------
 
@@ -152,6 +160,10 @@ class Cluster:
     @property
     def names(self) -> Names:
         return Names(self.prefix)
+
+    def api_url(self, name: str = "api-1") -> str:
+        """Where the `delivery api` process ``name`` answers HTTP (its port survives restarts)."""
+        return f"http://{HOST}:{self.api_ports[name]}"
 
     def link_db_url(self, client: str) -> str:
         return self._pg_url(self.proxies[f"pg.{client}"].port)
@@ -179,6 +191,9 @@ class Cluster:
         for name, role in self.layout.slots():
             port = free_port()
             env = self._process_env(role, admin_port=port)
+            if role == "api":
+                self.api_ports[name] = free_port()
+                env["DELIVERY_API_PORT"] = str(self.api_ports[name])
             self.processes.append(ManagedProcess(name, role, env, port, logs / f"{name}.log"))
 
     async def _start_proxies(self) -> None:

@@ -15,6 +15,7 @@ import aiohttp
 from chaos.cluster import Cluster
 from chaos.metrics import MetricsSampler
 from chaos.producer import Producer
+from chaos.prometheus import RunPrometheus
 from delivery.testing.receiver import Receiver
 from delivery.testing.waits import wait_until
 
@@ -79,6 +80,8 @@ class RunContext:
     # Alert rules scaled by this for short runs (chaos.alerts): plans whose faults are sized for
     # an alert's timing scale their durations with it.
     alert_scale: float = 1.0
+    # The run's Prometheus, when the scenario checks its alerts.
+    prometheus: RunPrometheus | None = None
 
     @property
     def production_s(self) -> float:
@@ -103,6 +106,17 @@ class RunContext:
         RabbitMQ 3.10 quorum queue killed within ~1 s of its declaration may never elect a
         leader again, which would test RabbitMQ rather than us)."""
         await asyncio.sleep(max(0.0, self.ready_at + seconds - time.monotonic()))
+
+    async def until_firing(self, names: frozenset[str], cap_s: float) -> bool:
+        """Hold a fault until every alert in ``names`` fires (Prometheus says so), at most
+        ``cap_s``: a fault that must outlast an alert's ``for:`` lasts no longer than that.
+        True when they all fired; without a Prometheus, False after ``cap_s``."""
+        deadline = time.monotonic() + cap_s
+        while time.monotonic() < deadline:
+            if self.prometheus is not None and names <= await self.prometheus.firing(self.session):
+                return True
+            await asyncio.sleep(0.5)
+        return False
 
     async def pause(self, low_s: float, high_s: float) -> None:
         """A fault's own duration or spacing (random within bounds): not a wait for a result."""

@@ -83,7 +83,13 @@ async def _restart(ctx: RunContext, proc: ManagedProcess) -> None:
 
 
 async def rabbit_restart(
-    ctx: RunContext, *, hard: bool, down_s: float, must_recover: bool = True
+    ctx: RunContext,
+    *,
+    hard: bool,
+    down_s: float,
+    must_recover: bool = True,
+    until_firing: frozenset[str] = frozenset(),
+    cap_s: float = 0.0,
 ) -> None:
     """Stop RabbitMQ gracefully (or kill -9 it), keep it down, start it; the window closes
     once every process reports ready again (consumers back).
@@ -91,11 +97,15 @@ async def rabbit_restart(
     ``must_recover=False`` is for plans with other faults running at the same time (cuts and
     kills every few seconds keep some process not ready at any given moment): the wait is
     then bounded but not an error, and recovery is judged by the checker once the run settles.
+    ``until_firing``: after ``down_s``, keep it down until these alerts fire (at most
+    ``cap_s`` more): an outage that must outlast an alert's ``for:``.
     """
     rabbit = ctx.cluster.servers.rabbit
     async with ctx.faults.window("rabbit-kill" if hard else "rabbit-stop", "rabbitmq"):
         await asyncio.to_thread(rabbit.kill if hard else rabbit.stop)
         await asyncio.sleep(down_s)
+        if until_firing:
+            await ctx.until_firing(until_firing, cap_s)
         await asyncio.to_thread(rabbit.start)
     try:
         await _all_ready(ctx, "processes ready after the RabbitMQ restart")

@@ -1,4 +1,5 @@
-"""Real `delivery` processes (`python -m delivery relay|worker|run`) as signalable subprocesses.
+"""Real `delivery` processes (`python -m delivery relay|worker|run|api`) as signalable
+subprocesses.
 
 Each process has a stable name (``worker-1``), its own admin port (kept across restarts, so
 ``/metrics`` and ``/readyz`` stay where the scenario looks) and one log file in the run's out
@@ -25,7 +26,7 @@ from chaos.metrics import parse_metrics
 
 __all__ = ["ManagedProcess", "Role", "die_with_parent"]
 
-Role = Literal["relay", "worker", "run"]
+Role = Literal["relay", "worker", "run", "api"]
 
 _PR_SET_PDEATHSIG = 1
 _READY_POLL_S = 0.1

@@ -17,7 +17,7 @@ import aiohttp
 import asyncpg
 import structlog
 
-from chaos.alerts import judge
+from chaos.alerts import AlertExpectation, judge
 from chaos.cluster import Cluster, Servers
 from chaos.context import FaultLog, RunContext
 from chaos.metrics import MetricsSampler
@@ -138,8 +138,8 @@ async def _run(
         rate = min(rate, scenario.max_rate)
     problems: list[str] = []
     env = dict(scenario.env)
-    if scenario.alerts is not None:
-        # The gauges' refresh is part of every alert's delay: it keeps the rules' clock.
+    if scenario.alerts is not None and "DeliveryLagHigh" in scenario.alerts.fire:
+        # The gauges' refresh is part of the lag alert's delay: it keeps the rules' clock.
         env["DELIVERY_BACKLOG_GAUGES_INTERVAL_S"] = f"{5.0 * alert_scale:g}"
     alerts: dict[str, Any] = {}
     async with (
@@ -163,6 +163,7 @@ async def _run(
                         session,
                         scale=alert_scale,
                         rules=alert_rules,
+                        scaled=frozenset(scenario.alerts.fire),
                     )
                 )
             producer = Producer(
@@ -181,6 +182,7 @@ async def _run(
                 session=session,
                 rng=rng,
                 alert_scale=alert_scale,
+                prometheus=prometheus,
             )
             ctx.ready_at = time.monotonic()
             log.info("scenario_started", scenario=scenario.name, events=events, rate=rate)
@@ -256,11 +258,13 @@ async def _judge_alerts(
     """The run's alert timeline from Prometheus, judged against the scenario's expectation
     (the bounds count from the first fault's start)."""
     assert scenario.alerts is not None
+    anchor = min((w.start for w in ctx.faults.windows), default=None)
+    if anchor is not None:
+        await _until_expected_fired(prometheus, scenario.alerts, anchor, session)
     # A few more evaluations, so that the last state the rules reached (a resolution just
     # now) is in ALERTS and more than chaos.alerts' gap before the end of the query.
     await asyncio.sleep(5 * prometheus.interval_s)
     seen = await prometheus.alert_episodes(session, time.time())
-    anchor = min((w.start for w in ctx.faults.windows), default=None)
     found = judge(seen, scenario.alerts, anchor, prometheus.scale)
     problems += found
     return {
@@ -273,6 +277,27 @@ async def _judge_alerts(
         "episodes": [e.as_dict() for e in seen],
         "problems": found,
     }
+
+
+async def _until_expected_fired(
+    prometheus: RunPrometheus,
+    expectation: AlertExpectation,
+    anchor: float,
+    session: aiohttp.ClientSession,
+) -> None:
+    """A run may settle before an alert's ``for:`` has run out (a rule that counts refusals
+    over 10 minutes keeps firing-worthy for minutes after the fault): the platform keeps
+    running until every expected alert fired or its bound passed, so each is judged on its
+    whole bound, never on how fast the run happened to settle."""
+    waiting = dict.fromkeys(expectation.fire, 0.0)
+    for name in waiting:
+        waiting[name] = anchor + expectation.bound_s(name, prometheus.scale)
+    while waiting:
+        now = time.time()
+        fired = {e.alert for e in await prometheus.alert_episodes(session, now) if e.firing_at}
+        waiting = {n: t for n, t in waiting.items() if n not in fired and now < t}
+        if waiting:
+            await asyncio.sleep(prometheus.interval_s)
 
 
 def _keep_server_logs(servers: Servers, run_dir: Path) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from chaos import faults
+from chaos import alert_faults, faults
 from chaos.alerts import AlertExpectation
 from chaos.cluster import AlarmKind, Layout
 from chaos.context import RunContext
@@ -118,15 +118,28 @@ async def _rolling_sigterm(ctx: RunContext) -> None:
     )
 
 
-def _rabbit(hard: bool, *, alone: bool = True) -> Plan:
+def _rabbit(hard: bool, *, alone: bool = True, alerts: AlertExpectation | None = None) -> Plan:
+    """``alerts``: the first outage lasts until those alerts fired (at most their bound), the
+    second is as short as ever."""
+
     async def plan(ctx: RunContext) -> None:
-        for at in (0.2, 0.6):
+        for i, at in enumerate((0.2, 0.6)):
             await ctx.progress(at)
             await ctx.uptime(_QUEUE_SETTLE_S)
             if not ctx.producing:
                 break
+            hold: frozenset[str] = frozenset()
+            cap_s = 0.0
+            if alerts is not None and i == 0:
+                hold = frozenset(alerts.fire)
+                cap_s = max(alerts.bound_s(name, ctx.alert_scale) for name in hold)
             await faults.rabbit_restart(
-                ctx, hard=hard, down_s=_span(ctx, 0.05, 1.0, 10.0), must_recover=alone
+                ctx,
+                hard=hard,
+                down_s=_span(ctx, 0.05, 1.0, 10.0),
+                must_recover=alone,
+                until_firing=hold,
+                cap_s=cap_s,
             )
         await _until_produced(ctx)
 
@@ -384,6 +397,119 @@ async def _everything(ctx: RunContext) -> None:
     await wait_until(lambda: not ctx.producing, timeout_s=3600, what="production to end")
 
 
+# -- alerts proven by chaos, round two (issue 19: acceptance, item 4) ------------------------
+#
+# What each fault must page, decided from the rules' exprs and `for:` against the faults'
+# durations (ops/prometheus/alerts.yml; chaos/RESULTS.md "Alerts proven by chaos, round two").
+
+# RabbitMQ killed: its first outage is held until the broker alert has fired (about 2 minutes
+# at the rules' real clock, instead of the ~3 s the scenario used to keep it down): a restart
+# of a few seconds pages nobody, which the `for: 2m` is there for. The lag alert fires first:
+# committed events wait in the outbox, their age passes 45 s. The same outage stops the
+# relays' publishes (not ready, publishes unconfirmed) and makes deliveries late (the SLO
+# burns): tolerated, they describe it too. Short runs: an eighth of the clock (15 s of
+# `for:`, an outage of about 20 s).
+_RABBIT_KILL_ALERTS = AlertExpectation(
+    fire={"DeliveryRabbitMQUnreachable": 180.0, "DeliveryLagHigh": 120.0},
+    tolerate=frozenset(
+        {
+            "DeliveryRelayNotReady",
+            "DeliveryRelayPublishFailing",
+            "DeliveryLatencySLOBurnFast",
+            "DeliveryLatencySLOBurnSlow",
+        }
+    ),
+    slack_s=5.0,
+    short_scale=0.125,
+)
+# A worker killed and restarted within a second or two, one of two: the other takes its
+# work, and nothing may page (DeliveryTargetDown waits 3 minutes, DeliveryNoReadyWorker 5).
+_QUIET = AlertExpectation()
+# PostgreSQL restarted fast (down 0.5-3 s): DeliveryPostgresUnreachable must stay quiet (its
+# `for: 2m` is there so a restart pages nobody), but every process's new connections land on a
+# server with another start time, which DeliveryDatabaseFailover reports at once (its `for: 0m`;
+# its description says "or the server restarted"): a warning on-call should see.
+_PG_RESTART_ALERTS = AlertExpectation(fire={"DeliveryDatabaseFailover": 60.0}, short_scale=1.0)
+# Subscribers flapping between 5xx, timeouts, 429 and slowness for 6 steps of up to 20 s: the
+# retry schedule's job. Their circuits open and close (DeliveryCircuitOpen goes pending) but
+# the circuit alert waits 5 minutes and the retry-ratio alert 15: nothing may page.
+_FLAP_ALERTS = AlertExpectation()
+
+# The loop breaker: PostgreSQL refuses the outcomes of /one-account's attempts until two of its
+# deliveries went to the dead letters ("unrecorded"); DeliveryAttemptLoopBroken must fire
+# (`for: 1m` after the first). Getting there does not shrink with the clock (three hand-backs
+# each; 20-35 s at load 30-36): 60 s of slack. The same dead letters raise
+# DeliveryDeadLettersGrowing after 5 minutes; a delivery whose outcome is refused stays "not
+# delivered" until the loop breaker gives up on it (a minute at load 20: the lag alert), and
+# those handed back and then replayed are recorded late (the SLO burn rates): tolerated.
+# Short runs: a tenth (6 s of `for:`).
+_LOOP_ALERTS = AlertExpectation(
+    fire={"DeliveryAttemptLoopBroken": 90.0},
+    tolerate=frozenset(
+        {
+            "DeliveryDeadLettersGrowing",
+            "DeliveryLagHigh",
+            "DeliveryLatencySLOBurnFast",
+            "DeliveryLatencySLOBurnSlow",
+        }
+    ),
+    slack_s=60.0,
+    short_scale=0.1,
+)
+# A tenant publishing over HTTP at 5x its quota of 20 events/s until the quota alert fires
+# (more than 100 refused in 10 minutes, held 15 minutes): the runs at the real clock take
+# 16 minutes. Short runs: a hundredth (9 s of `for:`). The refusals pass 100 within seconds,
+# or 10 s when `delivery api` answers one request a second (load 40): 30 s of slack. Its
+# accepted events (20/s, no subscription) are a backlog the redrive sweep may copy.
+_QUOTA_ALERTS = AlertExpectation(
+    fire={"DeliveryTenantOverQuota": 960.0}, slack_s=30.0, short_scale=0.01
+)
+# Live-stream clients that stop reading while events flow: each is closed with 4008 (more than
+# 5 in 10 minutes, held 10 minutes, fires DeliveryStreamClientsFallingBehind). The closes go on
+# while production does; the rule then holds for 10 minutes of its own. Short runs: a
+# hundredth (6 s of `for:`).
+_STREAM_ALERTS = AlertExpectation(
+    fire={"DeliveryStreamClientsFallingBehind": 660.0}, slack_s=10.0, short_scale=0.01
+)
+_STREAM_ENV = {"DELIVERY_STREAM_BUFFER_EVENTS": "5", "DELIVERY_STREAM_HEARTBEAT_S": "1"}
+_REFUSED = "/one-account"
+
+
+async def _attempt_loop(ctx: RunContext) -> None:
+    await ctx.progress(0.2)
+    ctx.notes["dead_through_the_loop_breaker"] = await alert_faults.outcomes_refused(
+        ctx, _REFUSED, min_dead=2
+    )
+    await _until_produced(ctx)
+    # On-call's mitigation (runbooks/attempt-loop.md): the cause gone, replay them.
+    ctx.notes["dead_letters_replayed"] = await alert_faults.replay_dead_letters(ctx, _REFUSED)
+
+
+async def _over_quota(ctx: RunContext) -> None:
+    await ctx.progress(0.1)
+    ctx.notes["over_quota_answers"] = await alert_faults.over_quota(
+        ctx,
+        max_events_per_s=20,
+        factor=5,
+        until_firing=frozenset(_QUOTA_ALERTS.fire),
+        cap_s=_QUOTA_ALERTS.bound_s("DeliveryTenantOverQuota", ctx.alert_scale),
+    )
+    await _until_produced(ctx)
+
+
+async def _stream_behind(ctx: RunContext) -> None:
+    await ctx.progress(0.05)
+    accounts = sorted({spec.account_id for spec in ctx.producer.record.attempted.values()})
+    ctx.notes["stream_close_codes"] = await alert_faults.slow_stream_clients(
+        ctx,
+        accounts or ["acc-0-0"],
+        stall_s=1.0,
+        until_firing=frozenset(_STREAM_ALERTS.fire),
+        cap_s=_STREAM_ALERTS.bound_s("DeliveryStreamClientsFallingBehind", ctx.alert_scale),
+    )
+    await _until_produced(ctx)
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
@@ -393,6 +519,7 @@ SCENARIOS: dict[str, Scenario] = {
             "kill -9 a worker in a loop, restart it",
             _kill_workers,
             min_production_s=4,
+            alerts=_QUIET,
         ),
         Scenario(
             "kill-relays", "kill -9 a relay in a loop, restart it", _kill_relays, min_production_s=4
@@ -419,10 +546,12 @@ SCENARIOS: dict[str, Scenario] = {
         ),
         Scenario(
             "rabbit-kill",
-            "RabbitMQ killed hard (-9) and started, twice",
-            _rabbit(hard=True),
+            "RabbitMQ killed hard (-9) and started, twice; down the first time until the "
+            "broker alert fired",
+            _rabbit(hard=True, alerts=_RABBIT_KILL_ALERTS),
             min_production_s=7,
             redrives=_SPARE,
+            alerts=_RABBIT_KILL_ALERTS,
         ),
         Scenario(
             "pg-restart-fast",
@@ -430,6 +559,7 @@ SCENARIOS: dict[str, Scenario] = {
             _pg("fast"),
             min_production_s=4,
             redrives=_SPARE,
+            alerts=_PG_RESTART_ALERTS,
         ),
         Scenario(
             "pg-restart-immediate",
@@ -534,6 +664,7 @@ SCENARIOS: dict[str, Scenario] = {
             "subscribers flap between 5xx, timeouts, 429 and slowness",
             _subscriber_flap,
             min_production_s=5,
+            alerts=_FLAP_ALERTS,
         ),
         Scenario(
             "producer-spike",
@@ -588,6 +719,40 @@ SCENARIOS: dict[str, Scenario] = {
             # The same faults as worker-pg-stall-kill, the same declaration: they can hold a
             # message, never lose one. A redrive that healed a loss is the broken build's.
             redrives=_SPARE,
+        ),
+        Scenario(
+            "attempt-loop",
+            "PostgreSQL refuses one subscription's outcomes: the loop breaker dead-letters, "
+            "its alert fires, on-call replays",
+            _attempt_loop,
+            min_production_s=5,
+            # Its short run at load 30 had 33 spare copies: outcome batches that fail and are
+            # written again row by row, and deliveries handed back, keep the workers' database
+            # busy, so dispatch can hold a message past DELIVERY_REDRIVE_AFTER_S.
+            redrives=_SPARE,
+            alerts=_LOOP_ALERTS,
+        ),
+        Scenario(
+            "tenant-over-quota",
+            "another tenant publishes over HTTP at 5x its ingest quota until its alert fires",
+            _over_quota,
+            layout=Layout(apis=1),
+            min_production_s=4,
+            redrives=_SPARE,
+            alerts=_QUOTA_ALERTS,
+        ),
+        Scenario(
+            "stream-behind",
+            "live-stream clients stop reading while events flow: closed with 4008 until the "
+            "alert fires",
+            _stream_behind,
+            layout=Layout(apis=1),
+            env=_STREAM_ENV,
+            min_production_s=12,
+            # A client's socket and the server's write buffer hold a few hundred frames: with
+            # the short runs' 300 events nobody fell behind (6 clients closed 1006, none 4008).
+            min_events=1200,
+            alerts=_STREAM_ALERTS,
         ),
         Scenario(
             "everything",

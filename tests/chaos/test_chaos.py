@@ -35,13 +35,13 @@ pytestmark = pytest.mark.chaos
 
 SHORT_EVENTS = 300
 SHORT_RATE = 100.0
-# Scenarios that expect an alert to fire run the rules at a quarter of their clock
-# (chaos.alerts): at a tenth the lag threshold (4.5 s) was within what a loaded 2-core machine
-# stalls by. Scenarios that only expect quiet run at the real clock: a stall does not scale
-# down with the rules, so a scaled threshold turns it into a false alarm (burst, at a quarter
-# and load 13: one 20 s stall, the 11 s threshold crossed), and quiet at the real thresholds is
-# the claim anyway.
-SHORT_ALERT_SCALE = 0.25
+# Scenarios that expect an alert to fire run the rules of those alerts at their
+# ``AlertExpectation.short_scale`` (a quarter unless they say otherwise; chaos.alerts): at a
+# tenth the lag threshold (4.5 s) was within what a loaded 2-core machine stalls by; alerts
+# whose `for:` is 10 or 15 minutes run at a hundredth. Every other rule, and every scenario
+# that only expects quiet, runs at the real clock: a stall does not scale down with the rules,
+# so a scaled threshold turns it into a false alarm (burst, at a quarter and load 13: one 20 s
+# stall, the 11 s threshold crossed), and quiet at the real thresholds is the claim anyway.
 
 
 # -- the checker, on made-up records --------------------------------------------------------
@@ -324,6 +324,29 @@ def test_scaled_rules_scale_every_for_and_the_lag_threshold_only():
     assert "max(delivery_outbox_oldest_age_seconds) > 60" in scaled
 
 
+def test_scaled_rules_can_scale_only_the_expected_alerts():
+    text = ALERT_RULES.read_text()
+    scaled = scale_rules(text, 0.01, only={"DeliveryTenantOverQuota", "DeliveryLagHigh"})
+    rule = scaled.split("- alert: DeliveryTenantOverQuota")[1].split("- alert:")[0]
+    assert "for: 9000ms" in rule  # 15m
+    assert "max(delivery_lag_seconds) > 0.45" in scaled
+    # Every other rule keeps its real clock (quiet is judged at the thresholds that ship).
+    other = scaled.split("- alert: DeliveryStreamClientsFallingBehind")[1]
+    assert "for: 10m" in other
+    assert len(re.findall(r"for: \d+ms", scaled)) == 2
+    assert scale_rules(text, 0.01, only=set()) == text
+
+
+def test_an_expected_alerts_slack_is_added_to_its_bound_unscaled():
+    expect = AlertExpectation(fire={"DeliveryTenantOverQuota": 960.0}, slack_s=10.0)
+    assert expect.bound_s("DeliveryTenantOverQuota", 0.01) == pytest.approx(19.6)
+    fired = Episode("DeliveryTenantOverQuota", {}, pending_at=1001.0, firing_at=1015.0)
+    assert judge([fired], expect, anchor=1000.0, scale=0.01) == []
+    late = Episode("DeliveryTenantOverQuota", {}, pending_at=1001.0, firing_at=1021.0)
+    (problem,) = judge([late], expect, anchor=1000.0, scale=0.01)
+    assert "did not fire within 19.6 s" in problem
+
+
 # -- the fault proxy, on loopback -----------------------------------------------------------
 
 
@@ -453,7 +476,9 @@ async def test_scenario_short(name: str, chaos_servers: Servers, tmp_path: Path)
         out_dir=tmp_path,
         rate=SHORT_RATE,
         servers=chaos_servers,
-        alert_scale=SHORT_ALERT_SCALE if scenario.alerts and scenario.alerts.fire else 1.0,
+        alert_scale=scenario.alerts.short_scale
+        if scenario.alerts and scenario.alerts.fire
+        else 1.0,
     )
     v = report.verdict
     print(

@@ -47,21 +47,21 @@ REPRODUCED_BY: dict[str, set[str]] = {
     "slo.md": {"producer-spike"},
     "poison-message.md": {"flaps-while-db-stalled"},
     "rolling-upgrade.md": {"rolling-sigterm"},
+    "attempt-loop.md": {"attempt-loop"},
+    "tenant-over-quota.md": {"tenant-over-quota"},
+    "stream-clients-behind.md": {"stream-behind"},
 }
 # Operator procedures and failures no scenario causes: their section says so in one line.
 NOT_REPRODUCED = {
-    "attempt-loop.md",
     "broker-node-lost.md",
     "broker-partition.md",
     "database-failover.md",
-    "tenant-over-quota.md",
     "dead-letters-growing.md",
     "ordered-account-blocked.md",
     "subscriber-410.md",
     "subscriber-throttling.md",
     "leaked-signing-secret.md",
     "replay-after-incident.md",
-    "stream-clients-behind.md",
 }
 
 _CHAOS_RUN = re.compile(r"\bpython3?\s+-m\s+chaos\s+run\b(.*)")
