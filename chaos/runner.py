@@ -56,12 +56,12 @@ def _configure_logging(stream: TextIO) -> logging.Handler:
 
 
 @contextlib.asynccontextmanager
-async def _servers(shared: Servers | None) -> AsyncIterator[Servers]:
+async def _servers(shared: Servers | None, *, standby: bool) -> AsyncIterator[Servers]:
     if shared is not None:
         await shared.heal()
         yield shared
         return
-    servers = await Servers.start()
+    servers = await Servers.start(standby=standby)
     try:
         yield servers
     finally:
@@ -130,6 +130,8 @@ async def _run(
     alert_rules: Path,
 ) -> RunReport:
     started = time.time()
+    if scenario.layout.standby:
+        shared = None  # a failover spends the pair: this run starts its own servers
     rng = random.Random(seed)
     events = max(events, scenario.min_events)
     if scenario.min_production_s > 0:
@@ -143,7 +145,7 @@ async def _run(
         env["DELIVERY_BACKLOG_GAUGES_INTERVAL_S"] = f"{5.0 * alert_scale:g}"
     alerts: dict[str, Any] = {}
     async with (
-        _servers(shared) as servers,
+        _servers(shared, standby=scenario.layout.standby) as servers,
         aiohttp.ClientSession() as session,
         Receiver() as receiver,
         contextlib.AsyncExitStack() as stack,
@@ -279,10 +281,13 @@ def _keep_server_logs(servers: Servers, run_dir: Path) -> None:
     """Copy the servers' logs next to the processes' (a shared pair's logs span several runs)."""
     target = run_dir / "logs"
     target.mkdir(parents=True, exist_ok=True)
-    for name, path in (
+    logs = [
         ("postgresql.log", _path(lambda: servers.pg.log_path)),
         ("rabbitmq.log", _path(lambda: servers.rabbit.log_path)),
-    ):
+    ]
+    if (standby := servers.standby) is not None:
+        logs.append(("postgresql-standby.log", _path(lambda: standby.log_path)))
+    for name, path in logs:
         if path is not None and path.exists():
             with contextlib.suppress(OSError):
                 shutil.copyfile(path, target / name)

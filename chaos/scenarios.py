@@ -373,6 +373,15 @@ async def _queue_deleted(ctx: RunContext) -> None:
     await _until_produced(ctx)
 
 
+async def _pg_failover(ctx: RunContext) -> None:
+    """The primary crashes mid-stream and the synchronous standby is promoted; producers,
+    relays and workers all hold the multi-host URL and must find the new primary by
+    themselves. Nothing whose COMMIT returned may be lost (synchronous replication)."""
+    await ctx.progress(0.4)
+    await faults.pg_failover(ctx, down_s=_span(ctx, 0.02, 1.0, 5.0))
+    await _until_produced(ctx)
+
+
 async def _everything(ctx: RunContext) -> None:
     """A bit of every fault at once, for the long runs."""
     async with asyncio.TaskGroup() as tg:
@@ -588,6 +597,17 @@ SCENARIOS: dict[str, Scenario] = {
             # The same faults as worker-pg-stall-kill, the same declaration: they can hold a
             # message, never lose one. A redrive that healed a loss is the broken build's.
             redrives=_SPARE,
+        ),
+        Scenario(
+            "pg-failover",
+            "PostgreSQL primary killed (-9) under load, the synchronous standby promoted",
+            _pg_failover,
+            layout=Layout(standby=True),
+            min_production_s=5,
+            # Like a PostgreSQL restart: workers cannot record while no server accepts writes.
+            redrives=_SPARE,
+            # The alert counts new connections that landed on another server (for: 0m).
+            alerts=AlertExpectation(fire={"DeliveryDatabaseFailover": 60.0}),
         ),
         Scenario(
             "everything",
