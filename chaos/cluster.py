@@ -84,7 +84,10 @@ class Servers:
     async def start(cls, base_dir: Path | None = None, *, standby: bool = False) -> Servers:
         rabbit = LocalRabbitMQ(base_dir=base_dir)
         if standby:
-            pair = LocalPostgresPair(synchronous=True, fast=False, base_dir=base_dir)
+            # fsync off (fast): the pair's fault is kill -9 of the server's processes, and what
+            # they wrote is in the page cache, which survives them; fsync matters only when the
+            # machine dies. It costs ~10 s of initdb and base backup at a loaded CI's start.
+            pair = LocalPostgresPair(synchronous=True, fast=True, base_dir=base_dir)
             pg, replica, start_pg, close_pg = pair.primary, pair.standby, pair.start, pair.close
         else:
             pg, replica = LocalPostgres(fast=False, base_dir=base_dir), None
@@ -96,11 +99,26 @@ class Servers:
             raise
         return cls(pg=pg, rabbit=rabbit, standby=replica)
 
-    async def close(self) -> None:
-        closing = [self.pg.close, self.rabbit.close]
+    @classmethod
+    async def pair_beside(cls, rabbit: LocalRabbitMQ, base_dir: Path | None = None) -> Servers:
+        """A fresh primary and standby beside a RabbitMQ node that outlives them (the test
+        suite's shared one): close them with ``close_pg``."""
+        pair = LocalPostgresPair(synchronous=True, fast=True, base_dir=base_dir)
+        try:
+            await asyncio.to_thread(pair.start)
+        except BaseException:
+            await asyncio.to_thread(pair.close)
+            raise
+        return cls(pg=pair.primary, rabbit=rabbit, standby=pair.standby)
+
+    async def close_pg(self) -> None:
+        closing = [self.pg.close]
         if self.standby is not None:
             closing.append(self.standby.close)
         await asyncio.gather(*(asyncio.to_thread(c) for c in closing))
+
+    async def close(self) -> None:
+        await asyncio.gather(self.close_pg(), asyncio.to_thread(self.rabbit.close))
 
     def pg_url(self, database: str) -> str:
         """The URL a client of ``database`` is given: the primary's, or with a standby the

@@ -57,6 +57,15 @@ def _configure_logging(stream: TextIO) -> logging.Handler:
 
 @contextlib.asynccontextmanager
 async def _servers(shared: Servers | None, *, standby: bool) -> AsyncIterator[Servers]:
+    if shared is not None and standby:
+        # A failover spends the pair: a fresh one, beside the shared RabbitMQ.
+        await shared.heal()
+        pair = await Servers.pair_beside(shared.rabbit)
+        try:
+            yield pair
+        finally:
+            await pair.close_pg()
+        return
     if shared is not None:
         await shared.heal()
         yield shared
@@ -130,8 +139,6 @@ async def _run(
     alert_rules: Path,
 ) -> RunReport:
     started = time.time()
-    if scenario.layout.standby:
-        shared = None  # a failover spends the pair: this run starts its own servers
     rng = random.Random(seed)
     events = max(events, scenario.min_events)
     if scenario.min_production_s > 0:

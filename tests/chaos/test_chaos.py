@@ -26,7 +26,7 @@ from chaos.prometheus import ALERT_RULES, find_binary
 from chaos.proxy import FaultProxy
 from chaos.records import Arrival, Redrive, SettledState, SubscriptionSpec, Verdict
 from chaos.redrives import HEALED, SPARE
-from chaos.scenarios import SCENARIOS
+from chaos.scenarios import SCENARIOS, Scenario
 from chaos.slack import Slack
 from delivery.testing.env import IN_CI
 from delivery.testing.waits import wait_until
@@ -435,6 +435,12 @@ def _scenario_params() -> list[object]:
     ]
 
 
+def _short_alert_scale(scenario: Scenario) -> float:
+    if scenario.short_alert_scale is not None:
+        return scenario.short_alert_scale
+    return SHORT_ALERT_SCALE if scenario.alerts and scenario.alerts.fire else 1.0
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("name", _scenario_params())
 async def test_scenario_short(name: str, chaos_servers: Servers, tmp_path: Path):
@@ -453,7 +459,7 @@ async def test_scenario_short(name: str, chaos_servers: Servers, tmp_path: Path)
         out_dir=tmp_path,
         rate=SHORT_RATE,
         servers=chaos_servers,
-        alert_scale=SHORT_ALERT_SCALE if scenario.alerts and scenario.alerts.fire else 1.0,
+        alert_scale=_short_alert_scale(scenario),
     )
     v = report.verdict
     print(
