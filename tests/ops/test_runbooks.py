@@ -47,13 +47,13 @@ REPRODUCED_BY: dict[str, set[str]] = {
     "slo.md": {"producer-spike"},
     "poison-message.md": {"flaps-while-db-stalled"},
     "rolling-upgrade.md": {"rolling-sigterm"},
+    "database-failover.md": {"pg-failover"},
 }
 # Operator procedures and failures no scenario causes: their section says so in one line.
 NOT_REPRODUCED = {
     "attempt-loop.md",
     "broker-node-lost.md",
     "broker-partition.md",
-    "database-failover.md",
     "tenant-over-quota.md",
     "dead-letters-growing.md",
     "ordered-account-blocked.md",
