@@ -166,6 +166,14 @@ class Running:
         except aiohttp.ClientError:
             return False
 
+    async def wait_ready(self, session: aiohttp.ClientSession) -> None:
+        await wait_until(
+            lambda: self.ready(session),
+            timeout_s=_READY_TIMEOUT_S,
+            what=f"the {self.name} ready",
+            interval_s=0.2,
+        )
+
     async def delivered(self, session: aiohttp.ClientSession) -> float:
         """Its own count of successful attempts (``delivery_attempts_total{outcome=delivered}``)."""
         async with session.get(f"http://127.0.0.1:{self.admin_port}/metrics") as response:
@@ -182,32 +190,31 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def started(
-    release: Release, command: str, settings: Settings, session: aiohttp.ClientSession
-) -> AsyncIterator[Running]:
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "delivery",
-        command,
-        env=release.env(settings, DELIVERY_ADMIN_PORT=str(port)),
-        cwd=release.tree,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    running = Running(f"{release.name} {command}", proc, port)
+    release: Release, commands: tuple[str, str], settings: Settings, session: aiohttp.ClientSession
+) -> AsyncIterator[tuple[Running, Running]]:
+    """``python -m delivery relay`` and ``worker`` of ``release``, started together, both ready."""
+    procs: list[Running] = []
     try:
-        await wait_until(
-            lambda: running.ready(session),
-            timeout_s=_READY_TIMEOUT_S,
-            what=f"the {running.name} ready",
-            interval_s=0.2,
-        )
-        yield running
+        for command in commands:
+            port = free_port()
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "delivery",
+                command,
+                env=release.env(settings, DELIVERY_ADMIN_PORT=str(port)),
+                cwd=release.tree,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            procs.append(Running(f"{release.name} {command}", proc, port))
+        await asyncio.gather(*(r.wait_ready(session) for r in procs))
+        yield procs[0], procs[1]
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        for r in procs:
+            if r.proc.returncode is None:
+                r.proc.kill()
+                await r.proc.wait()
 
 
 async def _at_least(count: Awaitable[float], want: float) -> bool:
@@ -279,10 +286,7 @@ async def test_workers_of_the_previous_release_keep_working_on_the_new_schema(
     ):
         await add_subscription(conn, receiver, "/all", patterns="*")
         await add_subscription(conn, receiver, "/trades", patterns="trade.*")
-        async with (
-            started(old, "relay", settings, session) as old_relay,
-            started(old, "worker", settings, session) as old_worker,
-        ):
+        async with started(old, ("relay", "worker"), settings, session) as (old_relay, old_worker):
             # When only the old release runs (the migration was applied before the rollout)
             await publish_old("a")
             await publish_new("a")
@@ -297,10 +301,7 @@ async def test_workers_of_the_previous_release_keep_working_on_the_new_schema(
             old_alone = await old_worker.delivered(session)
             assert old_alone == pairs
             # And the new release starts beside it, both publishing and consuming
-            async with (
-                started(new, "relay", settings, session),
-                started(new, "worker", settings, session) as new_worker,
-            ):
+            async with started(new, ("relay", "worker"), settings, session) as (_, new_worker):
                 await publish_old("b")
                 await publish_new("b")
                 await all_delivered("phase 2: old and new side by side")
