@@ -72,8 +72,9 @@ class Servers:
     """One throwaway PostgreSQL (real fsync) and one RabbitMQ node. A scenario owns them, or
     (in the test suite) several scenarios share them one after another.
 
-    With a ``standby`` (``start(standby=True)``), ``pg`` is the primary of a synchronously
-    replicated pair; such servers serve one scenario only (a failover spends the pair)."""
+    With a ``standby`` (``start(standby=True)``, ``pair_beside``), ``pg`` is the primary of a
+    synchronously replicated pair (fsync off: see ``start``); such servers serve one scenario
+    only (a failover spends the pair)."""
 
     pg: LocalPostgres
     rabbit: LocalRabbitMQ
