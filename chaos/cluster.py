@@ -6,6 +6,12 @@ Links are named ``<service>.<client>``: ``pg.producer``, ``pg.relay``, ``pg.work
 ``pg.api`` / ``amqp.api`` for `delivery api`, which only the scenarios that need it run).
 A fault picks its links with a selector: ``"pg"`` (all PostgreSQL links), ``"amqp.worker"``,
 ``"*"``. The chaos runner itself (checker, settle probes) talks to the servers directly.
+
+``Layout(standby=True)``: PostgreSQL is a primary and a synchronous standby
+(``LocalPostgresPair``), and every client, producer and runner included, is given the multi-host
+URL of the two (``target_session_attrs=read-write``) with no proxy on the way: the fault there is
+the server's death, and a dead server refuses connections, which is what makes a multi-host
+client try the next host (a proxy would accept and then drop them).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from delivery.settings import load_settings
 from delivery.store.migrations import migrate, migrations_dir
 from delivery.testing.env import environment_without_settings
 from delivery.testing.postgres import LocalPostgres
+from delivery.testing.postgres_standby import LocalPostgresPair, LocalStandby
 from delivery.testing.processes import HOST, free_port
 from delivery.testing.rabbitmq import LocalRabbitMQ
 from delivery.testing.services import create_database, drop_database
@@ -66,29 +73,74 @@ AlarmKind = Literal["memory", "disk"]
 @dataclass
 class Servers:
     """One throwaway PostgreSQL (real fsync) and one RabbitMQ node. A scenario owns them, or
-    (in the test suite) several scenarios share them one after another."""
+    (in the test suite) several scenarios share them one after another.
+
+    With a ``standby`` (``start(standby=True)``, ``pair_beside``), ``pg`` is the primary of a
+    synchronously replicated pair (fsync off: see ``start``); such servers serve one scenario
+    only (a failover spends the pair)."""
 
     pg: LocalPostgres
     rabbit: LocalRabbitMQ
     alarms: set[AlarmKind] = field(default_factory=set)
+    standby: LocalStandby | None = None
 
     @classmethod
-    async def start(cls, base_dir: Path | None = None) -> Servers:
-        pg = LocalPostgres(fast=False, base_dir=base_dir)
+    async def start(cls, base_dir: Path | None = None, *, standby: bool = False) -> Servers:
         rabbit = LocalRabbitMQ(base_dir=base_dir)
+        if standby:
+            # fsync off (fast): the pair's fault is kill -9 of the server's processes, and what
+            # they wrote is in the page cache, which survives them; fsync matters only when the
+            # machine dies. It costs ~10 s of initdb and base backup at a loaded CI's start.
+            pair = LocalPostgresPair(synchronous=True, fast=True, base_dir=base_dir)
+            pg, replica, start_pg, close_pg = pair.primary, pair.standby, pair.start, pair.close
+        else:
+            pg, replica = LocalPostgres(fast=False, base_dir=base_dir), None
+            start_pg, close_pg = pg.start, pg.close
         try:
-            await asyncio.gather(asyncio.to_thread(pg.start), asyncio.to_thread(rabbit.start))
+            await asyncio.gather(asyncio.to_thread(start_pg), asyncio.to_thread(rabbit.start))
         except BaseException:
-            await asyncio.gather(asyncio.to_thread(pg.close), asyncio.to_thread(rabbit.close))
+            await asyncio.gather(asyncio.to_thread(close_pg), asyncio.to_thread(rabbit.close))
             raise
-        return cls(pg=pg, rabbit=rabbit)
+        return cls(pg=pg, rabbit=rabbit, standby=replica)
+
+    @classmethod
+    async def pair_beside(cls, rabbit: LocalRabbitMQ, base_dir: Path | None = None) -> Servers:
+        """A fresh primary and standby beside a RabbitMQ node that outlives them (the test
+        suite's shared one): close them with ``close_pg``."""
+        pair = LocalPostgresPair(synchronous=True, fast=True, base_dir=base_dir)
+        try:
+            await asyncio.to_thread(pair.start)
+        except BaseException:
+            await asyncio.to_thread(pair.close)
+            raise
+        return cls(pg=pair.primary, rabbit=rabbit, standby=pair.standby)
+
+    async def close_pg(self) -> None:
+        closing = [self.pg.close]
+        if self.standby is not None:
+            closing.append(self.standby.close)
+        await asyncio.gather(*(asyncio.to_thread(c) for c in closing))
 
     async def close(self) -> None:
-        await asyncio.gather(asyncio.to_thread(self.pg.close), asyncio.to_thread(self.rabbit.close))
+        await asyncio.gather(self.close_pg(), asyncio.to_thread(self.rabbit.close))
+
+    def pg_url(self, database: str) -> str:
+        """The URL a client of ``database`` is given: the primary's, or with a standby the
+        multi-host URL of both (whichever accepts writes)."""
+        if self.standby is None:
+            return f"postgresql://postgres@{HOST}:{self.pg.port}/{database}"
+        return (
+            f"postgresql://postgres@{HOST}:{self.pg.port},{HOST}:{self.standby.port}"
+            f"/{database}?target_session_attrs=read-write"
+        )
 
     async def heal(self) -> None:
-        """Whatever a scenario left broken on the servers, put right (for the next scenario)."""
-        if not self.pg.is_running():
+        """Whatever a scenario left broken on the servers, put right (for the next scenario).
+
+        A primary that died with a standby beside it stays down: started again it would be a
+        second primary (split brain), first in every client's multi-host URL. Rebuilding it as
+        the new primary's standby is an operator's job (runbooks/database-failover.md)."""
+        if self.standby is None and not self.pg.is_running():
             await asyncio.to_thread(self.pg.start)
         if not self.rabbit.is_running():
             await asyncio.to_thread(self.rabbit.start)
@@ -117,6 +169,8 @@ class Layout:
     workers: int = 2
     runs: int = 0
     apis: int = 0
+    # PostgreSQL as a primary and a synchronous standby (module docstring).
+    standby: bool = False
 
     def slots(self) -> list[tuple[str, Role]]:
         names: list[tuple[str, Role]] = []
@@ -151,7 +205,7 @@ class Cluster:
     @property
     def db_url(self) -> str:
         """Direct (unproxied) URL: for the chaos runner's own probes and the checker."""
-        return self._pg_url(self.servers.pg.port)
+        return self.servers.pg_url(self.database)
 
     @property
     def amqp_url(self) -> str:
@@ -166,6 +220,8 @@ class Cluster:
         return f"http://{HOST}:{self.api_ports[name]}"
 
     def link_db_url(self, client: str) -> str:
+        if self.servers.standby is not None:
+            return self.db_url  # no proxies in front of a pair (module docstring)
         return self._pg_url(self.proxies[f"pg.{client}"].port)
 
     def link_amqp_url(self, client: str) -> str:
@@ -181,7 +237,7 @@ class Cluster:
         safe = "".join(c if c.isalnum() else "_" for c in self.label)[:30]
         self.prefix = f"chaos.{safe}.{tag}"
         self.database = f"chaos_{safe}_{tag}".lower()
-        await create_database(self.servers.pg.url, self.database)
+        await create_database(self.servers.pg_url("postgres"), self.database)
         # DELIVERY_MIGRATIONS_DIR as `delivery migrate` reads it (the processes' own
         # environments are stripped of settings, and they never migrate).
         await migrate(self.db_url, migrations_dir(load_settings(require=()).migrations_dir))
@@ -199,7 +255,10 @@ class Cluster:
     async def _start_proxies(self) -> None:
         clients = ["producer", *sorted({role for _n, role in self.layout.slots()})]
         for client in clients:
-            self.proxies[f"pg.{client}"] = FaultProxy(f"pg.{client}", HOST, self.servers.pg.port)
+            if self.servers.standby is None:
+                self.proxies[f"pg.{client}"] = FaultProxy(
+                    f"pg.{client}", HOST, self.servers.pg.port
+                )
             if client != "producer":
                 self.proxies[f"amqp.{client}"] = FaultProxy(
                     f"amqp.{client}", HOST, self.servers.rabbit.port
@@ -268,7 +327,7 @@ class Cluster:
     async def remove(self) -> None:
         """Drop this run's database and broker objects (when the servers outlive the run)."""
         with contextlib.suppress(Exception):
-            await drop_database(self.servers.pg.url, self.database)
+            await drop_database(self.servers.pg_url("postgres"), self.database)
         with contextlib.suppress(Exception):
             connection = await aio_pika.connect(self.amqp_url, timeout=10)
             async with connection:

@@ -31,6 +31,7 @@ __all__ = [
     "link_partition",
     "link_shape",
     "link_stall",
+    "pg_failover",
     "pg_restart",
     "pg_terminate_backends",
     "producer_spike",
@@ -138,6 +139,34 @@ async def pg_restart(ctx: RunContext, *, mode: StopMode, down_s: float) -> None:
         await asyncio.sleep(down_s)
         await asyncio.to_thread(pg.start)
     await _all_ready(ctx, "processes ready after the PostgreSQL restart")
+
+
+async def pg_failover(ctx: RunContext, *, down_s: float) -> None:
+    """kill -9 the PostgreSQL primary (the whole server, as a crashed machine leaves it), leave
+    the platform without a primary for ``down_s`` (a failover manager's decision time), then
+    promote the synchronous standby. The window closes once the standby accepts writes; every
+    process must then be ready again without a restart (its multi-host URL finds the new
+    primary). Needs ``Layout(standby=True)``."""
+    servers = ctx.cluster.servers
+    standby = servers.standby
+    if standby is None:
+        raise RuntimeError("pg_failover needs a standby: Layout(standby=True)")
+    # Evidence that the standby was synchronous when the primary died (else loss is allowed).
+    conn = await asyncpg.connect(servers.pg.url, timeout=10)
+    try:
+        ctx.notes["standby_sync_state"] = await conn.fetchval(
+            "SELECT string_agg(application_name || ':' || sync_state, ',') FROM pg_stat_replication"
+        )
+    finally:
+        await conn.close()
+    async with ctx.faults.window("pg-failover", "postgresql primary", f"promote after {down_s:g}s"):
+        crashed = time.monotonic()
+        await asyncio.to_thread(servers.pg.kill)
+        await asyncio.sleep(down_s)
+        await asyncio.to_thread(standby.promote)
+        ctx.notes["promoted_after_s"] = round(time.monotonic() - crashed, 2)
+    await _all_ready(ctx, "processes ready after the failover")
+    ctx.notes["ready_after_s"] = round(time.monotonic() - crashed, 2)
 
 
 async def pg_terminate_backends(ctx: RunContext) -> int:

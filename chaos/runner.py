@@ -56,12 +56,21 @@ def _configure_logging(stream: TextIO) -> logging.Handler:
 
 
 @contextlib.asynccontextmanager
-async def _servers(shared: Servers | None) -> AsyncIterator[Servers]:
+async def _servers(shared: Servers | None, *, standby: bool) -> AsyncIterator[Servers]:
+    if shared is not None and standby:
+        # A failover spends the pair: a fresh one, beside the shared RabbitMQ.
+        await shared.heal()
+        pair = await Servers.pair_beside(shared.rabbit)
+        try:
+            yield pair
+        finally:
+            await pair.close_pg()
+        return
     if shared is not None:
         await shared.heal()
         yield shared
         return
-    servers = await Servers.start()
+    servers = await Servers.start(standby=standby)
     try:
         yield servers
     finally:
@@ -143,7 +152,7 @@ async def _run(
         env["DELIVERY_BACKLOG_GAUGES_INTERVAL_S"] = f"{5.0 * alert_scale:g}"
     alerts: dict[str, Any] = {}
     async with (
-        _servers(shared) as servers,
+        _servers(shared, standby=scenario.layout.standby) as servers,
         aiohttp.ClientSession() as session,
         Receiver() as receiver,
         contextlib.AsyncExitStack() as stack,
@@ -304,10 +313,13 @@ def _keep_server_logs(servers: Servers, run_dir: Path) -> None:
     """Copy the servers' logs next to the processes' (a shared pair's logs span several runs)."""
     target = run_dir / "logs"
     target.mkdir(parents=True, exist_ok=True)
-    for name, path in (
+    logs = [
         ("postgresql.log", _path(lambda: servers.pg.log_path)),
         ("rabbitmq.log", _path(lambda: servers.rabbit.log_path)),
-    ):
+    ]
+    if (standby := servers.standby) is not None:
+        logs.append(("postgresql-standby.log", _path(lambda: standby.log_path)))
+    for name, path in logs:
         if path is not None and path.exists():
             with contextlib.suppress(OSError):
                 shutil.copyfile(path, target / name)

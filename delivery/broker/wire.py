@@ -7,6 +7,10 @@ message (``application/x-ndjson``): the bodies one per line (orjson never writes
 so the lines are exactly the bodies the subscribers get), and the same two headers as lists, one
 entry per line. A pack costs the broker one publish, one confirm and one ack instead of one per
 event, which is what bounds the relay; the inbox still dedupes event by event.
+
+Any other content type (or none) is a format no release of ours wrote, or one a newer release
+writes (runbooks/rolling-upgrade.md: read first, write later): it is poison with that reason,
+never read as if it were one of these two.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ __all__ = ["Outgoing", "WireEvent", "decode", "event_count", "pack_rows"]
 
 SINGLE = "application/json"
 PACK = "application/x-ndjson"
+_KNOWN = frozenset({SINGLE, PACK})
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +125,11 @@ def event_count(message: AbstractIncomingMessage) -> int:
 def decode(message: AbstractIncomingMessage) -> list[WireEvent]:
     """The events a message carries; ``PoisonMessageError`` if any of it is not ours."""
     headers = message.headers or {}
+    if message.content_type not in _KNOWN:
+        raise PoisonMessageError(
+            f"unknown wire format (content type {message.content_type!r}): "
+            f"this worker reads {SINGLE} and {PACK} only"
+        )
     if message.content_type != PACK:
         created = headers.get("x-created-at-us", headers.get("x-created-at"))
         return [_event(message.body, created, headers.get("traceparent"))]

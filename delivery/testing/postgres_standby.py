@@ -34,11 +34,12 @@ class LocalStandby(LocalPostgres):
         self,
         primary: LocalPostgres,
         *,
+        fast: bool = True,
         base_dir: str | Path | None = None,
         settings: dict[str, str] | None = None,
         progress: Progress | None = None,
     ) -> None:
-        super().__init__(base_dir=base_dir, settings=settings, progress=progress)
+        super().__init__(fast=fast, base_dir=base_dir, settings=settings, progress=progress)
         self.primary = primary
 
     def _init(self) -> None:
@@ -80,21 +81,28 @@ class LocalStandby(LocalPostgres):
 class LocalPostgresPair(_Server):
     """A primary and its standby. ``synchronous=True`` makes every commit wait for the
     standby's flush (``synchronous_standby_names``): a commit acknowledged to the client is on
-    both servers."""
+    both servers. ``fast=False`` keeps fsync on both (the chaos runs' real thing)."""
 
     def __init__(
         self,
         *,
         synchronous: bool = True,
+        fast: bool = True,
         base_dir: str | Path | None = None,
         progress: Progress | None = None,
     ) -> None:
         settings = {"wal_level": "replica", "max_wal_senders": "5", "hot_standby": "on"}
         if synchronous:
             settings["synchronous_standby_names"] = STANDBY_NAME
-        self.primary = LocalPostgres(base_dir=base_dir, settings=settings, progress=progress)
+        self.primary = LocalPostgres(
+            fast=fast, base_dir=base_dir, settings=settings, progress=progress
+        )
         self.standby = LocalStandby(
-            self.primary, base_dir=base_dir, settings={"hot_standby": "on"}, progress=progress
+            self.primary,
+            fast=fast,
+            base_dir=base_dir,
+            settings={"hot_standby": "on"},
+            progress=progress,
         )
 
     def url(self, database: str = "postgres") -> str:

@@ -34,8 +34,11 @@ def _envelope(event_id: str, price: str) -> bytes:
     )
 
 
-async def _publish_on_the_exchange(settings, body: bytes, message_id: str) -> None:
-    """Straight onto the events exchange with aio-pika, as an intruder with broker access."""
+async def _publish_on_the_exchange(
+    settings, body: bytes, message_id: str, content_type: str = "application/json"
+) -> None:
+    """Straight onto the events exchange with aio-pika, as an intruder with broker access (or
+    a relay of a newer release, writing a format this worker does not know)."""
     connection = await aio_pika.connect(settings.amqp_url)
     try:
         channel = await connection.channel(publisher_confirms=True)
@@ -46,7 +49,7 @@ async def _publish_on_the_exchange(settings, body: bytes, message_id: str) -> No
             aio_pika.Message(
                 body,
                 message_id=message_id,
-                content_type="application/json",
+                content_type=content_type,
                 headers={"x-created-at-us": 1_767_225_600_000_000},
             ),
             routing_key="trade.executed",
@@ -116,4 +119,42 @@ async def test_a_message_reusing_a_real_event_id_delivers_the_outbox_body_not_it
         assert b'"price":"64000.50"' in arrival.body
         assert arrival.signature_ok
         assert await conn.fetchval("SELECT count(*) FROM delivery.poison_messages") == 0
+    await conn.close()
+
+
+async def test_a_message_in_a_wire_format_this_worker_does_not_know_is_poison_not_misparsed(
+    settings,
+):
+    """runbooks/rolling-upgrade.md, "read first, write later": should a newer relay's format
+    reach this worker anyway, the message is recorded with the reason, never guessed at. The
+    body here is a real event's, in the outbox, so only the content type is unknown."""
+    conn = await asyncpg.connect(settings.database_url)
+    async with Receiver() as receiver:
+        await add_subscription(conn, receiver, "/h", patterns="*")
+        await publish_many(conn, [trade(1, id="evt_newer_format")])
+        row = await conn.fetchrow(
+            "SELECT event_id, type, account_id, sequence, occurred_at, data::text AS data"
+            " FROM delivery.outbox"
+        )
+        body = render_body(envelope_from_row(row))
+        async with running(settings, relay=False):
+            # When a message of a format no release of this worker writes reaches it
+            await _publish_on_the_exchange(
+                settings, body, "newer-1", content_type="application/vnd.delivery.v2+json"
+            )
+            # Then it is recorded as poison, naming the format
+            await wait_until(
+                lambda: conn.fetchval("SELECT count(*) = 1 FROM delivery.poison_messages"),
+                timeout_s=30,
+                what="the message of an unknown format recorded as poison",
+            )
+        reason = await conn.fetchval("SELECT reason FROM delivery.poison_messages")
+        assert reason == (
+            "unprocessable: unknown wire format (content type "
+            "'application/vnd.delivery.v2+json'): this worker reads application/json and "
+            "application/x-ndjson only"
+        )
+        # and nothing was read out of it: no delivery, no POST
+        assert receiver.arrivals == []
+        assert await conn.fetchval("SELECT count(*) FROM delivery.deliveries") == 0
     await conn.close()

@@ -50,12 +50,12 @@ REPRODUCED_BY: dict[str, set[str]] = {
     "attempt-loop.md": {"attempt-loop"},
     "tenant-over-quota.md": {"tenant-over-quota"},
     "stream-clients-behind.md": {"stream-behind"},
+    "database-failover.md": {"pg-failover"},
 }
 # Operator procedures and failures no scenario causes: their section says so in one line.
 NOT_REPRODUCED = {
     "broker-node-lost.md",
     "broker-partition.md",
-    "database-failover.md",
     "dead-letters-growing.md",
     "ordered-account-blocked.md",
     "subscriber-410.md",

@@ -9,7 +9,7 @@ from typing import Any
 import aio_pika
 import pytest
 
-from delivery.broker.wire import PACK, decode, event_count, pack_rows
+from delivery.broker.wire import PACK, SINGLE, decode, event_count, pack_rows
 from delivery.errors import PoisonMessageError
 from delivery.events import envelope_from_row, render_body
 from delivery.testing.factories import outbox_row
@@ -69,3 +69,19 @@ def test_a_bad_line_in_a_pack_is_named():
     )
     with pytest.raises(PoisonMessageError, match="pack headers do not match"):
         decode(mismatched)
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/vnd.delivery.v2+json", "text/plain", None, "application/JSON"]
+)
+def test_a_format_this_worker_does_not_know_is_poison_naming_it_never_read_as_json(content_type):
+    # A body that would decode as a perfectly good single event: only the format is unknown
+    # (a newer release's relay, written before this worker learnt to read it).
+    (out,) = pack_rows([outbox_row(1)], per_message=1)
+    assert out.message.content_type == SINGLE
+    message = SimpleNamespace(
+        body=out.message.body, content_type=content_type, headers=out.message.headers
+    )
+    with pytest.raises(PoisonMessageError, match="unknown wire format") as caught:
+        decode(message)
+    assert repr(content_type) in str(caught.value)
