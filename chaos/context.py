@@ -15,6 +15,7 @@ import aiohttp
 from chaos.cluster import Cluster
 from chaos.metrics import MetricsSampler
 from chaos.producer import Producer
+from chaos.prometheus import RunPrometheus
 from delivery.testing.receiver import Receiver
 from delivery.testing.waits import wait_until
 
@@ -79,6 +80,11 @@ class RunContext:
     # Alert rules scaled by this for short runs (chaos.alerts): plans whose faults are sized for
     # an alert's timing scale their durations with it.
     alert_scale: float = 1.0
+    # The run's Prometheus (scenarios with alert expectations): a plan may wait for an alert.
+    prometheus: RunPrometheus | None = None
+    # Dead letters the plan itself skipped (`delivery dlq skip`): (event id, subscription
+    # path) -> the event's sequence. The checker expects them undelivered, not lost.
+    skipped: dict[tuple[str, str], int] = field(default_factory=dict)
 
     @property
     def production_s(self) -> float:
