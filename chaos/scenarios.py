@@ -624,10 +624,12 @@ SCENARIOS: dict[str, Scenario] = {
 
 # -- ordered delivery (issue 15) -------------------------------------------------------------
 
-# An ordered subscription of every type beside the usual three; its subscriber fails half of
-# its requests (503), so retries, worker kills and the broker restart all land mid-sequence.
+# An ordered subscription of every type beside an unordered one of every type (the
+# reference); its subscriber fails half of its requests (503), so retries, worker kills and
+# the broker restart all land mid-sequence. Two subscriptions, not four: the long run's cost on
+# a shared 2-core machine is in deliveries.
 _ORDERED = "/ordered"
-_ORDERED_SUBSCRIPTIONS = (*SUBSCRIPTIONS, SubscriptionSpec(_ORDERED, ("*",), ordered=True))
+_ORDERED_SUBSCRIPTIONS = (SUBSCRIPTIONS[0], SubscriptionSpec(_ORDERED, ("*",), ordered=True))
 
 
 async def _ordered_chaos(ctx: RunContext) -> None:
@@ -774,6 +776,9 @@ SCENARIOS.update(
             subscriptions=_ORDERED_SUBSCRIPTIONS,
             events_per_account=100,
             min_production_s=7,
+            # Per 10,000 events: a backlog behind the half-failing subscriber drains one event
+            # per account at a time (no_progress_s still ends a stalled run early).
+            settle_timeout_s=600.0,
             redrives=_SPARE,
         ),
         Scenario(
