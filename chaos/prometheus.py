@@ -77,13 +77,18 @@ async def running_prometheus(
     *,
     scale: float,
     rules: Path = ALERT_RULES,
+    scrape_s: float | None = None,
 ) -> AsyncIterator[RunPrometheus]:
     """Prometheus on 127.0.0.1 scraping ``processes`` and evaluating the scaled rules every
     ``interval_s`` (1 s, or 0.5 s when the rules are scaled below half); killed on exit.
     ``rules``: another rules file (the chaos CLI's ``--rules``: show the checker failing a
-    run whose rules lack an expected alert)."""
+    run whose rules lack an expected alert). ``scrape_s``: scrape (and time out) this often
+    instead (a long `for:` over a gauge: one scrape of every process failing at once, which a
+    1 s timeout on a loaded machine makes common, resets the alert's clock)."""
     interval_s = 1.0 if scale >= 0.5 else 0.5
-    config = _write_config(directory, processes, rules, scale, interval_s)
+    config = _write_config(
+        directory, processes, rules, scale, interval_s, scrape_s=scrape_s or interval_s
+    )
     web_port = free_port()
     base_url = f"http://{_HOST}:{web_port}"
     with _log_file(directory) as log:
@@ -124,6 +129,8 @@ def _write_config(
     source: Path,
     scale: float,
     interval_s: float,
+    *,
+    scrape_s: float,
 ) -> Path:
     """The scaled rules and a config scraping every process; returns the config's path."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -134,8 +141,8 @@ def _write_config(
         json.dumps(  # JSON is YAML
             {
                 "global": {
-                    "scrape_interval": f"{interval_s * 1000:.0f}ms",
-                    "scrape_timeout": f"{interval_s * 1000:.0f}ms",
+                    "scrape_interval": f"{scrape_s * 1000:.0f}ms",
+                    "scrape_timeout": f"{scrape_s * 1000:.0f}ms",
                     "evaluation_interval": f"{interval_s * 1000:.0f}ms",
                 },
                 "rule_files": [str(rules)],

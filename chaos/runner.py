@@ -167,6 +167,7 @@ async def _run(
                         session,
                         scale=alert_scale,
                         rules=alert_rules,
+                        scrape_s=scenario.alert_scrape_s,
                     )
                 )
             producer = Producer(
