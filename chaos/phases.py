@@ -91,7 +91,8 @@ async def _heal(ctx: RunContext, scenario: Scenario) -> None:
     await cluster.servers.heal()
 
     for spec in scenario.subscriptions:
-        ctx.receiver.set_behaviour(spec.path, Behaviour())
+        if spec.path not in scenario.keep_behaviours:
+            ctx.receiver.set_behaviour(spec.path, Behaviour())
     for proc in cluster.processes:
         if not proc.alive:
             await proc.start()
