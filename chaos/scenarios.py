@@ -782,7 +782,7 @@ SCENARIOS.update(
             min_production_s=7,
             # Per 10,000 events: a backlog behind the half-failing subscriber drains one event
             # per account at a time (no_progress_s still ends a stalled run early).
-            settle_timeout_s=600.0,
+            settle_timeout_s=1200.0,
             # Failing half its requests until the end: on a loaded machine most of the ordered
             # backlog drains after production (the 10k run: 768 of 10,000 first receipts
             # before the heal).
