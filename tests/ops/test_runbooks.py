@@ -47,6 +47,7 @@ REPRODUCED_BY: dict[str, set[str]] = {
     "slo.md": {"producer-spike"},
     "poison-message.md": {"flaps-while-db-stalled"},
     "rolling-upgrade.md": {"rolling-sigterm"},
+    "ordered-account-blocked.md": {"ordered-blocked"},
 }
 # Operator procedures and failures no scenario causes: their section says so in one line.
 NOT_REPRODUCED = {
@@ -56,7 +57,6 @@ NOT_REPRODUCED = {
     "database-failover.md",
     "tenant-over-quota.md",
     "dead-letters-growing.md",
-    "ordered-account-blocked.md",
     "subscriber-410.md",
     "subscriber-throttling.md",
     "leaked-signing-secret.md",
