@@ -14,18 +14,23 @@ records: ``chaos.records``; how near a fault counts as explained: ``chaos.slack`
               the webhook-id (the contract: the same bytes on every attempt and replay);
 * ordering    per-account out-of-order first deliveries, and sequence gaps in the outbox
               (facts, not failures);
+* ordered     for ordered subscriptions only, an invariant: per (subscription, account) the
+              first 2xx receipts come in strictly increasing sequence with no gap (a sequence
+              the scenario skipped with ``delivery dlq skip`` is no gap); duplicates after a
+              first success are at-least-once, not a violation;
 * redrives    events put back in the relay's path (outbox.redrive_log), by whom, near which
               fault, and whether a fault explains them (``chaos.redrives``: self-healing must
               not hide a loss).
 
-Valid iff lost = unexpected = stuck = inconsistent = bad signatures = unexplained redrives = 0.
+Valid iff lost = unexpected = stuck = inconsistent = bad signatures = unexplained redrives =
+ordering violations = ordering gaps = 0.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 import orjson
 
@@ -49,9 +54,12 @@ def check(
     slack: Slack | None = None,
     allowed_dead: int = 0,
     redrives_explained: Collection[str] = frozenset(),
+    skipped: Mapping[tuple[str, str], int] | None = None,
 ) -> Verdict:
     """``redrives_explained``: what the scenario's faults can make a redrive (HEALED, SPARE);
-    any redrive of another kind is unexplained."""
+    any redrive of another kind is unexplained. ``skipped``: (event id, path) -> sequence of
+    the dead letters the scenario itself skipped (``delivery dlq skip``): not expected."""
+    skipped = skipped or {}
     v = Verdict(events_attempted=len(attempted))
     # An id the producer never heard back about is still committed if the outbox has it.
     uncertain = set(attempted) - set(committed_at)
@@ -66,6 +74,8 @@ def check(
         for s in subscriptions
         if s.matches(attempted[event_id])
     }
+    v.skipped = len(expected & set(skipped))
+    expected -= set(skipped)
     v.expected_deliveries = len(expected)
 
     ok_by_pair = _classify(arrivals, attempted, committed, subscriptions, v)
@@ -78,6 +88,7 @@ def check(
     _duplicates(ok_by_pair, faults, slack or Slack(), v)
     judge_redrives(state, faults, slack or Slack(), redrives_explained, v)
     _ordering(ok_by_pair, v)
+    _ordered_invariant(ok_by_pair, attempted, subscriptions, skipped, v)
     _lag_and_recovery(ok_by_pair, committed_at, faults, v)
     _stuck(state, allowed_dead, {e for e, _p in lost_pairs}, v)
     _judge(state, v)
@@ -154,6 +165,11 @@ def _judge(state: SettledState, v: Verdict) -> None:
         v.reasons.append(f"{v.inconsistent} arrivals with a different body for one webhook-id")
     if v.bad_signatures:
         v.reasons.append(f"{v.bad_signatures} arrivals with a bad signature")
+    if v.ordering_violations or v.ordering_gaps:
+        v.reasons.append(
+            f"ordered subscriptions: {v.ordering_violations} first receipts out of order, "
+            f"{v.ordering_gaps} sequence gaps (e.g. {v.ordering_sample[:3]})"
+        )
     if v.redrives_unexplained:
         why = ", ".join(f"{n} {k}" for k, n in v.redrives_unexplained_why.items())
         v.reasons.append(f"{v.redrives_unexplained} unexplained redrives ({why})")
@@ -216,6 +232,70 @@ def _ordering(ok_by_pair: dict[tuple[str, str], list[Arrival]], v: Verdict) -> N
             highest = max(highest, sequence)
     v.out_of_order_by_path = dict(sorted(by_path.items()))
     v.out_of_order = sum(by_path.values())
+
+
+def _first_receipts(
+    ok_by_pair: dict[tuple[str, str], list[Arrival]], paths: Collection[str]
+) -> dict[tuple[str, str], list[tuple[float, int, str]]]:
+    """Per (path, account) of the given paths: (time, sequence, event id) of each event's
+    first 2xx, in arrival order."""
+    firsts: dict[tuple[str, str], list[tuple[float, int, str]]] = defaultdict(list)
+    for (event_id, path), got in ok_by_pair.items():
+        if path not in paths:
+            continue
+        a = min(got, key=lambda x: x.at)
+        try:
+            body = orjson.loads(a.body)
+            account, sequence = str(body["account_id"]), int(body["sequence"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+        firsts[(path, account)].append((a.at, sequence, event_id))
+    for receipts in firsts.values():
+        receipts.sort()
+    return firsts
+
+
+def _ordered_invariant(
+    ok_by_pair: dict[tuple[str, str], list[Arrival]],
+    attempted: dict[str, EventSpec],
+    subscriptions: Sequence[SubscriptionSpec],
+    skipped: Mapping[tuple[str, str], int],
+    v: Verdict,
+) -> None:
+    """Ordered subscriptions: per account, each first 2xx above every earlier one, and (for a
+    subscription of every type, whose account's events are all its own) every sequence from 1
+    to the highest first 2xx received or skipped. A gap past the last receipt is a loss, which
+    ``lost`` counts already."""
+    ordered = {s.path: s for s in subscriptions if s.ordered}
+    if not ordered:
+        return
+    skipped_by: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for (event_id, path), sequence in skipped.items():
+        spec = attempted.get(event_id)
+        if spec is not None:
+            skipped_by[(path, spec.account_id)].add(sequence)
+    firsts = _first_receipts(ok_by_pair, ordered)
+    v.ordered_accounts = len(firsts)
+    for (path, account), receipts in sorted(firsts.items()):
+        v.ordered_first_receipts += len(receipts)
+        highest, highest_id = 0, ""
+        for at, sequence, event_id in receipts:
+            if sequence <= highest:
+                v.ordering_violations += 1
+                sample(
+                    v.ordering_sample,
+                    f"{path} {account}: first 2xx of seq {sequence} ({event_id}) at {at:.3f} "
+                    f"after seq {highest} ({highest_id})",
+                )
+            else:
+                highest, highest_id = sequence, event_id
+        if ordered[path].patterns != ("*",):
+            continue  # other types of the account are not this subscription's: gaps are normal
+        seen = {sequence for _at, sequence, _id in receipts} | skipped_by[(path, account)]
+        missing = sorted(set(range(1, highest + 1)) - seen)
+        v.ordering_gaps += len(missing)
+        if missing:
+            sample(v.ordering_sample, f"{path} {account}: no first 2xx of seq {missing[:5]}")
 
 
 def _percentile(sorted_values: Sequence[float], q: float) -> float:

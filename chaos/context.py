@@ -80,8 +80,11 @@ class RunContext:
     # Alert rules scaled by this for short runs (chaos.alerts): plans whose faults are sized for
     # an alert's timing scale their durations with it.
     alert_scale: float = 1.0
-    # The run's Prometheus, when the scenario checks its alerts.
+    # The run's Prometheus (scenarios with alert expectations): a plan may wait for an alert.
     prometheus: RunPrometheus | None = None
+    # Dead letters the plan itself skipped (`delivery dlq skip`): (event id, subscription
+    # path) -> the event's sequence. The checker expects them undelivered, not lost.
+    skipped: dict[tuple[str, str], int] = field(default_factory=dict)
 
     @property
     def production_s(self) -> float:

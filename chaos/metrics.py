@@ -22,6 +22,7 @@ WATCHED = (
     "delivery_queue_messages",
     "delivery_deliveries_pending",
     "delivery_lag_seconds",
+    "delivery_ordered_blocked_accounts",
 )
 
 

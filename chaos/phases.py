@@ -14,7 +14,7 @@ from chaos.cluster import PLATFORM_ENV
 from chaos.context import RunContext
 from chaos.records import Arrival, Verdict
 from chaos.report import write_arrivals
-from chaos.scenarios import SUBSCRIPTIONS, Scenario
+from chaos.scenarios import Scenario
 from chaos.settle import read_state, wait_settled
 from chaos.slack import Slack
 from delivery.testing.receiver import Behaviour, Receiver
@@ -46,7 +46,7 @@ async def drive(ctx: RunContext, scenario: Scenario, problems: list[str]) -> Ver
         await production
         log.info("phase", phase="produced", committed=len(ctx.producer.record.committed_at))
         ctx.faults.close_open()
-        await _heal(ctx)
+        await _heal(ctx, scenario)
         log.info("phase", phase="healed")
         # The cap grows with the run (a 100k-event run can end with a backlog that takes
         # minutes to drain); a stall is still caught by no_progress_s.
@@ -70,18 +70,19 @@ async def drive(ctx: RunContext, scenario: Scenario, problems: list[str]) -> Ver
         attempted=ctx.producer.record.attempted,
         committed_at=ctx.producer.record.committed_at,
         arrivals=arrivals,
-        subscriptions=SUBSCRIPTIONS,
+        subscriptions=scenario.subscriptions,
         state=state,
         faults=ctx.faults.windows,
         slack=_slack(),
         redrives_explained=scenario.redrives,
+        skipped=ctx.skipped,
     )
     if scenario.expect is not None:
         problems += scenario.expect(ctx, verdict)
     return verdict
 
 
-async def _heal(ctx: RunContext) -> None:
+async def _heal(ctx: RunContext, scenario: Scenario) -> None:
     """Lift whatever a plan left behind (it may have failed half-way): links, alarm, processes."""
     cluster = ctx.cluster
     for proxy in cluster.proxies.values():
@@ -89,8 +90,9 @@ async def _heal(ctx: RunContext) -> None:
         await proxy.accept()
     await cluster.servers.heal()
 
-    for spec in SUBSCRIPTIONS:
-        ctx.receiver.set_behaviour(spec.path, Behaviour())
+    for spec in scenario.subscriptions:
+        if spec.path not in scenario.keep_behaviours:
+            ctx.receiver.set_behaviour(spec.path, Behaviour())
     for proc in cluster.processes:
         if not proc.alive:
             await proc.start()

@@ -91,18 +91,28 @@ async def running_prometheus(
     scale: float,
     rules: Path = ALERT_RULES,
     scaled: Collection[str] | None = None,
+    scrape_s: float | None = None,
 ) -> AsyncIterator[RunPrometheus]:
     """Prometheus on 127.0.0.1 scraping ``processes`` and evaluating the scaled rules every
     ``interval_s`` (1 s; 0.5 s for a run whose rules are all scaled below half); killed on
     exit.
     ``rules``: another rules file (the chaos CLI's ``--rules``: show the checker failing a
-    run whose rules lack an expected alert). ``scaled``: scale only these alerts' rules."""
+    run whose rules lack an expected alert). ``scaled``: scale only these alerts' rules.
+    ``scrape_s``: scrape (and time out) this often instead (a long `for:` over a gauge: one
+    scrape of every process failing at once, which a 1 s timeout on a loaded machine makes
+    common, resets the alert's clock)."""
     # Scraping every 0.5 s (with a 0.5 s timeout) read as targets down on a machine at load
     # 50; the rules scaled for the short runs are only those expected to fire, whose
     # shortest `for:` is still seconds.
     interval_s = 1.0 if scale >= 0.5 or scaled is not None else 0.5
     config = _write_config(
-        directory, processes, rules, scale=scale, interval_s=interval_s, scaled=scaled
+        directory,
+        processes,
+        rules,
+        scale=scale,
+        interval_s=interval_s,
+        scaled=scaled,
+        scrape_s=scrape_s or interval_s,
     )
     web_port = free_port()
     base_url = f"http://{_HOST}:{web_port}"
@@ -146,6 +156,7 @@ def _write_config(
     scale: float,
     interval_s: float,
     scaled: Collection[str] | None,
+    scrape_s: float,
 ) -> Path:
     """The scaled rules and a config scraping every process; returns the config's path."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -156,8 +167,8 @@ def _write_config(
         json.dumps(  # JSON is YAML
             {
                 "global": {
-                    "scrape_interval": f"{interval_s * 1000:.0f}ms",
-                    "scrape_timeout": f"{interval_s * 1000:.0f}ms",
+                    "scrape_interval": f"{scrape_s * 1000:.0f}ms",
+                    "scrape_timeout": f"{scrape_s * 1000:.0f}ms",
                     "evaluation_interval": f"{interval_s * 1000:.0f}ms",
                 },
                 "rule_files": [str(rules)],

@@ -37,6 +37,9 @@ class SubscriptionSpec:
     path: str
     patterns: tuple[str, ...]
     account_id: str | None = None
+    # An ordered subscription (``--ordered``): the checker holds its first receipts per
+    # account to strictly increasing sequences with no gap.
+    ordered: bool = False
 
     def matches(self, event: EventSpec) -> bool:
         if self.account_id is not None and event.account_id != self.account_id:
@@ -109,6 +112,17 @@ class Verdict:
     attempts_failed: int = 0
     out_of_order: int = 0
     out_of_order_by_path: dict[str, int] = field(default_factory=dict)
+    # Ordered subscriptions (an invariant, unlike out_of_order): per (path, account), a first
+    # 2xx whose sequence is not above every earlier first 2xx is a violation; a sequence below
+    # the highest first 2xx that never arrived (and was not skipped) is a gap.
+    ordered_accounts: int = 0
+    ordered_first_receipts: int = 0
+    ordering_violations: int = 0
+    ordering_gaps: int = 0
+    ordering_sample: list[str] = field(default_factory=list)
+    # (event, subscription) pairs the scenario itself skipped (`delivery dlq skip`): never
+    # delivered by design, so neither expected nor lost.
+    skipped: int = 0
     sequence_gaps: int = 0
     poison_of_delivered: int = 0
     redrives: int = 0

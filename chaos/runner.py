@@ -24,8 +24,9 @@ from chaos.metrics import MetricsSampler
 from chaos.phases import drive
 from chaos.producer import Producer
 from chaos.prometheus import ALERT_RULES, RunPrometheus, find_binary, running_prometheus
+from chaos.records import SubscriptionSpec
 from chaos.report import RunReport
-from chaos.scenarios import SUBSCRIPTIONS, Scenario
+from chaos.scenarios import Scenario
 from delivery.store import subscriptions
 from delivery.testing.receiver import Receiver
 
@@ -77,15 +78,18 @@ async def _servers(shared: Servers | None, *, standby: bool) -> AsyncIterator[Se
         await servers.close()
 
 
-async def _subscribe(cluster: Cluster, receiver: Receiver) -> None:
+async def _subscribe(
+    cluster: Cluster, receiver: Receiver, specs: tuple[SubscriptionSpec, ...]
+) -> None:
     conn = await asyncpg.connect(cluster.db_url)
     try:
-        for spec in SUBSCRIPTIONS:
+        for spec in specs:
             sub = await subscriptions.add(
                 conn,
                 url=receiver.url(spec.path),
                 patterns=list(spec.patterns),
                 account_id=spec.account_id,
+                ordered=spec.ordered,
             )
             receiver.expect_secret(spec.path, sub.secret)
     finally:
@@ -160,7 +164,7 @@ async def _run(
         cluster = Cluster(servers, run_dir, scenario.name, scenario.layout, env)
         try:
             await cluster.start()
-            await _subscribe(cluster, receiver)
+            await _subscribe(cluster, receiver, scenario.subscriptions)
             await cluster.start_processes(session)
             prometheus: RunPrometheus | None = None
             if scenario.alerts is not None:
@@ -173,6 +177,7 @@ async def _run(
                         scale=alert_scale,
                         rules=alert_rules,
                         scaled=frozenset(scenario.alerts.fire),
+                        scrape_s=scenario.alert_scrape_s,
                     )
                 )
             producer = Producer(
@@ -181,6 +186,7 @@ async def _run(
                 total=events,
                 rate=rate,
                 seed=seed,
+                accounts_per_stream=scenario.accounts_per_stream(events),
             )
             ctx = RunContext(
                 cluster=cluster,

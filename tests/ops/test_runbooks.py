@@ -51,13 +51,13 @@ REPRODUCED_BY: dict[str, set[str]] = {
     "tenant-over-quota.md": {"tenant-over-quota"},
     "stream-clients-behind.md": {"stream-behind"},
     "database-failover.md": {"pg-failover"},
+    "ordered-account-blocked.md": {"ordered-blocked"},
 }
 # Operator procedures and failures no scenario causes: their section says so in one line.
 NOT_REPRODUCED = {
     "broker-node-lost.md",
     "broker-partition.md",
     "dead-letters-growing.md",
-    "ordered-account-blocked.md",
     "subscriber-410.md",
     "subscriber-throttling.md",
     "leaked-signing-secret.md",
