@@ -22,6 +22,7 @@ import aiohttp
 
 from chaos.processes import ManagedProcess, Role
 from chaos.proxy import FaultProxy
+from chaos.rabbit_cluster import RabbitNet
 from delivery.broker.topology import Names, delete
 from delivery.settings import load_settings
 from delivery.store.migrations import migrate, migrations_dir
@@ -62,16 +63,29 @@ AlarmKind = Literal["memory", "disk"]
 
 @dataclass
 class Servers:
-    """One throwaway PostgreSQL (real fsync) and one RabbitMQ node. A scenario owns them, or
-    (in the test suite) several scenarios share them one after another."""
+    """One throwaway PostgreSQL (real fsync) and one RabbitMQ node, or a three-node RabbitMQ
+    cluster (``rabbits``; ``rabbit`` is then its first node). A scenario owns them, or (in the
+    test suite) several scenarios share them one after another."""
 
     pg: LocalPostgres
     rabbit: LocalRabbitMQ
     alarms: set[AlarmKind] = field(default_factory=set)
+    rabbits: RabbitNet | None = None
 
     @classmethod
-    async def start(cls, base_dir: Path | None = None) -> Servers:
+    async def start(cls, base_dir: Path | None = None, *, rabbit_nodes: int = 1) -> Servers:
+        """``rabbit_nodes``: 1, or 3 for a cluster (chaos.rabbit_cluster)."""
+        if rabbit_nodes not in (1, 3):
+            raise ValueError(f"a chaos run has 1 or 3 RabbitMQ nodes, not {rabbit_nodes}")
         pg = LocalPostgres(fast=False, base_dir=base_dir)
+        if rabbit_nodes == 3:
+            net = RabbitNet(base_dir=base_dir)
+            try:
+                await asyncio.gather(asyncio.to_thread(pg.start), net.start())
+            except BaseException:
+                await asyncio.gather(asyncio.to_thread(pg.close), net.close())
+                raise
+            return cls(pg=pg, rabbit=net.nodes[0], rabbits=net)
         rabbit = LocalRabbitMQ(base_dir=base_dir)
         try:
             await asyncio.gather(asyncio.to_thread(pg.start), asyncio.to_thread(rabbit.start))
@@ -80,14 +94,28 @@ class Servers:
             raise
         return cls(pg=pg, rabbit=rabbit)
 
+    @property
+    def rabbit_nodes(self) -> int:
+        return 1 if self.rabbits is None else len(self.rabbits.nodes)
+
+    @property
+    def amqp_url(self) -> str:
+        """One node's URL, for the runner's own probes: with a cluster, one that runs and is
+        not cut off."""
+        return self.rabbit.url if self.rabbits is None else self.rabbits.reachable_url()
+
     async def close(self) -> None:
-        await asyncio.gather(asyncio.to_thread(self.pg.close), asyncio.to_thread(self.rabbit.close))
+        rabbit = self.rabbits.close() if self.rabbits else asyncio.to_thread(self.rabbit.close)
+        await asyncio.gather(asyncio.to_thread(self.pg.close), rabbit)
 
     async def heal(self) -> None:
         """Whatever a scenario left broken on the servers, put right (for the next scenario)."""
         if not self.pg.is_running():
             await asyncio.to_thread(self.pg.start)
-        if not self.rabbit.is_running():
+        if self.rabbits is not None:
+            await self.rabbits.heal()
+            await self.rabbits.wait_whole()
+        elif not self.rabbit.is_running():
             await asyncio.to_thread(self.rabbit.start)
         for kind in list(self.alarms):
             await self.set_alarm(kind, False)
@@ -147,7 +175,7 @@ class Cluster:
 
     @property
     def amqp_url(self) -> str:
-        return self.servers.rabbit.url
+        return self.servers.amqp_url
 
     @property
     def names(self) -> Names:
@@ -157,7 +185,14 @@ class Cluster:
         return self._pg_url(self.proxies[f"pg.{client}"].port)
 
     def link_amqp_url(self, client: str) -> str:
-        return f"amqp://guest:guest@{HOST}:{self.proxies[f'amqp.{client}'].port}/"
+        """With a cluster, every node's link of ``client`` (``amqp.<client>.n<k>``) in order,
+        comma-separated: DELIVERY_AMQP_URL's form for a cluster."""
+        if self.servers.rabbits is None:
+            return f"amqp://guest:guest@{HOST}:{self.proxies[f'amqp.{client}'].port}/"
+        return ",".join(
+            f"amqp://guest:guest@{HOST}:{self.proxies[f'amqp.{client}.n{k}'].port}/"
+            for k in range(self.servers.rabbit_nodes)
+        )
 
     def _pg_url(self, port: int) -> str:
         return f"postgresql://postgres@{HOST}:{port}/{self.database}"
@@ -185,10 +220,16 @@ class Cluster:
         clients = ["producer", *sorted({role for _n, role in self.layout.slots()})]
         for client in clients:
             self.proxies[f"pg.{client}"] = FaultProxy(f"pg.{client}", HOST, self.servers.pg.port)
-            if client != "producer":
+            if client == "producer":
+                continue
+            if self.servers.rabbits is None:
                 self.proxies[f"amqp.{client}"] = FaultProxy(
                     f"amqp.{client}", HOST, self.servers.rabbit.port
                 )
+                continue
+            for k, node in enumerate(self.servers.rabbits.nodes):
+                name = f"amqp.{client}.n{k}"
+                self.proxies[name] = FaultProxy(name, HOST, node.port)
         for proxy in self.proxies.values():
             await proxy.start()
 

@@ -74,6 +74,8 @@ class Scenario:
     # Runs publish at least this many events (a backlog that must outlast an alert's `for:`
     # needs more than the short runs' 300).
     min_events: int = 0
+    # RabbitMQ nodes: 1, or 3 for a cluster (chaos.rabbit_cluster, chaos.cluster_scenarios).
+    rabbit_nodes: int = 1
 
 
 # See RunContext.uptime: RabbitMQ is only crashed once its queues are this old.
@@ -598,3 +600,9 @@ SCENARIOS: dict[str, Scenario] = {
         ),
     )
 }
+
+# The three-node RabbitMQ scenarios (issue 16) live in their own module, which needs Scenario
+# from this one: imported last.
+from chaos.cluster_scenarios import CLUSTER_SCENARIOS  # noqa: E402
+
+SCENARIOS.update(CLUSTER_SCENARIOS)
