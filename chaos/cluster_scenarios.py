@@ -13,14 +13,13 @@ seconds of stalled publishing can add up to more than the lag rule's 45 s.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Sequence
 
 from chaos.alerts import AlertExpectation
 from chaos.context import RunContext
 from chaos.processes import Role
-from chaos.rabbit_cluster import RabbitNet
+from chaos.rabbit_cluster import RabbitNet, accepts
 from chaos.redrives import SPARE
 from chaos.scenarios import Scenario
 from delivery.broker.nodes import PROBE_EVERY_S
@@ -167,7 +166,7 @@ async def _partition_node(ctx: RunContext) -> None:
 
         async def paused() -> bool:
             # pause_minority stops the node's app, and with it its AMQP listener.
-            return not await asyncio.to_thread(_accepts, node.port)
+            return not await asyncio.to_thread(accepts, node.port)
 
         await wait_until(paused, timeout_s=120, what=f"n{k} paused", interval_s=0.5)
         ctx.notes["minority_paused_after_s"] = round(time.time() - win.start, 1)
@@ -176,12 +175,6 @@ async def _partition_node(ctx: RunContext) -> None:
         await net.heal()
     await _rejoined(ctx, "rejoined_s")
     await ctx.producer.done.wait()
-
-
-def _accepts(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(2.0)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 async def _rolling_restart(ctx: RunContext) -> None:

@@ -18,18 +18,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from pathlib import Path
 
 from chaos.proxy import FaultProxy
 from delivery.testing.processes import HOST
 from delivery.testing.rabbitmq import LocalRabbitMQ
 from delivery.testing.rabbitmq_cluster import LocalRabbitCluster
+from delivery.testing.waits import wait_until
 
-__all__ = ["NODES", "RabbitNet"]
+__all__ = ["NODES", "RabbitNet", "accepts"]
 
 NODES = 3
 # Rejoining takes a node's boot (20-50 s at load 50) plus its quorum members catching up.
 WHOLE_TIMEOUT_S = 240.0
+_BOOT_TIMEOUT_S = 240.0
+
+
+def accepts(port: int, host: str = HOST) -> bool:
+    """Something listens on ``host:port`` (a TCP connect succeeds within 2 s)."""
+    with socket.socket() as sock:
+        sock.settimeout(2.0)
+        return sock.connect_ex((host, port)) == 0
 
 
 class RabbitNet:
@@ -84,12 +94,25 @@ class RabbitNet:
 
     async def start_node(self, k: int) -> None:
         """Start node ``k`` again (same name, ports and data): its distribution proxies stop
-        listening while it boots, then listen again."""
+        listening until its own listener is up (past the prelaunch check), then listen again,
+        so that its peers can reach it while it boots."""
+        node = self.nodes[k]
         inbound = [p for (_i, j), p in self.dist.items() if j == k]
         for proxy in inbound:
             await proxy.refuse()
         try:
-            await asyncio.to_thread(self.nodes[k].start)
+            async with asyncio.TaskGroup() as tg:
+                booting = tg.create_task(asyncio.to_thread(node.start))
+
+                async def listening() -> bool:
+                    return booting.done() or await asyncio.to_thread(accepts, node.dist_port)
+
+                await wait_until(
+                    listening, timeout_s=_BOOT_TIMEOUT_S, what="its listener", interval_s=0.2
+                )
+                if k not in self.cut_off:
+                    for proxy in inbound:
+                        await proxy.accept()
         finally:
             if k not in self.cut_off:
                 for proxy in inbound:

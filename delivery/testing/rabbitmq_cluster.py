@@ -30,6 +30,9 @@ from delivery.testing.rabbitmq import LocalRabbitMQ
 __all__ = ["DistLink", "LocalRabbitCluster"]
 
 JOIN_TIMEOUT_S: Final = 60.0
+# A routed cluster's node restarted mid-run boots beside the platform's processes and its peers
+# (a leader stop at load 60 took more than LocalRabbitMQ's 60 s to answer).
+ROUTED_START_TIMEOUT_S: Final = 180.0
 EPMD_PORT: Final = 4369
 WHOLE_POLL_S: Final = 0.5
 
@@ -115,6 +118,7 @@ class LocalRabbitCluster(_Server):
                     node_name=f"dlv{tag}n{i}@{hosts[i]}",
                     dist_port=dist_ports[i],
                     base_dir=base_dir,
+                    start_timeout_s=ROUTED_START_TIMEOUT_S,
                     progress=progress,
                     extra_conf=conf,
                     extra_env=env,

@@ -431,13 +431,43 @@ def _scenario_params() -> list[object]:
         pytest.param(name, marks=pytest.mark.xfail(reason=KNOWN_BUGS[name], strict=True))
         if name in KNOWN_BUGS
         else name
-        for name in SCENARIOS
+        for name, scenario in SCENARIOS.items()
+        if scenario.rabbit_nodes == 1
     ]
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("name", _scenario_params())
 async def test_scenario_short(name: str, chaos_servers: Servers, tmp_path: Path):
+    await _run_short(name, chaos_servers, tmp_path)
+
+
+# -- the three-node RabbitMQ scenarios, short, on one shared throwaway cluster ----------------
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def chaos_cluster_servers() -> AsyncIterator[Servers]:
+    """One PostgreSQL and one three-node RabbitMQ cluster for every cluster scenario (each its
+    own database and queue prefix): a cluster takes 40-80 s to form here."""
+    try:
+        servers = await Servers.start(rabbit_nodes=3)
+    except Exception as exc:
+        if IN_CI:
+            pytest.fail(f"chaos cluster unavailable under CI: {exc}")
+        pytest.skip(f"chaos cluster unavailable: {exc}")
+    try:
+        yield servers
+    finally:
+        await servers.close()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", [name for name, s in SCENARIOS.items() if s.rabbit_nodes == 3])
+async def test_cluster_scenario_short(name: str, chaos_cluster_servers: Servers, tmp_path: Path):
+    await _run_short(name, chaos_cluster_servers, tmp_path)
+
+
+async def _run_short(name: str, servers: Servers, tmp_path: Path) -> None:
     from chaos.runner import run_scenario
 
     scenario = SCENARIOS[name]
@@ -452,7 +482,7 @@ async def test_scenario_short(name: str, chaos_servers: Servers, tmp_path: Path)
         seed=7,
         out_dir=tmp_path,
         rate=SHORT_RATE,
-        servers=chaos_servers,
+        servers=servers,
         alert_scale=SHORT_ALERT_SCALE if scenario.alerts and scenario.alerts.fire else 1.0,
     )
     v = report.verdict

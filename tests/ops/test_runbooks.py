@@ -47,12 +47,12 @@ REPRODUCED_BY: dict[str, set[str]] = {
     "slo.md": {"producer-spike"},
     "poison-message.md": {"flaps-while-db-stalled"},
     "rolling-upgrade.md": {"rolling-sigterm"},
+    "broker-node-lost.md": {"cluster-kill-node", "cluster-leader-stop", "cluster-rolling-restart"},
+    "broker-partition.md": {"cluster-partition"},
 }
 # Operator procedures and failures no scenario causes: their section says so in one line.
 NOT_REPRODUCED = {
     "attempt-loop.md",
-    "broker-node-lost.md",
-    "broker-partition.md",
     "database-failover.md",
     "tenant-over-quota.md",
     "dead-letters-growing.md",
