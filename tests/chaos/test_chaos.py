@@ -464,7 +464,7 @@ async def chaos_cluster_servers() -> AsyncIterator[Servers]:
 @pytest.mark.integration
 # The first test also forms the cluster (40-80 s), and each holds a node down for the node
 # alert's scaled `for:` and boots it again (20-50 s at load 50).
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("name", [name for name, s in SCENARIOS.items() if s.rabbit_nodes == 3])
 async def test_cluster_scenario_short(name: str, chaos_cluster_servers: Servers, tmp_path: Path):
     await _run_short(name, chaos_cluster_servers, tmp_path)
