@@ -29,6 +29,7 @@ import aiohttp
 
 from chaos.processes import ManagedProcess, Role
 from chaos.proxy import FaultProxy
+from chaos.rabbit_cluster import RabbitNet
 from delivery.broker.topology import Names, delete
 from delivery.settings import load_settings
 from delivery.store.migrations import migrate, migrations_dir
@@ -72,8 +73,9 @@ AlarmKind = Literal["memory", "disk"]
 
 @dataclass
 class Servers:
-    """One throwaway PostgreSQL (real fsync) and one RabbitMQ node. A scenario owns them, or
-    (in the test suite) several scenarios share them one after another.
+    """One throwaway PostgreSQL (real fsync) and one RabbitMQ node, or a three-node RabbitMQ
+    cluster (``rabbits``; ``rabbit`` is then its first node). A scenario owns them, or (in the
+    test suite) several scenarios share them one after another.
 
     With a ``standby`` (``start(standby=True)``, ``pair_beside``), ``pg`` is the primary of a
     synchronously replicated pair (fsync off: see ``start``); such servers serve one scenario
@@ -83,9 +85,27 @@ class Servers:
     rabbit: LocalRabbitMQ
     alarms: set[AlarmKind] = field(default_factory=set)
     standby: LocalStandby | None = None
+    rabbits: RabbitNet | None = None
 
     @classmethod
-    async def start(cls, base_dir: Path | None = None, *, standby: bool = False) -> Servers:
+    async def start(
+        cls, base_dir: Path | None = None, *, standby: bool = False, rabbit_nodes: int = 1
+    ) -> Servers:
+        """``rabbit_nodes``: 1, or 3 for a cluster (chaos.rabbit_cluster); ``standby``: a
+        synchronous PostgreSQL pair (one RabbitMQ node)."""
+        if rabbit_nodes not in (1, 3):
+            raise ValueError(f"a chaos run has 1 or 3 RabbitMQ nodes, not {rabbit_nodes}")
+        if rabbit_nodes == 3:
+            if standby:
+                raise ValueError("a chaos run has a PostgreSQL standby or a RabbitMQ cluster")
+            pg = LocalPostgres(fast=False, base_dir=base_dir)
+            net = RabbitNet(base_dir=base_dir)
+            try:
+                await asyncio.gather(asyncio.to_thread(pg.start), net.start())
+            except BaseException:
+                await asyncio.gather(asyncio.to_thread(pg.close), net.close())
+                raise
+            return cls(pg=pg, rabbit=net.nodes[0], rabbits=net)
         rabbit = LocalRabbitMQ(base_dir=base_dir)
         if standby:
             # fsync off (fast): the pair's fault is kill -9 of the server's processes, and what
@@ -121,8 +141,19 @@ class Servers:
             closing.append(self.standby.close)
         await asyncio.gather(*(asyncio.to_thread(c) for c in closing))
 
+    @property
+    def rabbit_nodes(self) -> int:
+        return 1 if self.rabbits is None else len(self.rabbits.nodes)
+
+    @property
+    def amqp_url(self) -> str:
+        """One node's URL, for the runner's own probes: with a cluster, one that runs and is
+        not cut off."""
+        return self.rabbit.url if self.rabbits is None else self.rabbits.reachable_url()
+
     async def close(self) -> None:
-        await asyncio.gather(self.close_pg(), asyncio.to_thread(self.rabbit.close))
+        rabbit = self.rabbits.close() if self.rabbits else asyncio.to_thread(self.rabbit.close)
+        await asyncio.gather(self.close_pg(), rabbit)
 
     def pg_url(self, database: str) -> str:
         """The URL a client of ``database`` is given: the primary's, or with a standby the
@@ -142,7 +173,10 @@ class Servers:
         the new primary's standby is an operator's job (runbooks/database-failover.md)."""
         if self.standby is None and not self.pg.is_running():
             await asyncio.to_thread(self.pg.start)
-        if not self.rabbit.is_running():
+        if self.rabbits is not None:
+            await self.rabbits.heal()
+            await self.rabbits.wait_whole()
+        elif not self.rabbit.is_running():
             await asyncio.to_thread(self.rabbit.start)
         for kind in list(self.alarms):
             await self.set_alarm(kind, False)
@@ -209,7 +243,7 @@ class Cluster:
 
     @property
     def amqp_url(self) -> str:
-        return self.servers.rabbit.url
+        return self.servers.amqp_url
 
     @property
     def names(self) -> Names:
@@ -225,7 +259,14 @@ class Cluster:
         return self._pg_url(self.proxies[f"pg.{client}"].port)
 
     def link_amqp_url(self, client: str) -> str:
-        return f"amqp://guest:guest@{HOST}:{self.proxies[f'amqp.{client}'].port}/"
+        """With a cluster, every node's link of ``client`` (``amqp.<client>.n<k>``) in order,
+        comma-separated: DELIVERY_AMQP_URL's form for a cluster."""
+        if self.servers.rabbits is None:
+            return f"amqp://guest:guest@{HOST}:{self.proxies[f'amqp.{client}'].port}/"
+        return ",".join(
+            f"amqp://guest:guest@{HOST}:{self.proxies[f'amqp.{client}.n{k}'].port}/"
+            for k in range(self.servers.rabbit_nodes)
+        )
 
     def _pg_url(self, port: int) -> str:
         return f"postgresql://postgres@{HOST}:{port}/{self.database}"
@@ -259,10 +300,16 @@ class Cluster:
                 self.proxies[f"pg.{client}"] = FaultProxy(
                     f"pg.{client}", HOST, self.servers.pg.port
                 )
-            if client != "producer":
+            if client == "producer":
+                continue
+            if self.servers.rabbits is None:
                 self.proxies[f"amqp.{client}"] = FaultProxy(
                     f"amqp.{client}", HOST, self.servers.rabbit.port
                 )
+                continue
+            for k, node in enumerate(self.servers.rabbits.nodes):
+                name = f"amqp.{client}.n{k}"
+                self.proxies[name] = FaultProxy(name, HOST, node.port)
         for proxy in self.proxies.values():
             await proxy.start()
 

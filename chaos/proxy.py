@@ -41,10 +41,16 @@ class ProxyStats:
 
 
 class FaultProxy:
-    """Listen on ``127.0.0.1:port`` and forward to ``upstream_host:upstream_port``."""
+    """Listen on ``host:port`` (default 127.0.0.1) and forward to
+    ``upstream_host:upstream_port``."""
 
-    def __init__(self, name: str, upstream_host: str, upstream_port: int, *, port: int = 0) -> None:
+    def __init__(
+        self, name: str, upstream_host: str, upstream_port: int, *, port: int = 0, host: str = HOST
+    ) -> None:
         self.name = name
+        # Another loopback address (127.x.y.z) lets several proxies share one port number: the
+        # RabbitMQ cluster's distribution links (chaos.cluster_net) need exactly that.
+        self.host = host
         self.upstream_host = upstream_host
         self.upstream_port = upstream_port
         self.port = port
@@ -101,7 +107,7 @@ class FaultProxy:
         if self._server is not None:
             return
         self._server = await self.loop.create_server(
-            lambda: ClientProtocol(self), HOST, self.port, reuse_address=True, backlog=512
+            lambda: ClientProtocol(self), self.host, self.port, reuse_address=True, backlog=512
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
 

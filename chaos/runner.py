@@ -57,7 +57,9 @@ def _configure_logging(stream: TextIO) -> logging.Handler:
 
 
 @contextlib.asynccontextmanager
-async def _servers(shared: Servers | None, *, standby: bool) -> AsyncIterator[Servers]:
+async def _servers(
+    shared: Servers | None, *, standby: bool, rabbit_nodes: int
+) -> AsyncIterator[Servers]:
     if shared is not None and standby:
         # A failover spends the pair: a fresh one, beside the shared RabbitMQ.
         await shared.heal()
@@ -68,10 +70,13 @@ async def _servers(shared: Servers | None, *, standby: bool) -> AsyncIterator[Se
             await pair.close_pg()
         return
     if shared is not None:
+        if shared.rabbit_nodes != rabbit_nodes:
+            raise ValueError(f"the scenario needs {rabbit_nodes} RabbitMQ node(s), the shared "
+                             f"servers have {shared.rabbit_nodes}")  # fmt: skip
         await shared.heal()
         yield shared
         return
-    servers = await Servers.start(standby=standby)
+    servers = await Servers.start(standby=standby, rabbit_nodes=rabbit_nodes)
     try:
         yield servers
     finally:
@@ -156,7 +161,9 @@ async def _run(
         env["DELIVERY_BACKLOG_GAUGES_INTERVAL_S"] = f"{5.0 * alert_scale:g}"
     alerts: dict[str, Any] = {}
     async with (
-        _servers(shared, standby=scenario.layout.standby) as servers,
+        _servers(
+            shared, standby=scenario.layout.standby, rabbit_nodes=scenario.rabbit_nodes
+        ) as servers,
         aiohttp.ClientSession() as session,
         Receiver() as receiver,
         contextlib.AsyncExitStack() as stack,
@@ -319,12 +326,14 @@ def _keep_server_logs(servers: Servers, run_dir: Path) -> None:
     """Copy the servers' logs next to the processes' (a shared pair's logs span several runs)."""
     target = run_dir / "logs"
     target.mkdir(parents=True, exist_ok=True)
-    logs = [
-        ("postgresql.log", _path(lambda: servers.pg.log_path)),
-        ("rabbitmq.log", _path(lambda: servers.rabbit.log_path)),
-    ]
+    logs = [("postgresql.log", _path(lambda: servers.pg.log_path))]
     if (standby := servers.standby) is not None:
         logs.append(("postgresql-standby.log", _path(lambda: standby.log_path)))
+    if servers.rabbits is None:
+        logs.append(("rabbitmq.log", _path(lambda: servers.rabbit.log_path)))
+    else:
+        for k, node in enumerate(servers.rabbits.nodes):
+            logs.append((f"rabbitmq-n{k}.log", _path(lambda n=node: n.log_path)))
     for name, path in logs:
         if path is not None and path.exists():
             with contextlib.suppress(OSError):

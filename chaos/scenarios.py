@@ -93,6 +93,8 @@ class Scenario:
     keep_behaviours: frozenset[str] = frozenset()
     # Prometheus scrapes every this many seconds (None: every evaluation, 1 s or 0.5 s).
     alert_scrape_s: float | None = None
+    # RabbitMQ nodes: 1, or 3 for a cluster (chaos.rabbit_cluster, chaos.cluster_scenarios).
+    rabbit_nodes: int = 1
 
     def accounts_per_stream(self, events: int) -> int:
         """Accounts each of the producer's 4 streams writes to."""
@@ -1022,3 +1024,8 @@ SCENARIOS.update(
         ),
     )
 )
+# The three-node RabbitMQ scenarios (issue 16) live in their own module, which needs Scenario
+# from this one: imported last.
+from chaos.cluster_scenarios import CLUSTER_SCENARIOS  # noqa: E402
+
+SCENARIOS.update(CLUSTER_SCENARIOS)

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
@@ -58,12 +59,16 @@ class LocalRabbitMQ(_Server):
         base_dir: str | Path | None = None,
         start_timeout_s: float = RABBIT_START_TIMEOUT_S,
         progress: Progress | None = None,
+        extra_conf: str = "",
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
         self._node = RabbitNode(
             node=node_name or f"dlv{secrets.token_hex(4)}@localhost",
             port=port if port is not None else free_port(),
             dist_port=dist_port if dist_port is not None else free_port(),
             base_dir=base_dir,
+            extra_conf=extra_conf,
+            extra_env=extra_env,
         )
         self.start_timeout_s = start_timeout_s
         self.last_start_s: float | None = None

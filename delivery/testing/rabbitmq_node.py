@@ -9,6 +9,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
@@ -56,12 +57,23 @@ class RabbitNode:
     from ``create()`` until ``remove()``."""
 
     def __init__(
-        self, *, node: str, port: int, dist_port: int, base_dir: str | Path | None
+        self,
+        *,
+        node: str,
+        port: int,
+        dist_port: int,
+        base_dir: str | Path | None,
+        extra_conf: str = "",
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
         self.node = node
         self.port = port
         self.dist_port = dist_port
         self._base_dir = base_dir
+        # More rabbitmq.conf lines (a cluster's partition handling), and variables for both the
+        # server and the CLI (ERL_INETRC: how a cluster's nodes resolve each other's hosts).
+        self.extra_conf = extra_conf
+        self.extra_env = dict(extra_env or {})
         self._dir: Path | None = None
 
     @property
@@ -93,7 +105,9 @@ class RabbitNode:
         directory.chmod(0o777)
         self._dir = directory
         # Without its own listener the node tries 5672 (the shared node's) and dies.
-        (directory / "rabbitmq.conf").write_text(f"listeners.tcp.local = {HOST}:{self.port}\n")
+        (directory / "rabbitmq.conf").write_text(
+            f"listeners.tcp.local = {HOST}:{self.port}\n{self.extra_conf}"
+        )
         plugins = directory / "enabled_plugins"
         plugins.write_text("[].\n")
         plugins.chmod(0o666)
@@ -117,6 +131,7 @@ class RabbitNode:
             RABBITMQ_ENABLED_PLUGINS_FILE=str(self.dir / "enabled_plugins"),
             RABBITMQ_PID_FILE=str(self.pid_file),
         )
+        env.update(self.extra_env)
         if not _is_root():
             # Server and CLI find the Erlang cookie in $HOME; give both the same private one.
             env["HOME"] = str(self.dir)
@@ -126,6 +141,7 @@ class RabbitNode:
         # No RABBITMQ_* here: the CLI would derive its own distribution port from
         # RABBITMQ_DIST_PORT (+10000, possibly past 65535) and its target from NODENAME.
         env = _clean_env(("RABBITMQ_",))
+        env.update({k: v for k, v in self.extra_env.items() if not k.startswith("RABBITMQ_")})
         if not _is_root():
             env["HOME"] = str(self.dir)
         return env

@@ -52,11 +52,11 @@ REPRODUCED_BY: dict[str, set[str]] = {
     "stream-clients-behind.md": {"stream-behind"},
     "database-failover.md": {"pg-failover"},
     "ordered-account-blocked.md": {"ordered-blocked"},
+    "broker-node-lost.md": {"cluster-kill-node", "cluster-leader-stop", "cluster-rolling-restart"},
+    "broker-partition.md": {"cluster-partition"},
 }
 # Operator procedures and failures no scenario causes: their section says so in one line.
 NOT_REPRODUCED = {
-    "broker-node-lost.md",
-    "broker-partition.md",
     "dead-letters-growing.md",
     "subscriber-410.md",
     "subscriber-throttling.md",
