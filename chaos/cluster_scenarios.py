@@ -177,6 +177,29 @@ async def _partition_node(ctx: RunContext) -> None:
     await ctx.producer.done.wait()
 
 
+async def _minority_client(ctx: RunContext) -> None:
+    """The workers reach one node of three (their links to the other two refused and reset),
+    while the cluster itself stays whole: a process on the minority side of a partition as it
+    sees it. It keeps working through the node it reaches; on-call must hear of it."""
+    net = _net(ctx)
+    await ctx.uptime(_QUEUE_SETTLE_S)
+    await ctx.progress(0.2)
+    keep = 0
+    cut = [k for k in range(len(net.nodes)) if k != keep]
+    proxies = [ctx.cluster.proxies[f"amqp.worker.n{k}"] for k in cut]
+    ctx.notes["workers_reach_only"] = f"n{keep}"
+    async with ctx.faults.window("client-partition", "amqp.worker", f"n{keep} only") as win:
+        for proxy in proxies:
+            await proxy.refuse()
+            proxy.reset()
+        try:
+            await _hold_until(win.start, _down_s(ctx))
+        finally:
+            for proxy in proxies:
+                await proxy.accept()
+    await ctx.producer.done.wait()
+
+
 async def _rolling_restart(ctx: RunContext) -> None:
     """Stop and start each node in turn; the next only once the cluster is whole again (every
     node running and seen by all, every quorum queue with its three members online)."""
@@ -228,6 +251,23 @@ CLUSTER_SCENARIOS: dict[str, Scenario] = {
             min_production_s=8,
             redrives=_SPARE,
             alerts=_NODE_LOST,
+        ),
+        Scenario(
+            "cluster-minority-client",
+            "3 RabbitMQ nodes: the workers reach only one of them (a partition on their side)",
+            _minority_client,
+            rabbit_nodes=3,
+            # By hand (chaos/RESULTS.md): the suite runs cluster-leader-stop alone.
+            in_suite=False,
+            min_production_s=8,
+            redrives=_SPARE,
+            alerts=AlertExpectation(
+                fire={
+                    "DeliveryBrokerMinoritySide": 60.0 + _NODE_ALERT_MARGIN_S,
+                    "DeliveryBrokerNodeUnreachable": 240.0,
+                },
+                tolerate=_LAG_ALERTS,
+            ),
         ),
         Scenario(
             "cluster-rolling-restart",
