@@ -178,7 +178,13 @@ async def test_poison_message_is_dead_lettered_and_the_queue_keeps_flowing(setti
             channel = await connection.channel()
             topology = await declare(channel, Names(settings.amqp_prefix), delivery_limit=20)
             await topology.events.publish(
-                aio_pika.Message(b"{this is not an envelope", message_id="poison-1"),
+                # Declared as the relay's format, so that its body is what is judged (a
+                # message with no content type is refused before that: test_forged_messages).
+                aio_pika.Message(
+                    b"{this is not an envelope",
+                    message_id="poison-1",
+                    content_type="application/json",
+                ),
                 routing_key="trade.executed",
             )
             await publish_many(conn, [trade(1, id="evt_after_poison")])
