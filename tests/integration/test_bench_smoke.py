@@ -54,12 +54,11 @@ async def test_each_system_delivers_every_event_signed_and_recorded(
         assert result["recorded"] >= result["events"]
     assert flat["deliveries"] == EVENTS
     assert flat["events_per_s"] > 0 and flat["cpu_ms_per_event"] > 0
-    # Latency runs from the publish call's return: a peer that publishes straight to RabbitMQ
-    # can deliver before its producer reads the confirm (a loaded CI run saw p50 -0.9 ms for
-    # FastStream), so only ours, whose publish is the outbox commit, must be positive at p50.
+    # Latency runs from the publish call's return as the bench process's loop sees it, and that
+    # loop also runs the receiver: on a loaded machine it can stamp an arrival before it gets to
+    # the return of the publish that caused it (loaded CI runs saw p50 -0.9 ms for FastStream,
+    # -1.1 and -5.0 ms for ours). So: ordered percentiles, and some latency seen at all.
     assert steady["p99_ms"] >= steady["p50_ms"] and steady["max_ms"] > 0
-    if name == "ours":
-        assert steady["p50_ms"] > 0
 
 
 def test_api_publish_bench_reports_what_it_published(services: Services) -> None:
